@@ -1,0 +1,7 @@
+"""`python -m senderd`."""
+
+import sys
+
+from senderd.cli import main
+
+sys.exit(main())
