@@ -1,0 +1,69 @@
+"""TLS contexts: verification always on, system trust plus an optional CA bundle, client certificates
+loaded without key material lingering on disk.
+
+Python's `ssl` loads certificates from paths only. On Linux the chain and key go into an anonymous
+in-memory file (`os.memfd_create`, never on disk) that is closed right after loading; elsewhere into a
+0600 temporary file that is removed at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from senderd.credentials import ServiceKey
+from senderd.errors import CredentialsError
+
+
+def trust_context(ca_file: Path | None = None) -> ssl.SSLContext:
+    """A client context that verifies servers against the system store plus `ca_file`."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca_file))
+        except FileNotFoundError:
+            raise CredentialsError(f"{ca_file}: CA file not found: check credentials.ca_file") from None
+        except (ssl.SSLError, OSError):
+            raise CredentialsError(
+                f"{ca_file}: not a readable PEM CA bundle: give the PEM certificate(s) of the issuing CA"
+            ) from None
+    return context
+
+
+def client_context(key: ServiceKey, ca_file: Path | None = None) -> ssl.SSLContext:
+    """A context for the token server: server verification plus, for certificate keys, our client cert."""
+    context = trust_context(ca_file)
+    if key.uses_certificate:
+        with private_pem_path(key.chain_pem() + key.private_key_pem()) as path:
+            try:
+                context.load_cert_chain(path)
+            except ssl.SSLError:
+                raise CredentialsError(
+                    f"{key.source}: the TLS library refused the client certificate and key"
+                ) from None
+    return context
+
+
+@contextlib.contextmanager
+def private_pem_path(data: bytes) -> Iterator[str]:
+    """Yield a path holding `data` that only this process can read, and that is gone afterwards."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("senderd-client-cert", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            os.write(fd, data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    handle, name = tempfile.mkstemp(prefix="senderd-", suffix=".pem")  # created 0600
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        yield name
+    finally:
+        os.unlink(name)
