@@ -1,0 +1,316 @@
+"""A Cloud Integration runtime: the HTTPS sender adapter serving deployed flows at /http/<address>."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import math
+import random
+import secrets
+import string
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import jwt
+from aiohttp import web
+
+from senderd.emulator.pki import Pki
+from senderd.emulator.token_server import TokenServer
+
+ALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
+MODIFYING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+MAX_BODY = 64 * 1024 * 1024  # SAP recommends payloads <= 40 MB; aiohttp's default 1 MiB would be too strict
+TIMESTAMP_PLACEHOLDER = "${date:now:yyyy-MM-dd HH:mm:ss}"
+_MPL_ALPHABET = string.ascii_letters + string.digits + "-_"
+
+_NOT_FOUND_HTML = (
+    '<!doctype html><html lang="en"><head><title>HTTP Status 404 – Not Found</title>'
+    '<style type="text/css">body {font-family:Tahoma,Arial,sans-serif;}</style></head><body>'
+    "<h1>HTTP Status 404 – Not Found</h1><hr class=\"line\" /><p><b>Type</b> Status Report</p>"
+    "<p><b>Description</b> The origin server did not find a current representation for the target "
+    "resource or is not willing to disclose that one exists.</p><hr class=\"line\" /></body></html>"
+)
+
+
+@dataclass
+class FlowSpec:
+    """One deployed flow with an HTTPS sender. The fault fields may be changed while running."""
+
+    address: str
+    methods: frozenset[str] = ALL_METHODS
+    csrf: bool = False
+    body: str | None = None
+    kind: Literal["timestamp", "echo", "static"] = "static"
+    status: int = 200
+    content_type: str = "text/plain"
+    error_rate: float = 0.0
+    latency: float = 0.0
+    unavailable: int = 0
+    unavailable_pattern: tuple[bool, ...] = ()
+    retry_after: float = 1.0
+
+
+def default_flows() -> list[FlowSpec]:
+    """GetTimestamp (the tutorial's flow), Orders (CSRF-protected echo), Flaky and Failing."""
+    return [
+        FlowSpec("/GetTimestamp", methods=frozenset({"GET", "POST"}), kind="timestamp",
+                 body=f"Current time (UTC): {TIMESTAMP_PLACEHOLDER}"),
+        FlowSpec("/Orders", methods=frozenset({"POST"}), csrf=True, kind="echo"),
+        FlowSpec("/Flaky", unavailable_pattern=(True, True, False), body="OK"),
+        FlowSpec("/Failing", error_rate=1.0),
+    ]
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    """A successful flow execution. The Authorization value is redacted; `token_jti` tells tokens apart."""
+
+    address: str
+    method: str
+    body: bytes
+    headers: dict[str, str]
+    query: dict[str, str]
+    mpl_id: str
+    at: float
+    token_jti: str | None = None
+
+
+@dataclass
+class RuntimeStats:
+    """What the runtime saw; `by_address` is keyed by the flow's lower-case address (or the path)."""
+
+    requests: int = 0
+    by_status: collections.Counter[int] = field(default_factory=collections.Counter)
+    by_address: collections.Counter[str] = field(default_factory=collections.Counter)
+    expired_tokens: int = 0
+    invalid_tokens: int = 0
+    missing_tokens: int = 0
+    csrf_fetches: int = 0
+    csrf_rejections: int = 0
+    messages: list[ReceivedMessage] = field(default_factory=list)
+
+
+def _mpl_id() -> str:
+    return "A" + "".join(secrets.choice(_MPL_ALPHABET) for _ in range(27))
+
+
+def _normalise(address: str) -> str:
+    return "/" + address.strip("/").lower() if address.strip("/") else "/"
+
+
+class Runtime:
+    """Serves flows at /http/<address> behind Bearer-token auth, CSRF and per-flow faults."""
+
+    def __init__(self, pki: Pki, token_server: TokenServer, flows: Sequence[FlowSpec] | None = None, *,
+                 required_scope_suffix: str = "ESBMessaging.send") -> None:
+        self.flows: dict[str, FlowSpec] = {}
+        self.down = False
+        self.stats = RuntimeStats()
+        self._pki = pki
+        self._token_server = token_server
+        self._required_scope_suffix = required_scope_suffix
+        self._sessions: dict[str, tuple[str, str]] = {}  # JSESSIONID -> (__VCAP_ID__, CSRF token)
+        self._pattern_pos: collections.Counter[str] = collections.Counter()
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+        for flow in default_flows() if flows is None else flows:
+            self.add_flow(flow)
+
+    def __repr__(self) -> str:
+        return f"Runtime(url={self._url!r}, flows={sorted(self.flows)})"
+
+    def add_flow(self, flow: FlowSpec) -> None:
+        """Deploy (or replace) a flow."""
+        self.flows[_normalise(flow.address)] = flow
+
+    def expire_csrf_tokens(self) -> None:
+        """Forget every session and CSRF token, as after a runtime restart or session timeout."""
+        self._sessions.clear()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen with TLS on host:port (0 = a free port)."""
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=self._pki.server_ssl_context(client_ca=False))
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound_port = runner.addresses[0][1]
+        self._url = f"https://[{host}]:{bound_port}" if ":" in host else f"https://{host}:{bound_port}"
+
+    async def stop(self) -> None:
+        """Stop listening and close connections."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. "https://127.0.0.1:<port>"; flows are at url + "/http/<address>"."""
+        if self._url is None:
+            raise RuntimeError("runtime not started")
+        return self._url
+
+    def _find_flow(self, path: str) -> tuple[str, FlowSpec] | None:
+        if not path.lower().startswith("/http/"):
+            return None
+        address = _normalise(path[len("/http"):])
+        if address in self.flows:
+            return address, self.flows[address]
+        wildcards = [key for key in self.flows if key.endswith("/*")]
+        for key in sorted(wildcards, key=len, reverse=True):
+            prefix = key[:-1]  # keeps the trailing "/"
+            if address.startswith(prefix) or address == prefix[:-1]:
+                return key, self.flows[key]
+        return None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.stats.requests += 1
+        found = self._find_flow(request.path)
+        self.stats.by_address[found[0] if found else request.path.lower()] += 1
+        try:
+            response = await self._respond(request, found)
+        except web.HTTPException as exc:  # e.g. 413 from request.read()
+            self.stats.by_status[exc.status] += 1
+            raise
+        self.stats.by_status[response.status] += 1
+        return response
+
+    async def _respond(self, request: web.Request, found: tuple[str, FlowSpec] | None) -> web.Response:
+        if self.down:
+            return _unavailable(1.0)
+        if not request.path.lower().startswith("/http/"):
+            return _not_found()
+        claims = self._check_token(request)
+        if isinstance(claims, web.Response):
+            return claims
+        if found is None:
+            return _not_found()
+        key, flow = found
+        if flow.csrf:  # before the method check: a POST-only flow still answers a GET token fetch
+            csrf = self._check_csrf(request)
+            if csrf is not None:
+                return csrf
+        if request.method not in flow.methods:
+            return web.Response(status=405, headers={"Allow": ", ".join(sorted(flow.methods))})
+        return await self._run_flow(request, key, flow, claims.get("jti"))
+
+    def _check_token(self, request: web.Request) -> web.Response | dict[str, Any]:
+        """The token's claims, or the 401/403 answer."""
+        auth = request.headers.get("Authorization")
+        if not auth:
+            self.stats.missing_tokens += 1
+            return _unauthorized()
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            self.stats.invalid_tokens += 1
+            return _unauthorized()
+        try:
+            claims = self._token_server.verify(token.strip())
+        except jwt.ExpiredSignatureError:
+            self.stats.expired_tokens += 1
+            return _unauthorized()
+        except jwt.InvalidTokenError:
+            self.stats.invalid_tokens += 1
+            return _unauthorized()
+        scopes = claims.get("scope", [])
+        if not isinstance(scopes, list) or not any(
+            isinstance(s, str) and s.endswith(self._required_scope_suffix) for s in scopes
+        ):
+            return web.Response(status=403, text="Forbidden")
+        return claims
+
+    def _check_csrf(self, request: web.Request) -> web.Response | None:
+        """Tomcat RestCsrfPreventionFilter: fetch on GET/HEAD, require on modifying methods."""
+        session_id = request.cookies.get("JSESSIONID", "")
+        session = self._sessions.get(session_id)
+        if session is not None and request.cookies.get("__VCAP_ID__") != session[0]:
+            session = None  # routed to another instance: the session is unknown there
+        header = request.headers.get("X-CSRF-Token", "")
+        if request.method in ("GET", "HEAD") and header.lower() == "fetch":
+            self.stats.csrf_fetches += 1
+            response = web.Response(status=200)
+            if session is None:
+                session_id, vcap_id = secrets.token_hex(16).upper(), secrets.token_hex(14)
+                session = (vcap_id, secrets.token_hex(16).upper())
+                self._sessions[session_id] = session
+                response.set_cookie("JSESSIONID", session_id, path="/", secure=True, httponly=True)
+                response.set_cookie("__VCAP_ID__", vcap_id, path="/", secure=True, httponly=True)
+            response.headers["X-CSRF-Token"] = session[1]
+            return response
+        if request.method in MODIFYING_METHODS and (
+            session is None or not hmac.compare_digest(header.encode(), session[1].encode())
+        ):
+            self.stats.csrf_rejections += 1
+            return web.Response(status=403, text="CSRF token validation failed",
+                                headers={"X-CSRF-Token": "Required"})
+        return None
+
+    async def _run_flow(
+        self, request: web.Request, key: str, flow: FlowSpec, jti: str | None
+    ) -> web.Response:
+        if flow.latency > 0:
+            await asyncio.sleep(flow.latency)
+        if flow.unavailable != 0:
+            if flow.unavailable > 0:
+                flow.unavailable -= 1
+            return _unavailable(flow.retry_after)
+        if flow.unavailable_pattern:
+            position = self._pattern_pos[key]
+            self._pattern_pos[key] += 1
+            if flow.unavailable_pattern[position % len(flow.unavailable_pattern)]:
+                return _unavailable(flow.retry_after)
+        mpl_id = _mpl_id()
+        headers = {"SAP_MessageProcessingLogID": mpl_id, "SAP_MplCorrelationId": _mpl_id()}
+        if flow.error_rate > 0 and random.random() < flow.error_rate:
+            return web.Response(status=500, text=f"The MPL ID for the failed message is : {mpl_id}",
+                                headers=headers)
+        body = await request.read()
+        self.stats.messages.append(ReceivedMessage(
+            address=key,
+            method=request.method,
+            body=body,
+            headers=_recorded_headers(request),
+            query=dict(request.query),
+            mpl_id=mpl_id,
+            at=time.time(),
+            token_jti=jti,
+        ))
+        if flow.kind == "echo":
+            headers["Content-Type"] = request.headers.get("Content-Type", flow.content_type)
+            return web.Response(status=flow.status, body=body, headers=headers)
+        text = flow.body or ""
+        if flow.kind == "timestamp":
+            text = (flow.body or f"Current time (UTC): {TIMESTAMP_PLACEHOLDER}").replace(
+                TIMESTAMP_PLACEHOLDER, datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"))
+        headers["Content-Type"] = flow.content_type
+        return web.Response(status=flow.status, body=text.encode(), headers=headers)
+
+
+def _recorded_headers(request: web.Request) -> dict[str, str]:
+    headers = {key.lower(): ", ".join(request.headers.getall(key)) for key in request.headers}
+    if "authorization" in headers:
+        headers["authorization"] = headers["authorization"].split(" ", 1)[0] + " [redacted]"
+    return headers
+
+
+def _not_found() -> web.Response:
+    return web.Response(status=404, text=_NOT_FOUND_HTML, content_type="text/html")
+
+
+def _unauthorized() -> web.Response:
+    return web.Response(status=401, text="Unauthorized", headers={"WWW-Authenticate": 'Bearer realm="IT"'})
+
+
+def _unavailable(retry_after: float) -> web.Response:
+    return web.Response(status=503, text="Service Unavailable",
+                        headers={"Retry-After": str(max(0, math.ceil(retry_after)))})

@@ -1,0 +1,302 @@
+"""An XSUAA-like OAuth token server over TLS: client credentials with a client certificate or a secret."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import hmac
+import math
+import secrets
+import ssl
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from senderd.emulator.pki import Pki
+
+_FORM = "application/x-www-form-urlencoded"
+
+
+@dataclass
+class TokenServerFaults:
+    """Faults applied to token requests, in this order: delay, down, rate_limited. Mutable at run time."""
+
+    down: bool = False
+    rate_limited: int = 0
+    retry_after: float = 1.0
+    delay: float = 0.0
+
+
+@dataclass
+class TokenServerStats:
+    """Counts of `POST /oauth/token` calls (other paths are not counted)."""
+
+    requests: int = 0
+    issued: int = 0
+    rejected: int = 0
+    statuses: collections.Counter[int] = field(default_factory=collections.Counter)
+    issued_at: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True, repr=False)
+class _Client:
+    scopes: tuple[str, ...]
+    cert_der: bytes | None = None
+    secret: str | None = None
+
+
+def _b64url_uint(value: int) -> str:
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _json_error(status: int, error: str, description: str, **headers: str) -> web.Response:
+    return web.json_response({"error": error, "error_description": description}, status=status,
+                             headers=headers or None)
+
+
+class TokenServer:
+    """`POST /oauth/token`, `GET /token_keys`, `GET /.well-known/openid-configuration`, like XSUAA."""
+
+    def __init__(self, pki: Pki, *, token_lifetime: float = 3600, require_client_cert: bool = False,
+                 subdomain: str = "emulator") -> None:
+        self.token_lifetime = token_lifetime
+        self.faults = TokenServerFaults()
+        self.stats = TokenServerStats()
+        self._pki = pki
+        self._require_client_cert = require_client_cert
+        self._subdomain = subdomain
+        self._zone_id = str(uuid.uuid4())
+        self._clients: dict[str, _Client] = {}
+        self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self._kid = f"default-jwt-key-{secrets.randbelow(10**9)}"
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+
+    def __repr__(self) -> str:
+        return f"TokenServer(url={self._url!r}, clients={len(self._clients)})"
+
+    def add_certificate_client(self, client_id: str, cert: x509.Certificate, scopes: Sequence[str]) -> None:
+        """Register a client that authenticates with this exact TLS client certificate."""
+        der = cert.public_bytes(serialization.Encoding.DER)
+        self._clients[client_id] = _Client(tuple(scopes), cert_der=der)
+
+    def add_secret_client(self, client_id: str, secret: str, scopes: Sequence[str]) -> None:
+        """Register a client that authenticates with a client secret."""
+        self._clients[client_id] = _Client(tuple(scopes), secret=secret)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen with TLS on host:port (0 = a free port)."""
+        app = web.Application()
+        app.router.add_post("/oauth/token", self._token)
+        app.router.add_get("/token_keys", self._token_keys)
+        app.router.add_get("/.well-known/openid-configuration", self._openid_configuration)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        ctx = self._pki.server_ssl_context(client_ca=True, require_client_cert=self._require_client_cert)
+        site = web.TCPSite(runner, host, port, ssl_context=ctx)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound_port = runner.addresses[0][1]
+        self._url = f"https://[{host}]:{bound_port}" if ":" in host else f"https://{host}:{bound_port}"
+
+    async def stop(self) -> None:
+        """Stop listening and close connections."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. "https://127.0.0.1:<port>"."""
+        if self._url is None:
+            raise RuntimeError("token server not started")
+        return self._url
+
+    @property
+    def token_url(self) -> str:
+        """The token endpoint."""
+        return self.url + "/oauth/token"
+
+    @property
+    def jwks_url(self) -> str:
+        """The JWKS endpoint."""
+        return self.url + "/token_keys"
+
+    # -- tokens ------------------------------------------------------------------------------------
+
+    def public_jwks(self) -> dict[str, Any]:
+        """The signing key as a JWKS, with XSUAA's extra `value` (PEM) field."""
+        public = self._signing_key.public_key()
+        numbers = public.public_numbers()
+        pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return {"keys": [{"kty": "RSA", "e": _b64url_uint(numbers.e), "n": _b64url_uint(numbers.n),
+                          "kid": self._kid, "alg": "RS256", "use": "sig", "value": pem.decode()}]}
+
+    def verify(self, token: str, *, leeway: float = 0) -> dict[str, Any]:
+        """Check the RS256 signature and `exp` (strictly, unless `leeway`) and return the claims.
+
+        Raises `jwt.ExpiredSignatureError` or another `jwt.InvalidTokenError`.
+        """
+        header = jwt.get_unverified_header(token)
+        if header.get("kid") != self._kid:
+            raise jwt.InvalidTokenError("unknown key id")
+        claims: dict[str, Any] = jwt.decode(
+            token, self._signing_key.public_key(), algorithms=["RS256"], leeway=leeway,
+            options={"require": ["exp", "iat"], "verify_aud": False},
+        )
+        return claims
+
+    def mint(self, client_id: str, *, lifetime: float, scopes: Sequence[str] | None = None) -> str:
+        """A signed token for `client_id` without any request (for tests; negative lifetime = expired)."""
+        if scopes is None:
+            client = self._clients.get(client_id)
+            scopes = client.scopes if client else ()
+        return self._issue(client_id, tuple(scopes), lifetime)[0]
+
+    def _issue(self, client_id: str, scopes: tuple[str, ...], lifetime: float) -> tuple[str, str, float]:
+        """(token, jti, seconds until exp)."""
+        now = time.time()
+        iat = int(now)
+        exp = int(now + lifetime)  # floor: never valid for longer than promised
+        jti = uuid.uuid4().hex
+        audiences = [s.split(".", 1)[0] for s in scopes if "." in s]
+        claims = {
+            "jti": jti,
+            "ext_attr": {"enhancer": "XSUAA", "subaccountid": self._zone_id, "zdn": self._subdomain},
+            "sub": client_id,
+            "authorities": list(scopes),
+            "scope": list(scopes),
+            "client_id": client_id,
+            "cid": client_id,
+            "azp": client_id,
+            "grant_type": "client_credentials",
+            "rev_sig": secrets.token_hex(4),
+            "iat": iat,
+            "exp": exp,
+            "iss": self.token_url if self._url else "https://emulator/oauth/token",
+            "zid": self._zone_id,
+            "aud": list(dict.fromkeys([*audiences, client_id])),
+        }
+        headers = {"jku": (self.jwks_url if self._url else ""), "kid": self._kid, "typ": "JWT"}
+        token = jwt.encode(claims, self._signing_key, algorithm="RS256", headers=headers)
+        return token, jti, exp - now
+
+    # -- handlers ----------------------------------------------------------------------------------
+
+    async def _token(self, request: web.Request) -> web.StreamResponse:
+        self.stats.requests += 1
+        try:
+            response = await self._token_response(request)
+        except web.HTTPException as exc:  # e.g. 413 from request.post()
+            self.stats.statuses[exc.status] += 1
+            self.stats.rejected += 1
+            raise
+        self.stats.statuses[response.status] += 1
+        if response.status == 200:
+            self.stats.issued += 1
+            self.stats.issued_at.append(time.time())
+        else:
+            self.stats.rejected += 1
+        return response
+
+    async def _token_response(self, request: web.Request) -> web.Response:
+        faults = self.faults
+        if faults.delay > 0:
+            await asyncio.sleep(faults.delay)
+        if faults.down:
+            return web.Response(status=503, text="Service Unavailable")
+        if faults.rate_limited != 0:
+            if faults.rate_limited > 0:
+                faults.rate_limited -= 1
+            return _json_error(429, "too_many_requests", "Rate limit exceeded",
+                               **{"Retry-After": str(max(0, math.ceil(faults.retry_after)))})
+        if request.content_type != _FORM:
+            return _json_error(400, "invalid_request", f"Content-Type must be {_FORM}")
+        form = await request.post()
+        values = {k: v for k, v in form.items() if isinstance(v, str)}
+        client_id = self._authenticate(request, values)
+        if client_id is None:
+            return _json_error(401, "unauthorized", "Bad credentials")
+        grant_type = values.get("grant_type")
+        if grant_type is None:
+            return _json_error(400, "invalid_request", "Missing grant type")
+        if grant_type != "client_credentials":
+            return _json_error(400, "unsupported_grant_type", f"Unsupported grant type: {grant_type}")
+        scopes = self._clients[client_id].scopes
+        token, jti, remaining = self._issue(client_id, scopes, self.token_lifetime)
+        return web.json_response({
+            "access_token": token,
+            "token_type": "bearer",
+            "expires_in": max(0, math.floor(remaining)),
+            "scope": " ".join(scopes),
+            "jti": jti,
+        }, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+    def _authenticate(self, request: web.Request, form: dict[str, str]) -> str | None:
+        """The authenticated client id, or None."""
+        auth = request.headers.get("Authorization", "")
+        if auth:
+            scheme, _, encoded = auth.partition(" ")
+            if scheme.lower() != "basic":
+                return None
+            try:
+                decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            client_id, sep, secret = decoded.partition(":")
+            return self._check_secret(client_id, secret) if sep else None
+        client_id = form.get("client_id", "")
+        if "client_secret" in form:
+            return self._check_secret(client_id, form["client_secret"])
+        client = self._clients.get(client_id)
+        if client is None or client.cert_der is None:
+            return None
+        peer = _peer_certificate(request)
+        if peer is None or not hmac.compare_digest(peer, client.cert_der):
+            return None
+        return client_id
+
+    def _check_secret(self, client_id: str, secret: str) -> str | None:
+        client = self._clients.get(client_id)
+        if client is None or client.secret is None:
+            return None
+        return client_id if hmac.compare_digest(client.secret.encode(), secret.encode()) else None
+
+    async def _token_keys(self, request: web.Request) -> web.Response:
+        return web.json_response(self.public_jwks())
+
+    async def _openid_configuration(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "issuer": self.token_url,
+            "token_endpoint": self.token_url,
+            "jwks_uri": self.jwks_url,
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post",
+                                                      "tls_client_auth"],
+            "mtls_endpoint_aliases": {"token_endpoint": self.token_url},
+        })
+
+
+def _peer_certificate(request: web.Request) -> bytes | None:
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    return ssl_object.getpeercert(binary_form=True)
