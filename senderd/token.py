@@ -1,0 +1,412 @@
+"""OAuth 2.0 client-credentials tokens from the BTP token server, kept fresh in the background.
+
+`HttpTokenFetcher` does one token request (mTLS client certificate or HTTP Basic) and maps every failure
+to a `TokenError` that says what to check. `TokenProvider` caches the token, refreshes it ahead of expiry
+in a background task (`run`), lets any number of concurrent callers share one fetch, backs off on
+failures (honouring 429 Retry-After) and keeps serving the cached token while it is valid.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import email.utils
+import errno
+import json
+import math
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import anyio
+import structlog
+
+from senderd.clock import Clock, SystemClock
+from senderd.credentials import ServiceKey
+from senderd.errors import TokenError
+
+log = structlog.get_logger(component="token")
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """What the token server answered: the token and its lifetime in seconds."""
+
+    access_token: str
+    expires_in: float
+    scopes: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"TokenGrant(expires_in={self.expires_in}, scopes={self.scopes!r})"
+
+
+@dataclass(frozen=True)
+class Token:
+    """A cached access token; times are on the provider's monotonic clock, `expires_at_wall` in Unix time."""
+
+    value: str
+    obtained_at: float
+    expires_at: float
+    expires_at_wall: float
+    scopes: tuple[str, ...] = ()
+
+    @property
+    def lifetime(self) -> float:
+        """Seconds the token was valid for when it was obtained."""
+        return self.expires_at - self.obtained_at
+
+    def remaining(self, now: float) -> float:
+        """Seconds of validity left at monotonic time `now`."""
+        return self.expires_at - now
+
+    def usable(self, now: float) -> bool:
+        """Still valid, with a margin for the request it goes out with (at most 1 s, a tenth of its life)."""
+        return self.remaining(now) > min(1.0, self.lifetime / 10)
+
+    def __repr__(self) -> str:
+        return f"Token(lifetime={self.lifetime:.0f}s, expires_at_wall={self.expires_at_wall:.0f})"
+
+
+@dataclass(frozen=True)
+class RefreshPolicy:
+    """When to refresh and how to back off; durations in seconds."""
+
+    refresh_left: float = 1 / 3
+    """Refresh when this fraction of the token's lifetime is left."""
+    jitter: float = 0.1
+    """Relative jitter on the refresh point and on backoff delays."""
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    retry_after_max: float = 600.0
+
+    def refresh_delay(self, lifetime: float, rng: random.Random) -> float:
+        """Seconds after obtaining a token with `lifetime` at which to refresh it."""
+        left = lifetime * self.refresh_left * (1 + rng.uniform(-self.jitter, self.jitter))
+        return max(0.0, lifetime - left)
+
+    def backoff(self, failures: int, retry_after: float | None, rng: random.Random) -> float:
+        """Delay before the next attempt after `failures` consecutive failures (1 = the first)."""
+        base = min(self.backoff_max, self.backoff_initial * 2.0 ** max(0, failures - 1))
+        delay = min(self.backoff_max, base * (1 + rng.uniform(-self.jitter, self.jitter)))
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.retry_after_max))
+        return delay
+
+
+FetchListener = Callable[[float, Token | None, TokenError | None], None]
+"""Called after every fetch with its duration and either the token or the error (for metrics)."""
+
+
+class TokenProvider:
+    """The one place that holds the current token. Start `run()` in a task group to refresh ahead."""
+
+    def __init__(
+        self,
+        fetch: Callable[[], Awaitable[TokenGrant]],
+        *,
+        clock: Clock | None = None,
+        policy: RefreshPolicy | None = None,
+        rng: random.Random | None = None,
+        listeners: list[FetchListener] | None = None,
+    ) -> None:
+        self._fetch = fetch
+        self._clock = clock or SystemClock()
+        self._policy = policy or RefreshPolicy()
+        self._rng = rng or random.Random()
+        self.listeners = listeners if listeners is not None else []
+        self._token: Token | None = None
+        self._refresh_at = 0.0
+        self._retry_at = 0.0
+        self._failures = 0
+        self._last_error: TokenError | None = None
+        self._inflight: anyio.Event | None = None
+        self._wake = anyio.Event()
+        self.fetches = 0
+
+    @property
+    def current(self) -> Token | None:
+        """The cached token, valid or not."""
+        return self._token
+
+    @property
+    def last_error(self) -> TokenError | None:
+        """The error of the last fetch, if it failed."""
+        return self._last_error
+
+    @property
+    def fetching(self) -> bool:
+        """True while a fetch is under way."""
+        return self._inflight is not None
+
+    @property
+    def next_attempt_in(self) -> float | None:
+        """Seconds until the next fetch attempt after a failure (None when not backing off)."""
+        if self._last_error is None:
+            return None
+        return max(0.0, self._retry_at - self._clock.monotonic())
+
+    def has_valid_token(self) -> bool:
+        """True while a usable token is cached (what readiness reports)."""
+        return self._token is not None and self._token.usable(self._clock.monotonic())
+
+    async def get(self) -> Token:
+        """A usable token: the cached one, or (only when none is usable) the result of a shared fetch."""
+        while True:
+            token = self._token
+            now = self._clock.monotonic()
+            if token is not None and token.usable(now):
+                return token
+            if self._inflight is not None:
+                await self._inflight.wait()
+                if not self.has_valid_token() and self._last_error is not None \
+                        and self._clock.monotonic() < self._retry_at:
+                    raise self._backing_off_error()
+                continue
+            if self._last_error is not None and now < self._retry_at:
+                raise self._backing_off_error()
+            return await self._fetch_once()
+
+    def invalidate(self, token: Token) -> None:
+        """The runtime refused `token` (401): drop it if it is still the current one, and refresh."""
+        if self._token is token:
+            self._token = None
+            self._retry_at = 0.0
+            self._wake.set()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keep a token fresh until cancelled: refresh ahead of expiry, back off on failure."""
+        task_status.started()
+        while True:
+            now = self._clock.monotonic()
+            if self._inflight is not None:
+                await self._inflight.wait()
+                continue
+            if self._token is not None and now < self._refresh_at:
+                await self._sleep_or_wake(self._refresh_at - now)
+                continue
+            if now < self._retry_at:
+                await self._sleep_or_wake(self._retry_at - now)
+                continue
+            with contextlib.suppress(TokenError):  # logged and backed off; the cached token keeps serving
+                await self._fetch_once()
+
+    def _backing_off_error(self) -> TokenError:
+        assert self._last_error is not None
+        wait = max(0.0, self._retry_at - self._clock.monotonic())
+        return TokenError(
+            f"{self._last_error} (next token attempt in {wait:.1f}s)",
+            reason=self._last_error.reason, status=self._last_error.status,
+        )
+
+    async def _sleep_or_wake(self, delay: float) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def sleeper() -> None:
+                await self._clock.sleep(delay)
+                group.cancel_scope.cancel()
+
+            async def waker() -> None:
+                await self._wake.wait()
+                group.cancel_scope.cancel()
+
+            group.start_soon(sleeper)
+            group.start_soon(waker)
+        if self._wake.is_set():
+            self._wake = anyio.Event()
+
+    async def _fetch_once(self) -> Token:
+        event = anyio.Event()
+        self._inflight = event
+        started = self._clock.monotonic()
+        self.fetches += 1
+        try:
+            grant = await self._fetch()
+        except TokenError as exc:
+            self._failures += 1
+            self._last_error = exc
+            delay = self._policy.backoff(self._failures, exc.retry_after, self._rng)
+            self._retry_at = self._clock.monotonic() + delay
+            log.warning("token_fetch_failed", reason=exc.reason, error=str(exc), failures=self._failures,
+                        retry_in_s=round(delay, 3), cached_token_valid=self.has_valid_token())
+            self._notify(started, None, exc)
+            raise
+        finally:
+            self._inflight = None
+            event.set()
+        now = self._clock.monotonic()
+        token = Token(value=grant.access_token, obtained_at=now, expires_at=now + grant.expires_in,
+                      expires_at_wall=self._clock.time() + grant.expires_in, scopes=grant.scopes)
+        self._token = token
+        self._failures = 0
+        self._last_error = None
+        self._retry_at = 0.0
+        self._refresh_at = now + self._policy.refresh_delay(grant.expires_in, self._rng)
+        log.info("token_refreshed", expires_in_s=grant.expires_in,
+                 next_refresh_in_s=round(self._refresh_at - now, 3))
+        self._notify(started, token, None)
+        self._wake.set()
+        return token
+
+    def _notify(self, started: float, token: Token | None, error: TokenError | None) -> None:
+        duration = self._clock.monotonic() - started
+        for listener in self.listeners:
+            listener(duration, token, error)
+
+
+class HttpTokenFetcher:
+    """One client-credentials request to the service key's token URL over the given session."""
+
+    def __init__(self, key: ServiceKey, session: aiohttp.ClientSession, *, timeout: float = 10.0) -> None:
+        self.key = key
+        self.session = session
+        self.timeout = timeout
+
+    async def __call__(self) -> TokenGrant:
+        key = self.key
+        form = {"grant_type": "client_credentials", "client_id": key.client_id}
+        headers = {"Accept": "application/json"}
+        if not key.uses_certificate and key.client_secret is not None:
+            pair = f"{key.client_id}:{key.client_secret.reveal()}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+        host = urlsplit(key.token_url).netloc
+        try:
+            async with self.session.post(
+                key.token_url, data=form, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as response:
+                body = await response.read()
+                return _grant_from_response(response.status, response.headers, body, host)
+        except TokenError:
+            raise
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise TokenError(
+                f"token server {host}: its TLS certificate is not trusted ({_ssl_reason(exc)}): "
+                "set credentials.ca_file to the CA bundle that issued it",
+                reason="tls_trust",
+            ) from None
+        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+            raise TokenError(_client_cert_message(host, exc, key.uses_certificate),
+                             reason="client_certificate") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise TokenError(
+                f"token server {host}: cannot connect ({exc.os_error.strerror or exc.os_error}): "
+                "check the service key's tokenurl and the network",
+                reason="unreachable",
+            ) from None
+        except TimeoutError:
+            raise TokenError(
+                f"token server {host}: no answer within {self.timeout:g}s", reason="timeout"
+            ) from None
+        except aiohttp.ClientError as exc:
+            reset = isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET
+            if reset or "CERTIFICATE" in str(exc).upper() or "ALERT" in str(exc).upper():
+                # TLS 1.3 servers that demand a client certificate reset the connection after the handshake
+                raise TokenError(_client_cert_message(host, exc, key.uses_certificate),
+                                 reason="client_certificate") from None
+            raise TokenError(
+                f"token server {host}: connection failed ({type(exc).__name__})", reason="unreachable"
+            ) from None
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    text = str(exc)
+    if "certificate has expired" in text:
+        return "certificate has expired"
+    if "unable to get local issuer" in text or "self-signed" in text or "self signed" in text:
+        return "unknown issuer"
+    if "hostname" in text.lower() or "IP address mismatch" in text:
+        return "host name mismatch"
+    return "verification failed"
+
+
+def _client_cert_message(host: str, exc: BaseException, sent_certificate: bool) -> str:
+    detail = (str(exc).split("]")[-1].strip() or type(exc).__name__)[:120]
+    if not sent_certificate:
+        return (
+            f"token server {host}: connection refused during TLS ({detail}): the server demands a client "
+            "certificate and a ClientSecret key has none; use the token URL without '.cert.'"
+        )
+    return (
+        f"token server {host}: TLS handshake refused ({detail}): the server did not accept the client "
+        "certificate; check that certificate and key come from this service key and that the token URL "
+        "is the '.cert.' host"
+    )
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_detail(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    parts = [str(data.get(k, ""))[:120] for k in ("error", "error_description") if data.get(k)]
+    return ": ".join(parts)
+
+
+def _grant_from_response(status: int, headers: Any, body: bytes, host: str) -> TokenGrant:
+    if status == 200:
+        try:
+            data = json.loads(body)
+            token = data["access_token"]
+            expires_in = float(data["expires_in"])
+        except (ValueError, KeyError, TypeError):
+            raise TokenError(
+                f"token server {host}: answer 200 without a usable access_token/expires_in",
+                reason="bad_response", status=status,
+            ) from None
+        if not isinstance(token, str) or not token or not math.isfinite(expires_in) or expires_in <= 0:
+            raise TokenError(f"token server {host}: answer 200 with an invalid token", reason="bad_response",
+                             status=status)
+        scope = data.get("scope")
+        scopes = tuple(scope.split()) if isinstance(scope, str) else ()
+        return TokenGrant(access_token=token, expires_in=expires_in, scopes=scopes)
+    detail = _error_detail(body)
+    said = f"{status} {detail}".strip()
+    if status == 401:
+        raise TokenError(
+            f"token server {host}: credentials rejected ({said}): check that clientid and certificate "
+            "(or clientsecret) come from the same, undeleted service key",
+            reason="bad_credentials", status=status,
+        )
+    if status == 400:
+        raise TokenError(f"token server {host}: bad request ({said}): check the service key's clientid",
+                         reason="bad_request", status=status)
+    if status == 429:
+        retry_after = _retry_after(headers.get("Retry-After"))
+        raise TokenError(f"token server {host}: rate limited (429); retry after {retry_after or 0:g}s",
+                         reason="rate_limited", status=status, retry_after=retry_after)
+    if status >= 500:
+        raise TokenError(f"token server {host}: server error ({said})", reason="server_error", status=status,
+                         retry_after=_retry_after(headers.get("Retry-After")))
+    raise TokenError(f"token server {host}: unexpected answer ({said})", reason="bad_response", status=status)
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    """The JWT's claims, decoded without verifying the signature (for display only)."""
+    import jwt
+
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return {}
+    return claims if isinstance(claims, dict) else {}

@@ -1,0 +1,282 @@
+"""The token provider against the emulator's token server, over real mTLS sockets.
+
+Refresh timing runs on a fake clock: the provider's notion of time moves only when the test says so,
+while the HTTP fetches are real.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import TaskGroup
+
+from senderd.auth import load_credentials, token_provider
+from senderd.clock import FakeClock
+from senderd.config import CredentialsConfig, TokenConfig
+from senderd.credentials import ServiceKey
+from senderd.emulator.stack import EmulatorStack
+from senderd.errors import TokenError
+from senderd.token import Token, TokenProvider
+
+pytestmark = pytest.mark.anyio
+
+
+class FetchWatcher:
+    """A provider listener that lets a test wait for the n-th finished fetch."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[Token | None, TokenError | None]] = []
+        self._changed = anyio.Event()
+
+    def __call__(self, _duration: float, token: Token | None, error: TokenError | None) -> None:
+        self.results.append((token, error))
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_for(self, count: int) -> None:
+        with anyio.fail_after(10):
+            while len(self.results) < count:
+                await self._changed.wait()
+
+
+def creds(stack: EmulatorStack) -> CredentialsConfig:
+    return CredentialsConfig(service_key=stack.service_key_path, ca_file=stack.ca_path)
+
+
+@asynccontextmanager
+async def provider_for(
+    stack: EmulatorStack, clock: FakeClock | None = None, **token_config: Any
+) -> AsyncIterator[tuple[TokenProvider, FetchWatcher]]:
+    watcher = FetchWatcher()
+    config = creds(stack)
+    async with token_provider(load_credentials(config), config, TokenConfig(**token_config), clock=clock,
+                              listeners=[watcher]) as provider:
+        yield provider, watcher
+
+
+async def settle(provider: TokenProvider, watcher: FetchWatcher) -> None:
+    """Let woken tasks run; if that started a fetch, wait for it to finish."""
+    await anyio.wait_all_tasks_blocked()
+    if provider.fetching:
+        await watcher.wait_for(len(watcher.results) + 1)
+        await anyio.wait_all_tasks_blocked()
+
+
+async def test_certificate_key_gets_a_token_over_mtls(stack: EmulatorStack) -> None:
+    async with provider_for(stack) as (provider, _):
+        token = await provider.get()
+    claims = stack.token_server.verify(token.value)
+    assert claims["client_id"] == stack.client_id
+    assert claims["scope"] == stack.scopes
+    assert token.scopes == tuple(stack.scopes)
+    assert 3590 < token.lifetime <= 3600
+    assert stack.token_server.stats.issued == 1
+
+
+async def test_client_secret_key_uses_basic_auth(stack: EmulatorStack, tmp_path: Path) -> None:
+    stack.token_server.add_secret_client("sb-secret!b1|it-rt-x!b2", "the-client-secret", stack.scopes)
+    path = tmp_path / "secret-key.json"
+    path.write_text(json.dumps(stack.service_key(client=None, client_id="sb-secret!b1|it-rt-x!b2",
+                                                 client_secret="the-client-secret")))
+    config = CredentialsConfig(service_key=path, ca_file=stack.ca_path)
+    async with token_provider(load_credentials(config), config, TokenConfig()) as provider:
+        token = await provider.get()
+    assert stack.token_server.verify(token.value)["client_id"] == "sb-secret!b1|it-rt-x!b2"
+
+
+async def test_single_flight_100_callers_one_fetch(stack: EmulatorStack) -> None:
+    stack.token_server.faults.delay = 0.2
+    tokens: list[Token] = []
+
+    async def caller() -> None:
+        tokens.append(await provider.get())
+
+    async with provider_for(stack) as (provider, _), anyio.create_task_group() as group:
+        for _ in range(100):
+            group.start_soon(caller)
+    assert len(tokens) == 100
+    assert len({id(t) for t in tokens}) == 1
+    assert stack.token_server.stats.requests == 1
+
+
+@pytest.mark.parametrize("lifetime", [3, 43200])
+async def test_refresh_ahead_never_hands_out_a_token_below_threshold(stack: EmulatorStack,
+                                                                      lifetime: int) -> None:
+    stack.token_server.token_lifetime = lifetime
+    clock = FakeClock()
+    step = lifetime / 50
+    async with provider_for(stack, clock) as (provider, watcher), anyio.create_task_group() as group:
+        await group.start(provider.run)
+        await settle(provider, watcher)
+        for _ in range(250):  # five lifetimes
+            clock.advance(step)
+            await settle(provider, watcher)
+            token = await provider.get()
+            # refresh_left (a third) with the jitter's worst case, of the lifetime the server granted
+            assert token.remaining(clock.monotonic()) >= token.lifetime / 3 * (1 - 0.1)
+        group.cancel_scope.cancel()
+    # one fetch per (granted lifetime - latest refresh point) at most, plus the first
+    granted = watcher.results[0][0].lifetime if watcher.results[0][0] else lifetime
+    assert len(watcher.results) <= math.ceil(5 * lifetime / (granted * (1 - 1 / 3 * 1.1))) + 1
+    assert all(error is None for _, error in watcher.results)
+
+
+async def test_outage_serves_cached_token_and_backs_off(stack: EmulatorStack) -> None:
+    stack.token_server.token_lifetime = 30
+    clock = FakeClock()
+    async with provider_for(stack, clock) as (provider, watcher), anyio.create_task_group() as group:
+        await group.start(provider.run)
+        await settle(provider, watcher)
+        first = await provider.get()
+        stack.token_server.faults.down = True
+        down_at = clock.monotonic()
+        served_while_valid = 0
+        while clock.monotonic() - down_at < 60:  # twice the lifetime
+            clock.advance(0.25)
+            await settle(provider, watcher)
+            if first.usable(clock.monotonic()):
+                assert await provider.get() is first  # the cached token keeps serving
+                served_while_valid += 1
+            else:
+                with pytest.raises(TokenError) as info:
+                    await provider.get()
+                assert info.value.reason == "server_error"
+                assert not provider.has_valid_token()
+        failures = [e for _, e in watcher.results if e is not None]
+        # the outage begins at the refresh point (~20 s); 40 s of backoff 1, 2, 4, 8, 16 (+-10 %), and
+        # get() adds a fetch only when no backoff is pending.
+        assert 4 <= len(failures) <= 7, len(failures)
+        assert served_while_valid >= 70
+        stack.token_server.faults.down = False
+        next_try = provider.next_attempt_in
+        assert next_try is not None and next_try <= 60
+        up_at = clock.monotonic()
+        while provider.current is None or not provider.has_valid_token():
+            clock.advance(0.25)
+            await settle(provider, watcher)
+        assert clock.monotonic() - up_at <= next_try + 0.25
+        group.cancel_scope.cancel()
+
+
+async def test_429_retry_after_is_honoured(stack: EmulatorStack) -> None:
+    stack.token_server.faults.rate_limited = 1
+    stack.token_server.faults.retry_after = 7
+    clock = FakeClock()
+    async with provider_for(stack, clock) as (provider, watcher), anyio.create_task_group() as group:
+        await group.start(provider.run)
+        await settle(provider, watcher)
+        token, error = watcher.results[0]
+        assert token is None and error is not None and error.reason == "rate_limited"
+        assert error.retry_after == 7
+        assert provider.next_attempt_in == pytest.approx(7, abs=0.01)
+        clock.advance(6.9)
+        await settle(provider, watcher)
+        assert stack.token_server.stats.requests == 1  # waited as told
+        clock.advance(0.2)
+        await settle(provider, watcher)
+        assert stack.token_server.stats.requests == 2
+        assert provider.has_valid_token()
+        group.cancel_scope.cancel()
+
+
+async def test_invalidate_only_clears_the_current_token(stack: EmulatorStack) -> None:
+    async with provider_for(stack) as (provider, _):
+        old = await provider.get()
+        provider.invalidate(old)
+        new = await provider.get()
+        assert new is not old
+        provider.invalidate(old)  # stale: a newer token is current, nothing happens
+        assert provider.current is new
+        assert stack.token_server.stats.issued == 2
+
+
+# --- token server answers mapped to errors that say what to check ---------------------------------------
+
+async def fetch_error(key: ServiceKey, config: CredentialsConfig) -> TokenError:
+    async with token_provider(key, config, TokenConfig(timeout=5)) as provider:
+        with pytest.raises(TokenError) as info:
+            await provider.get()
+    return info.value
+
+
+async def test_unregistered_certificate_is_bad_credentials(stack: EmulatorStack, tmp_path: Path) -> None:
+    stranger = stack.pki.issue_client("stranger")
+    path = tmp_path / "key.json"
+    path.write_text(json.dumps(stack.service_key(client=stranger)))
+    config = CredentialsConfig(service_key=path, ca_file=stack.ca_path)
+    error = await fetch_error(load_credentials(config), config)
+    assert error.reason == "bad_credentials"
+    assert error.status == 401
+    assert "credentials rejected (401 unauthorized: Bad credentials)" in str(error)
+
+
+async def test_untrusted_server_is_tls_trust(stack: EmulatorStack) -> None:
+    config = CredentialsConfig(service_key=stack.service_key_path)  # no ca_file: the emulator CA is unknown
+    error = await fetch_error(load_credentials(config), config)
+    assert error.reason == "tls_trust"
+    assert "set credentials.ca_file" in str(error)
+
+
+async def test_unreachable_and_server_errors(stack: EmulatorStack, tmp_path: Path) -> None:
+    with _free_port() as port:
+        path = tmp_path / "key.json"
+        path.write_text(json.dumps(stack.service_key(token_url=f"https://127.0.0.1:{port}/oauth/token")))
+        config = CredentialsConfig(service_key=path, ca_file=stack.ca_path)
+        error = await fetch_error(load_credentials(config), config)
+    assert error.reason == "unreachable"
+    assert "cannot connect" in str(error)
+    stack.token_server.faults.down = True
+    error = await fetch_error(load_credentials(creds(stack)), creds(stack))
+    assert error.reason == "server_error" and error.status == 503
+
+
+async def test_server_demanding_a_certificate_refuses_a_secret_client(tmp_path: Path) -> None:
+    from senderd.emulator.pki import create_pki
+    from senderd.emulator.token_server import TokenServer
+
+    pki = create_pki()
+    server = TokenServer(pki, require_client_cert=True)
+    server.add_secret_client("sb-x!b1|it-rt-y!b2", "secret-value-123", ["x.ESBMessaging.send"])
+    await server.start()
+    try:
+        path = tmp_path / "key.json"
+        path.write_text(json.dumps({"clientid": "sb-x!b1|it-rt-y!b2", "clientsecret": "secret-value-123",
+                                    "tokenurl": server.token_url, "url": "https://127.0.0.1:1"}))
+        (tmp_path / "ca.pem").write_text(pki.ca_pem())
+        config = CredentialsConfig(service_key=path, ca_file=tmp_path / "ca.pem")
+        error = await fetch_error(load_credentials(config), config)
+    finally:
+        await server.stop()
+    assert error.reason == "client_certificate"
+    assert "the server demands a client certificate and a ClientSecret key has none" in str(error)
+
+
+class _free_port:
+    """A port nobody listens on (bound, then closed)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+async def test_run_fetches_at_start_and_stops_on_cancel(stack: EmulatorStack) -> None:
+    async with provider_for(stack) as (provider, watcher):
+        group: TaskGroup
+        async with anyio.create_task_group() as group:
+            await group.start(provider.run)
+            await watcher.wait_for(1)
+            group.cancel_scope.cancel()
+    assert provider.has_valid_token()
