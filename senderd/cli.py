@@ -1,0 +1,227 @@
+"""The `senderd` command line: argument parsing, exit codes and wiring, nothing more.
+
+Exit codes: 0 success; 1 the work failed (a send or token fetch); 2 a user mistake (config, service key,
+arguments), printed as one line on stderr; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from senderd import __version__
+from senderd.config import Config, config_from_dict, load_config
+from senderd.errors import ConfigError, CredentialsError, SenderdError, TokenError
+from senderd.logs import configure_logging
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+DAEMON_COMMANDS = ("run", "once")
+
+
+class UsageError(SenderdError):
+    """A command-line value is wrong."""
+
+
+def _common(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
+    if config:
+        parser.add_argument("-c", "--config", type=Path, help="TOML config file (default: $SENDERD_CONFIG)")
+        parser.add_argument("--service-key", type=Path, help="service key JSON file (overrides the config)")
+        parser.add_argument("--key-file", type=Path, help="private key file for an External Certificate key")
+        parser.add_argument("--ca-file", type=Path, help="extra CA bundle (PEM) to trust")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                        help="default: info for run/once/demo, error for the one-shot tools")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="senderd", description="A sender to SAP Cloud Integration iFlows.")
+    parser.add_argument("--version", action="version", version=f"senderd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    token = commands.add_parser("token", help="fetch a token and print its claims")
+    _common(token)
+    token.add_argument("--raw", action="store_true", help="also print the raw access token")
+
+    check = commands.add_parser("check", help="validate config and credentials offline")
+    _common(check)
+    check.add_argument("--online", action="store_true", help="also fetch a token")
+
+    key = commands.add_parser("key", help="service key tools")
+    key_commands = key.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    export = key_commands.add_parser("export", help="write client.crt and client.key for curl or Postman")
+    export.add_argument("service_key", type=Path)
+    export.add_argument("--out", type=Path, required=True, help="folder to write to")
+    export.add_argument("--key-file", type=Path, help="private key file for an External Certificate key")
+    export.add_argument("--passphrase-env", help="environment variable holding the key file's passphrase")
+    _common(export, config=False)
+
+    demo = commands.add_parser("demo", help="run senderd against the embedded emulator (Ctrl-C stops)")
+    demo.add_argument("--dir", type=Path, help="keep the emulator's files here (default: a temp folder)")
+    demo.add_argument("--token-lifetime", type=float, default=30.0, help="emulated token lifetime, seconds")
+    demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    _common(demo, config=False)
+
+    emulator = commands.add_parser("emulator", help="run the BTP emulator (token server and runtime)")
+    emulator.add_argument("--dir", type=Path, required=True, help="where to write the service key and CA")
+    emulator.add_argument("--token-lifetime", type=float, default=3600.0, help="token lifetime in seconds")
+    emulator.add_argument("--token-port", type=int, default=0)
+    emulator.add_argument("--runtime-port", type=int, default=0)
+    _common(emulator, config=False)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    overrides = {name: getattr(args, name) for name in ("service_key", "key_file", "ca_file")
+                 if getattr(args, name, None) is not None}
+    if overrides:
+        data = config.model_dump(exclude={"source"})
+        credentials = {k: v for k, v in data["credentials"].items() if v is not None}
+        if "service_key" in overrides:
+            credentials.pop("service_key_env", None)
+        credentials.update({k: str(v.resolve()) for k, v in overrides.items()})
+        data["credentials"] = credentials
+        config = config_from_dict(data, source=config.source if args.config else "command line")
+    return config
+
+
+def _warn(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(f"senderd: warning: {line}", file=sys.stderr)
+
+
+def _utc(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+async def _token(args: argparse.Namespace) -> int:
+    from senderd.auth import load_credentials, token_provider
+    from senderd.token import claims_of
+
+    config = _config(args)
+    key = load_credentials(config.credentials)
+    _warn(key.notes)
+    async with token_provider(key, config.credentials, config.token) as provider:
+        token = await provider.get()
+    claims = claims_of(token.value)
+    scopes = claims.get("scope") or list(token.scopes)
+    print(f"client_id:  {claims.get('client_id', key.client_id)}")
+    print(f"token_url:  {key.token_url}")
+    print(f"scopes:     {' '.join(scopes) if isinstance(scopes, list) else scopes}")
+    if "iat" in claims:
+        print(f"issued:     {_utc(float(claims['iat']))}")
+    print(f"expires:    {_utc(float(claims.get('exp', token.expires_at_wall)))}")
+    print(f"lifetime:   {token.lifetime:.0f}s")
+    if args.raw:
+        print(f"token:      {token.value}")
+    return EXIT_OK
+
+
+async def _check(args: argparse.Namespace) -> int:
+    from senderd.auth import load_credentials, token_provider
+
+    config = _config(args)
+    key = load_credentials(config.credentials)
+    _warn(key.notes)
+    expiry = key.certificate_not_after
+    print(f"config OK: {config.source}")
+    print(f"service key OK: {key.source} ({key.key_type}, client {key.client_id})")
+    if expiry is not None:
+        print(f"client certificate valid until {expiry:%Y-%m-%d %H:%M:%S} UTC")
+    if args.online:
+        async with token_provider(key, config.credentials, config.token) as provider:
+            token = await provider.get()
+        print(f"token OK: valid for {token.lifetime:.0f}s")
+    return EXIT_OK
+
+
+def _key_export(args: argparse.Namespace) -> int:
+    from senderd.credentials import load_service_key
+
+    passphrase = os.environ.get(args.passphrase_env) if args.passphrase_env else None
+    key = load_service_key(args.service_key, key_file=args.key_file, key_passphrase=passphrase)
+    _warn(key.notes)
+    if not key.uses_certificate:
+        raise UsageError(f"{key.source}: a ClientSecret key has no certificate: use clientid and clientsecret "
+                         "with HTTP Basic instead")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = out / "client.crt", out / "client.key"
+    cert_path.write_bytes(key.chain_pem())
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(key.private_key_pem())
+    print(f"wrote {cert_path} (certificate chain, leaf first)")
+    print(f"wrote {key_path} (private key, mode 0600)")
+    print("get a token with:")
+    print(f"  curl --cert {shlex.quote(str(cert_path))} --key {shlex.quote(str(key_path))} \\\n"
+          f"    -d grant_type=client_credentials --data-urlencode {shlex.quote('client_id=' + key.client_id)} \\\n"
+          f"    {shlex.quote(key.token_url)}")
+    return EXIT_OK
+
+
+async def _emulator(args: argparse.Namespace) -> int:
+    from senderd.emulator.stack import EmulatorStack
+
+    async with EmulatorStack.started(args.dir, token_lifetime=args.token_lifetime,
+                                     token_port=args.token_port, runtime_port=args.runtime_port) as stack:
+        print(f"token server:  {stack.token_server.token_url}")
+        print(f"runtime:       {stack.runtime.url}")
+        print(f"service key:   {stack.service_key_path}")
+        print(f"CA file:       {stack.ca_path}")
+        print(f"config:        {stack.config_path}")
+        print("press Ctrl-C to stop", flush=True)
+        await anyio.sleep_forever()
+    return EXIT_OK
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from senderd.demo import run_demo
+
+    return await run_demo(args.dir, token_lifetime=args.token_lifetime, stop_after=args.duration)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "demo": _demo,
+    "token": _token,
+    "check": _check,
+    "emulator": _emulator,
+}
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command and map errors to exit codes (one line on stderr)."""
+    try:
+        if args.command == "key":
+            return _key_export(args)
+        handler = COMMANDS[args.command]
+        result: int = anyio.run(handler, args)
+        return result
+    except (ConfigError, CredentialsError, UsageError) as exc:
+        print(f"senderd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TokenError as exc:
+        print(f"senderd: token: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `senderd` console script and `python -m senderd`."""
+    args = build_parser().parse_args(argv)
+    level = args.log_level or ("info" if args.command in DAEMON_COMMANDS else "error")
+    configure_logging(level, args.log_format, stream=sys.stderr)
+    return run_command(args)
