@@ -1,0 +1,78 @@
+"""Redaction, private key loading and config validation: the small guarantees the rest relies on."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import structlog
+
+from senderd.config import load_config
+from senderd.credentials import parse_service_key
+from senderd.emulator.pki import IssuedCert, Pki
+from senderd.emulator.servicekey import service_key_dict
+from senderd.errors import ConfigError
+from senderd.logs import REDACTED, configure_logging, register_secret
+from senderd.tls import client_context, private_pem_path
+
+
+def test_redaction_processor_scrubs_every_shape(pki: Pki) -> None:
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream=stream)
+    register_secret("hunter2-client-secret")
+    jwt_like = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4eXoxMjM0NSJ9.c2lnbmF0dXJlLXZhbHVl"
+    structlog.get_logger().info(
+        "event", access_token="abc", detail=f"got {jwt_like} back", header="Bearer abc.def.ghi",
+        nested={"client_secret": "x", "note": "uses hunter2-client-secret"},
+        pem=pki.issue_client("x", key_type="ec").key_pem_pkcs8(), count=3,
+    )
+    line = json.loads(stream.getvalue())
+    assert line["access_token"] == REDACTED
+    assert jwt_like not in stream.getvalue()
+    assert line["header"] == f"Bearer {REDACTED}"
+    assert line["nested"] == {"client_secret": REDACTED, "note": f"uses {REDACTED}"}
+    assert "PRIVATE KEY" not in stream.getvalue()
+    assert line["count"] == 3
+
+
+def test_client_key_is_loaded_from_memory_and_gone_after(pki: Pki, tmp_path: Path) -> None:
+    client: IssuedCert = pki.issue_client("mem")
+    key = parse_service_key(json.dumps(service_key_dict(
+        client_id="c", token_url="https://127.0.0.1/oauth/token", runtime_url="https://127.0.0.1",
+        client=client, chain=[pki.intermediate.cert])), source="k")
+    with private_pem_path(b"secret bytes") as path:
+        fd = int(path.rsplit("/", 1)[1])
+        assert path.startswith("/proc/self/fd/")
+        assert os.readlink(path).startswith("/memfd:")  # anonymous memory, never on a disk
+        assert Path(path).read_bytes() == b"secret bytes"
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed right after loading
+    before = set(os.listdir("/proc/self/fd"))
+    client_context(key)
+    assert set(os.listdir("/proc/self/fd")) <= before  # no descriptor left behind
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[credentials]\nservice_key = 'a.json'\nservice_key_env = 'X'\n",
+     "credentials: give service_key or service_key_env, not both"),
+    ("[token]\nrefresh_left = 1.5\n", "token.refresh_left: Input should be less than 1"),
+    ("[tokens]\n", "tokens: unknown key: remove it or check its spelling"),
+    ("[token]\nbackoff_max = true\n", "token.backoff_max: a duration is a string such as 500ms, 30s, 5m, 1h"),
+])
+def test_config_errors_name_file_and_field(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_config_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[credentials]\nservice_key = 'keys/k.json'\n[token]\nbackoff_max = '2m'\n")
+    config = load_config(path)
+    assert config.credentials.service_key == tmp_path / "keys" / "k.json"
+    assert config.token.backoff_max == 120.0
