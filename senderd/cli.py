@@ -66,9 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--passphrase-env", help="environment variable holding the key file's passphrase")
     _common(export, config=False)
 
+    run = commands.add_parser("run", help="the daemon: send on schedules until SIGTERM/SIGINT")
+    _common(run)
+
+    once = commands.add_parser("once", help="every (selected) flow once; exit 0 if all passed, 1 if not")
+    _common(once)
+    once.add_argument("--flow", action="append", default=[], metavar="NAME", help="only this flow (repeatable)")
+    once.add_argument("--push-gateway", metavar="URL", help="push metrics to this Prometheus Pushgateway")
+
+    send = commands.add_parser("send", help="one send to a flow; print status, correlation id and body")
+    _common(send)
+    send.add_argument("flow", help="the flow's name")
+    send.add_argument("--body", help="the body, or @FILE to read it from a file")
+
     demo = commands.add_parser("demo", help="run senderd against the embedded emulator (Ctrl-C stops)")
     demo.add_argument("--dir", type=Path, help="keep the emulator's files here (default: a temp folder)")
     demo.add_argument("--token-lifetime", type=float, default=30.0, help="emulated token lifetime, seconds")
+    demo.add_argument("--every", default="5s", help="how often each demo flow is sent (default 5s)")
     demo.add_argument("--duration", type=float, help="stop after this many seconds")
     _common(demo, config=False)
 
@@ -187,13 +201,85 @@ async def _emulator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _run(args: argparse.Namespace) -> int:
+    from senderd.daemon import Daemon
+
+    config = _config(args)
+    if not config.flows:
+        raise ConfigError(f"{config.source}: flows: no flows configured: add at least one [[flows]] table")
+    await Daemon.create(config).serve()
+    return EXIT_OK
+
+
+async def _once(args: argparse.Namespace) -> int:
+    from senderd.daemon import run_once
+    from senderd.engine import Engine
+
+    config = _config(args)
+    flows = [config.flow(name) for name in args.flow] if args.flow else list(config.flows)
+    if not flows:
+        raise ConfigError(f"{config.source}: flows: no flows configured: add at least one [[flows]] table")
+    async with Engine.open(config) as engine:
+        results = await run_once(engine, flows)
+    rows = [("flow", "outcome", "status", "attempts", "latency", "correlation id")]
+    for result in results:
+        rows.append((result.flow, result.outcome, str(result.status or "-"), str(result.attempts),
+                     f"{result.duration * 1000:.0f} ms", result.correlation_id or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    for result in results:
+        if not result.ok and result.last.error:
+            print(f"{result.flow}: {result.last.error}", file=sys.stderr)
+    failed = sum(not r.ok for r in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+def _body_argument(value: str | None) -> bytes | None:
+    if value is None:
+        return None
+    if value.startswith("@"):
+        path = Path(value[1:])
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--body {value}: cannot read {path} ({exc.strerror})") from None
+    return value.encode()
+
+
+async def _send(args: argparse.Namespace) -> int:
+    from senderd.engine import Engine
+
+    config = _config(args)
+    flow = config.flow(args.flow)
+    body = _body_argument(args.body)
+    async with Engine.open(config) as engine:
+        result = await engine.send(flow, body=body)
+    print(f"status: {result.status if result.status is not None else '-'} ({result.outcome}, "
+          f"{result.attempts} attempt{'s' if result.attempts != 1 else ''}, {result.duration * 1000:.0f} ms)")
+    for name, value in result.last.correlation.items():
+        print(f"{name}: {value}")
+    if result.last.error and not result.ok:
+        print(f"error: {result.last.error}", file=sys.stderr)
+    print()
+    sys.stdout.write(result.last.body.decode("utf-8", errors="replace"))
+    if result.last.body and not result.last.body.endswith(b"\n"):
+        print()
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
 async def _demo(args: argparse.Namespace) -> int:
     from senderd.demo import run_demo
 
-    return await run_demo(args.dir, token_lifetime=args.token_lifetime, stop_after=args.duration)
+    return await run_demo(args.dir, token_lifetime=args.token_lifetime, every=args.every,
+                          stop_after=args.duration)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "run": _run,
+    "once": _once,
+    "send": _send,
     "demo": _demo,
     "token": _token,
     "check": _check,
@@ -223,5 +309,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `senderd` console script and `python -m senderd`."""
     args = build_parser().parse_args(argv)
     level = args.log_level or ("info" if args.command in DAEMON_COMMANDS else "error")
-    configure_logging(level, args.log_format, stream=sys.stderr)
+    configure_logging(level, args.log_format, stream=sys.stdout if args.command == "run" else sys.stderr)
     return run_command(args)

@@ -7,11 +7,12 @@ Relative paths are resolved against the config file's folder. Defaults live here
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from senderd.durations import parse_duration
 from senderd.errors import ConfigError
@@ -74,6 +75,139 @@ class TokenConfig(Section):
     timeout: Duration = 10.0
 
 
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
+MODIFYING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+DEFAULT_RETRY_ON = (429, 502, 503, 504)
+
+
+class RuntimeConfig(Section):
+    """`[runtime]`: the Cloud Integration runtime (defaults to the service key's `url`)."""
+
+    url: str | None = None
+    ca_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _https(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("https://"):
+            raise ValueError(f"must be an https:// URL, found {value!r}")
+        return value.rstrip("/") if value else value
+
+
+class PoolConfig(Section):
+    """`[pool]`: how many sends run at once, how many may wait, how long a stop waits for them."""
+
+    workers: int = Field(default=8, ge=1, le=1024)
+    queue: int = Field(default=256, ge=1, le=100_000)
+    drain_timeout: Duration = 30.0
+
+
+class SendSettings(Section):
+    """Per-flow send settings; `[defaults]` sets them for every flow, a flow may override each."""
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
+    timeout: Duration = 10.0
+    headers: dict[str, str] = {}
+    query: dict[str, str] = {}
+    content_type: str | None = None
+    csrf: bool | Literal["auto"] = "auto"
+    expect_status: list[Annotated[int, Field(ge=100, le=599)]] | None = None
+    expect_body: str | None = None
+    retries: int = Field(default=3, ge=0, le=100)
+    retry_on: list[Annotated[int, Field(ge=100, le=599)]] = list(DEFAULT_RETRY_ON)
+    backoff_initial: Duration = 0.5
+    backoff_max: Duration = 30.0
+    retry_after_max: Duration = 60.0
+    deadline: Duration = 120.0
+    application_id: str | None = None
+    """`SAP_ApplicationID` header: a fixed value, or "auto" for a fresh id per message."""
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("expect_body")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc})") from None
+        return value
+
+
+class FlowConfig(SendSettings):
+    """`[[flows]]`: one iFlow endpoint and when to call it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    path: str
+    every: Duration | None = None
+    cron: str | None = None
+    timezone: str = "UTC"
+    body: str | None = None
+    body_file: Path | None = None
+    start: Literal["spread", "now"] = "spread"
+    """First fire of an `every` flow: spread over the interval (default) or right at start-up."""
+    ordered: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not (value.startswith("/") or value.startswith("https://")):
+            raise ValueError(f"must start with / (relative to runtime.url) or be an https:// URL, found {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _schedule_and_body(self) -> FlowConfig:
+        if self.every is not None and self.cron is not None:
+            raise ValueError("give every or cron, not both")
+        if self.every is not None and self.every <= 0:
+            raise ValueError("every must be more than 0")
+        if self.body is not None and self.body_file is not None:
+            raise ValueError("give body or body_file, not both")
+        if self.cron is not None or self.timezone != "UTC":
+            from senderd.schedule import CronSchedule
+
+            try:
+                CronSchedule(self.cron or "* * * * *", self.timezone)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def modifying(self) -> bool:
+        """True for methods that need a CSRF token on protected flows."""
+        return self.method in MODIFYING_METHODS
+
+    def body_bytes(self) -> bytes | None:
+        """The configured body (from `body` or `body_file`), if any."""
+        if self.body_file is not None:
+            try:
+                return self.body_file.read_bytes()
+            except OSError as exc:
+                raise ConfigError(
+                    f"flows.{self.name}.body_file: cannot read {self.body_file} ({exc.strerror})"
+                ) from None
+        return self.body.encode() if self.body is not None else None
+
+
+class ServerConfig(Section):
+    """`[server]`: the metrics and health endpoint."""
+
+    listen: str = "127.0.0.1:9464"
+    enabled: bool = True
+
+
+class PushConfig(Section):
+    """`[push]`: where `once` pushes its metrics (a Prometheus Pushgateway)."""
+
+    gateway: str | None = None
+    job: str = "senderd"
+    instance: str | None = None
+
+
 class Config(BaseModel):
     """The whole validated configuration."""
 
@@ -82,6 +216,29 @@ class Config(BaseModel):
     source: str = "<defaults>"
     credentials: CredentialsConfig = CredentialsConfig()
     token: TokenConfig = TokenConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    pool: PoolConfig = PoolConfig()
+    server: ServerConfig = ServerConfig()
+    push: PushConfig = PushConfig()
+    defaults: SendSettings = SendSettings()
+    flows: list[FlowConfig] = []
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        seen: set[str] = set()
+        for flow in self.flows:
+            if flow.name in seen:
+                raise ValueError(f"flow name {flow.name!r} is used twice: names must be unique")
+            seen.add(flow.name)
+        return self
+
+    def flow(self, name: str) -> FlowConfig:
+        """The flow called `name`."""
+        for flow in self.flows:
+            if flow.name == name:
+                return flow
+        known = ", ".join(f.name for f in self.flows) or "none configured"
+        raise ConfigError(f"{self.source}: no flow named {name!r} (flows: {known})")
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -104,23 +261,43 @@ def _message(error: Any) -> str:
     return message.removeprefix("Value error, ")
 
 
-def format_validation_error(source: str, exc: ValidationError) -> str:
+def format_validation_error(source: str, exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
     """One line for the first problem (plus a count of the others)."""
     errors = exc.errors()
     first = errors[0]
-    loc = _location(tuple(p for p in first["loc"] if p not in ("function-after",)))
+    loc = _location(prefix + tuple(p for p in first["loc"] if p not in ("function-after",)))
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     where = f"{loc}: " if loc else ""
     return f"{source}: {where}{_message(first)}{more}"
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    creds = data.get("credentials")
-    if isinstance(creds, dict):
-        for name in ("service_key", "key_file", "ca_file"):
-            value = creds.get(name)
+def _resolve(table: Any, names: tuple[str, ...], base: Path) -> None:
+    if isinstance(table, dict):
+        for name in names:
+            value = table.get(name)
             if isinstance(value, str) and value:
-                creds[name] = str((base / os.path.expanduser(value)).resolve())
+                table[name] = str((base / os.path.expanduser(value)).resolve())
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    _resolve(data.get("credentials"), ("service_key", "key_file", "ca_file"), base)
+    _resolve(data.get("runtime"), ("ca_file",), base)
+    flows = data.get("flows")
+    if isinstance(flows, list):
+        for flow in flows:
+            _resolve(flow, ("body_file",), base)
+
+
+def _apply_defaults(data: dict[str, Any], source: str) -> None:
+    """Each flow starts from `[defaults]` (validated on its own, so its errors name `defaults.*`)."""
+    defaults = data.get("defaults", {})
+    try:
+        SendSettings.model_validate(defaults)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc, prefix=("defaults",))) from None
+    flows = data.get("flows")
+    if isinstance(flows, list) and isinstance(defaults, dict):
+        data["flows"] = [{**defaults, **flow} if isinstance(flow, dict) else flow for flow in flows]
 
 
 def config_from_dict(data: dict[str, Any], *, source: str, base: Path | None = None) -> Config:
@@ -130,6 +307,7 @@ def config_from_dict(data: dict[str, Any], *, source: str, base: Path | None = N
         _resolve_paths(data, base)
     if "source" in data:
         raise ConfigError(f"{source}: source: unknown key: remove it or check its spelling")
+    _apply_defaults(data, source)
     try:
         return Config.model_validate({**data, "source": source})
     except ValidationError as exc:

@@ -1,40 +1,68 @@
-"""`senderd demo`: the emulator and senderd together on localhost, no SAP account needed."""
+"""`senderd demo`: the emulator and the daemon together on localhost, no SAP account needed."""
 
 from __future__ import annotations
 
-import datetime as dt
 import tempfile
 from pathlib import Path
 
 import anyio
 
-from senderd.auth import load_credentials, token_provider
 from senderd.config import load_config
+from senderd.daemon import Daemon
 from senderd.emulator.stack import EmulatorStack
-from senderd.errors import TokenError
-from senderd.token import Token
+from senderd.sender import SendResult
+
+DEMO_FLOWS = """
+[pool]
+workers = 4
+drain_timeout = "5s"
+
+[[flows]]
+name = "timestamp"                     # the tutorial's GetTimestamp iFlow
+path = "/http/GetTimestamp"
+every = "{every}"
+expect_body = "Current time \\\\(UTC\\\\)"
+
+[[flows]]
+name = "orders"                        # a CSRF-protected POST
+path = "/http/Orders"
+method = "POST"
+every = "{every}"
+csrf = true
+content_type = "application/xml"
+body = "<Order><Id>42</Id></Order>"
+application_id = "auto"
+"""
 
 
-async def run_demo(directory: Path | None = None, *, token_lifetime: float = 30.0,
+def show(result: SendResult) -> None:
+    """Print one line per finished send, as Postman would show the answer."""
+    body = result.last.body.decode("utf-8", errors="replace").strip().replace("\n", " ")[:100]
+    status = result.status if result.status is not None else "-"
+    mpl = f"  (MPL {result.correlation_id})" if result.correlation_id else ""
+    detail = body if result.ok else (result.last.error or "")
+    print(f"[{result.flow}] {status} {result.outcome}: {detail}{mpl}", flush=True)
+
+
+async def run_demo(directory: Path | None = None, *, token_lifetime: float = 30.0, every: str = "5s",
                    stop_after: float | None = None) -> int:
-    """Start the emulator, then keep a token fresh and print each refresh until Ctrl-C (or `stop_after`)."""
+    """Start the emulator, then the daemon with two flows; print every answer until Ctrl-C (or `stop_after`)."""
     with tempfile.TemporaryDirectory(prefix="senderd-demo-") as scratch:
         folder = directory or Path(scratch)
-        async with EmulatorStack.started(folder, token_lifetime=token_lifetime) as stack:
-            print(f"emulator token server {stack.token_server.token_url}, runtime {stack.runtime.url}")
-            print(f"config {stack.config_path} (service key {stack.service_key_path})", flush=True)
-            config = load_config(stack.config_path)
-            key = load_credentials(config.credentials)
+        async with EmulatorStack.started(folder, token_lifetime=token_lifetime,
+                                         config_extra=DEMO_FLOWS.format(every=every)) as stack:
+            print(f"emulator: token server {stack.token_server.token_url}, runtime {stack.runtime.url}")
+            print(f"config:   {stack.config_path}", flush=True)
+            daemon = Daemon.create(load_config(stack.config_path))
 
-            def show(_duration: float, token: Token | None, error: TokenError | None) -> None:
-                if token is not None:
-                    expires = dt.datetime.fromtimestamp(token.expires_at_wall, dt.UTC)
-                    print(f"token refreshed: valid for {token.lifetime:.0f}s, until {expires:%H:%M:%S} UTC",
-                          flush=True)
-                elif error is not None:
-                    print(f"token fetch failed: {error}", flush=True)
+            async def started(engine: object, _group: object) -> None:
+                assert daemon.engine is not None
+                daemon.engine.listeners.append(show)
 
-            async with token_provider(key, config.credentials, config.token, listeners=[show]) as provider:
-                with anyio.move_on_after(stop_after if stop_after is not None else float("inf")):
-                    await provider.run()
+            daemon.on_start = started
+            async with anyio.create_task_group() as group:
+                group.start_soon(daemon.serve)
+                if stop_after is not None:
+                    await anyio.sleep(stop_after)
+                    daemon.stop()
     return 0

@@ -26,6 +26,7 @@ from senderd.errors import ConfigError
 
 __all__ = [
     "MAX_COUNTED_SKIPS",
+    "MIN_INTERVAL",
     "CronSchedule",
     "Fire",
     "IntervalSchedule",
@@ -111,7 +112,7 @@ class IntervalSchedule:
 
 # Cron fields have minute resolution. A previous fire maps back to the wall clock through the current
 # mono-to-wall offset, which can be off by a little (an early wake-up, NTP slewing); looking for the next
-# cron time from half a minute after it finds the right one whatever that error, below 30 s.
+# cron time from half a minute after it finds the right one as long as that error stays below 30 s.
 _SLACK = 30.0
 _FIELDS = (
     ("minute", "0-59"),

@@ -61,6 +61,22 @@ def test_client_key_is_loaded_from_memory_and_gone_after(pki: Pki, tmp_path: Pat
     ("[token]\nrefresh_left = 1.5\n", "token.refresh_left: Input should be less than 1"),
     ("[tokens]\n", "tokens: unknown key: remove it or check its spelling"),
     ("[token]\nbackoff_max = true\n", "token.backoff_max: a duration is a string such as 500ms, 30s, 5m, 1h"),
+    ("[[flows]]\nname = 'a'\npath = '/http/a'\nevery = '1s'\ncron = '* * * * *'\n",
+     "flows[0]: give every or cron, not both"),
+    ("[[flows]]\nname = 'a'\npath = '/http/a'\ncron = '61 * * * *'\n",
+     "flows[0]: invalid cron expression '61 * * * *': bad minute field '61' (allowed: 0-59); "
+     "use 5 fields, e.g. */5 * * * *"),
+    ("[[flows]]\nname = 'a'\npath = '/http/a'\ncron = '0 * * * *'\ntimezone = 'Mars/Base'\n",
+     "flows[0]: unknown time zone 'Mars/Base': use an IANA name such as Europe/Berlin"),
+    ("[[flows]]\nname = 'a'\npath = 'http/a'\n",
+     "flows[0].path: must start with / (relative to runtime.url) or be an https:// URL, found 'http/a'"),
+    ("[[flows]]\nname = 'a'\npath = '/a'\n[[flows]]\nname = 'a'\npath = '/b'\n",
+     "flow name 'a' is used twice: names must be unique"),
+    ("[[flows]]\nname = 'a'\npath = '/a'\nevry = '1s'\n",
+     "flows[0].evry: unknown key: remove it or check its spelling"),
+    ("[defaults]\nretries = -1\n", "defaults.retries: Input should be greater than or equal to 0"),
+    ("[[flows]]\nname = 'a'\npath = '/a'\nexpect_body = '('\n",
+     "flows[0].expect_body: not a valid regular expression (missing ), unterminated subpattern at position 0)"),
 ])
 def test_config_errors_name_file_and_field(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "c.toml"

@@ -117,8 +117,14 @@ class Runtime:
         self._pattern_pos: collections.Counter[str] = collections.Counter()
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
+        self._request_seen = asyncio.Event()
         for flow in default_flows() if flows is None else flows:
             self.add_flow(flow)
+
+    async def wait_for_requests(self, count: int) -> None:
+        """Return once at least `count` requests have arrived (for tests that must act mid-request)."""
+        while self.stats.requests < count:
+            await self._request_seen.wait()
 
     def __repr__(self) -> str:
         return f"Runtime(url={self._url!r}, flows={sorted(self.flows)})"
@@ -177,6 +183,8 @@ class Runtime:
         self.stats.requests += 1
         found = self._find_flow(request.path)
         self.stats.by_address[found[0] if found else request.path.lower()] += 1
+        self._request_seen.set()
+        self._request_seen = asyncio.Event()
         try:
             response = await self._respond(request, found)
         except web.HTTPException as exc:  # e.g. 413 from request.read()

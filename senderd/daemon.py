@@ -1,0 +1,143 @@
+"""Lifecycle: start the components in one task group, stop them in order.
+
+`Daemon.serve()` = start (token refresher, worker pool, scheduler) → wait for a signal → stop scheduling,
+drain in-flight sends up to `pool.drain_timeout`, cancel what is left. A second SIGTERM/SIGINT forces the
+stop at once. `run_once` is the CronJob mode: every selected flow once, through the pool.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from senderd.clock import Clock, SystemClock
+from senderd.config import Config, FlowConfig
+from senderd.engine import Engine
+from senderd.metrics import Metrics
+from senderd.pool import Job, WorkerPool
+from senderd.scheduler import run_schedules
+from senderd.sender import SendResult
+
+log = structlog.get_logger(component="daemon")
+StartHook = Callable[[Engine, anyio.abc.TaskGroup], Awaitable[None]]
+
+
+@dataclass
+class Daemon:
+    """A running senderd: `serve()` until a signal (or `stop()`)."""
+
+    config: Config
+    metrics: Metrics
+    clock: Clock
+    engine: Engine | None = None
+    on_start: StartHook | None = None
+    handle_signals: bool = True
+
+    def __post_init__(self) -> None:
+        self._stop = anyio.Event()
+        self._force = anyio.Event()
+        self.started = anyio.Event()
+
+    @classmethod
+    def create(cls, config: Config, *, metrics: Metrics | None = None, clock: Clock | None = None,
+               on_start: StartHook | None = None, handle_signals: bool = True) -> Daemon:
+        """A daemon for `config` (not started)."""
+        return cls(config=config, metrics=metrics or Metrics(), clock=clock or SystemClock(), on_start=on_start,
+                   handle_signals=handle_signals)
+
+    def stop(self) -> None:
+        """Ask for a graceful stop; a second call forces it."""
+        if self._stop.is_set():
+            self._force.set()
+        self._stop.set()
+
+    async def serve(self) -> None:
+        """Run until stopped; raises ConfigError/CredentialsError before anything starts."""
+        config = self.config
+        async with Engine.open(config, metrics=self.metrics, clock=self.clock) as engine:
+            self.engine = engine
+            for flow in config.flows:
+                self.metrics.declare_flow(flow.name, flow.every)
+            pool = WorkerPool(config.pool.workers, config.pool.queue)
+
+            def make_job(flow: FlowConfig, scheduled_at: float) -> Job:
+                async def job() -> None:
+                    await engine.send(flow, scheduled_at=scheduled_at)
+                return job
+
+            async with anyio.create_task_group() as outer:
+                await outer.start(engine.tokens.run)
+                if self.handle_signals:
+                    outer.start_soon(self._watch_signals)
+                if self.on_start is not None:
+                    await self.on_start(engine, outer)
+                async with anyio.create_task_group() as work:
+                    drained = anyio.Event()
+
+                    async def workers(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+                        try:
+                            await pool.run(task_status=task_status)
+                        finally:
+                            drained.set()
+
+                    scheduling = anyio.CancelScope()
+
+                    async def schedules(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+                        with scheduling:
+                            await run_schedules(config.flows, pool, make_job, clock=self.clock,
+                                                metrics=self.metrics, task_status=task_status)
+
+                    await work.start(workers)
+                    await work.start(schedules)
+                    log.info("started", flows=len(config.flows), workers=config.pool.workers)
+                    self.started.set()
+                    await self._stop.wait()
+                    log.info("stopping", inflight=pool.running, drain_timeout_s=config.pool.drain_timeout)
+                    scheduling.cancel()
+                    pool.close()
+                    with anyio.move_on_after(config.pool.drain_timeout):
+                        await _first(drained.wait, self._force.wait)
+                    if not drained.is_set():
+                        log.warning("drain_cut_short", cancelled=pool.running)
+                    work.cancel_scope.cancel()
+                outer.cancel_scope.cancel()
+        log.info("stopped")
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal", signal=signal.Signals(signum).name, forced=self._stop.is_set())
+                self.stop()
+
+
+async def _first(*waits: Callable[[], Awaitable[None]]) -> None:
+    """Return as soon as the first of `waits` returns."""
+    async with anyio.create_task_group() as group:
+        for wait in waits:
+
+            async def one(wait: Callable[[], Awaitable[None]] = wait) -> None:
+                await wait()
+                group.cancel_scope.cancel()
+
+            group.start_soon(one)
+
+
+async def run_once(engine: Engine, flows: Sequence[FlowConfig]) -> list[SendResult]:
+    """Send every flow once through a pool of `pool.workers`; results in the order of `flows`."""
+    results: dict[str, SendResult] = {}
+    pool = WorkerPool(engine.config.pool.workers, max(1, len(flows)))
+    async with anyio.create_task_group() as group:
+        await group.start(pool.run)
+        for flow in flows:
+
+            async def job(flow: FlowConfig = flow) -> None:
+                results[flow.name] = await engine.send(flow)
+
+            await pool.put(flow.name, job)
+        pool.close()
+    return [results[flow.name] for flow in flows]

@@ -1,0 +1,82 @@
+"""A bounded queue in front of N workers, with the overlap and overflow policy.
+
+`offer` never waits: a job whose key is still queued or running is refused as `overlap`, a full queue
+refuses as `queue_full`; the caller counts it. Nothing is queued without bound. `close` stops taking
+jobs; the workers finish what was queued and `run` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+Job = Callable[[], Awaitable[None]]
+Verdict = Literal["queued", "overlap", "queue_full", "closed"]
+
+
+class WorkerPool:
+    """`workers` tasks taking jobs from a queue of at most `queue_size`."""
+
+    def __init__(self, workers: int, queue_size: int) -> None:
+        self.workers = workers
+        self._send, self._receive = anyio.create_memory_object_stream[tuple[str, Job]](queue_size)
+        self._busy: set[str] = set()
+        self._closed = False
+        self.running = 0
+
+    @property
+    def busy_keys(self) -> frozenset[str]:
+        """Keys queued or running now."""
+        return frozenset(self._busy)
+
+    def offer(self, key: str, job: Job) -> Verdict:
+        """Queue `job` unless `key` is busy, the queue is full or the pool is closed; never waits."""
+        if self._closed:
+            return "closed"
+        if key in self._busy:
+            return "overlap"
+        try:
+            self._send.send_nowait((key, job))
+        except anyio.WouldBlock:
+            return "queue_full"
+        self._busy.add(key)
+        return "queued"
+
+    async def put(self, key: str, job: Job) -> None:
+        """Queue `job`, waiting for room (for callers that must not drop, such as `once`)."""
+        self._busy.add(key)
+        await self._send.send((key, job))
+
+    def close(self) -> None:
+        """Take no more jobs; queued ones still run."""
+        if not self._closed:
+            self._closed = True
+            self._send.close()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the workers until the pool is closed and drained (or cancelled)."""
+        try:
+            async with anyio.create_task_group() as group:
+                for _ in range(self.workers):
+                    group.start_soon(self._worker, self._receive.clone())
+                task_status.started()
+        finally:
+            self.close()
+            self._receive.close()
+
+    async def _worker(self, jobs: MemoryObjectReceiveStream[tuple[str, Job]]) -> None:
+        with jobs:
+            async for key, job in jobs:
+                await self._run(key, job)
+
+    async def _run(self, key: str, job: Job) -> None:
+        self.running += 1
+        try:
+            await job()
+        finally:
+            self.running -= 1
+            self._busy.discard(key)

@@ -1,0 +1,231 @@
+"""One send to a Cloud Integration flow: Bearer token, CSRF handling, timeout, checks, classification.
+
+`Sender.attempt` makes one HTTP exchange as the runtime expects it (with at most one token refresh after a
+401 and one CSRF token refetch after `403 X-CSRF-Token: Required`), and classifies what happened. It
+neither schedules nor retries by itself: `retry.deliver` does that.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+import anyio
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from senderd.config import FlowConfig
+from senderd.errors import TokenError
+from senderd.metrics import Metrics
+from senderd.token import Token, TokenProvider
+
+Outcome = Literal["success", "http_error", "check_failed", "timeout", "connection_error", "auth_error"]
+CORRELATION_HEADERS = ("SAP_MessageProcessingLogID", "SAP_MplCorrelationId", "x-correlationid")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one HTTP exchange gave."""
+
+    outcome: Outcome
+    status: int | None = None
+    headers: CIMultiDictProxy[str] | None = None
+    body: bytes = b""
+    error: str | None = None
+    retryable: bool = False
+    retry_after: float | None = None
+
+    @property
+    def correlation(self) -> dict[str, str]:
+        """The runtime's correlation headers that were present, by their canonical names."""
+        if self.headers is None:
+            return {}
+        return {name: self.headers[name] for name in CORRELATION_HEADERS if name in self.headers}
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The verdict of a whole send (all attempts)."""
+
+    flow: str
+    outcome: Outcome
+    attempts: int
+    duration: float
+    last: Attempt
+    message_id: str | None = None
+    attempt_codes: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        """True when the send succeeded."""
+        return self.outcome == "success"
+
+    @property
+    def status(self) -> int | None:
+        """The last HTTP status, if an answer came."""
+        return self.last.status
+
+    @property
+    def body(self) -> bytes:
+        """The last answer's body."""
+        return self.last.body
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str] | None:
+        """The last answer's headers, if an answer came."""
+        return self.last.headers
+
+    @property
+    def correlation_id(self) -> str | None:
+        """The message processing log id (or another correlation id) the runtime answered with."""
+        values = self.last.correlation
+        return next(iter(values.values()), None)
+
+
+def _retry_after(headers: CIMultiDictProxy[str]) -> float | None:
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        import email.utils
+
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class Sender:
+    """Sends to flows on one runtime session; shared by all workers."""
+
+    def __init__(self, session: aiohttp.ClientSession, tokens: TokenProvider, runtime_url: str,
+                 metrics: Metrics | None = None) -> None:
+        self.session = session
+        self.tokens = tokens
+        self.runtime_url = runtime_url.rstrip("/")
+        self.metrics = metrics
+        self._csrf: dict[str, str] = {}  # origin -> token (bound to the session cookies in the jar)
+        self._csrf_lock: dict[str, anyio.Lock] = {}
+
+    def url_of(self, flow: FlowConfig) -> str:
+        """The absolute URL of the flow's endpoint."""
+        return flow.path if flow.path.startswith("https://") else self.runtime_url + flow.path
+
+    async def attempt(self, flow: FlowConfig, body: bytes | None = None,
+                      extra_headers: dict[str, str] | None = None, message_id: str | None = None) -> Attempt:
+        """One exchange under the flow's timeout, classified."""
+        try:
+            with anyio.fail_after(flow.timeout):
+                return await self._exchange(flow, body, extra_headers or {}, message_id)
+        except TimeoutError:
+            self._count(flow, None)
+            return Attempt("timeout", error=f"no answer within {flow.timeout:g}s", retryable=True)
+        except TokenError as exc:  # counted per fetch by the token provider's listener
+            return Attempt("auth_error", error=f"no token: {exc}")
+        except aiohttp.ClientConnectorCertificateError as exc:
+            self._count(flow, None)
+            return Attempt("connection_error", error=f"runtime TLS certificate not trusted ({_short(exc)}): "
+                                                     "set runtime.ca_file or credentials.ca_file")
+        except (aiohttp.ClientError, OSError) as exc:
+            self._count(flow, None)
+            return Attempt("connection_error", error=f"{type(exc).__name__}: {_short(exc)}", retryable=True)
+
+    async def _exchange(self, flow: FlowConfig, body: bytes | None, extra: dict[str, str],
+                        message_id: str | None) -> Attempt:
+        url = self.url_of(flow)
+        origin = _origin(url)
+        token = await self.tokens.get()
+        csrf_refetched = token_refreshed = False
+        if flow.csrf is True and flow.modifying and origin not in self._csrf:
+            await self._fetch_csrf(flow, url, origin, token)
+        while True:
+            headers = CIMultiDict(flow.headers)
+            headers.update(extra)
+            headers["Authorization"] = f"Bearer {token.value}"
+            if flow.content_type and "Content-Type" not in headers:
+                headers["Content-Type"] = flow.content_type
+            if message_id is not None and "SAP_ApplicationID" not in headers:
+                headers["SAP_ApplicationID"] = message_id
+            if flow.modifying and origin in self._csrf:
+                headers["X-CSRF-Token"] = self._csrf[origin]
+            async with self.session.request(flow.method, url, params=flow.query or None, data=body,
+                                            headers=headers, allow_redirects=False) as response:
+                payload = await response.read()
+                status, answer = response.status, response.headers
+            self._count(flow, status)
+            if status == 401 and not token_refreshed:
+                token_refreshed = True
+                if self.metrics is not None:
+                    self.metrics.auth_failures.labels("runtime", "unauthorized").inc()
+                self.tokens.invalidate(token)
+                token = await self.tokens.get()
+                continue
+            if (status == 403 and answer.get("X-CSRF-Token", "").lower() == "required"
+                    and flow.csrf is not False and flow.modifying and not csrf_refetched):
+                csrf_refetched = True
+                await self._fetch_csrf(flow, url, origin, token, stale=self._csrf.get(origin))
+                continue
+            return self._classify(flow, status, answer, payload)
+
+    async def _fetch_csrf(self, flow: FlowConfig, url: str, origin: str, token: Token,
+                          stale: str | None = None) -> None:
+        """GET with `X-CSRF-Token: Fetch`; one fetch per origin at a time, shared by concurrent senders."""
+        lock = self._csrf_lock.setdefault(origin, anyio.Lock())
+        async with lock:
+            if self._csrf.get(origin) not in (None, stale):
+                return  # another sender refreshed it while we waited
+            headers = {"Authorization": f"Bearer {token.value}", "X-CSRF-Token": "Fetch"}
+            async with self.session.get(url, headers=headers, params=flow.query or None,
+                                        allow_redirects=False) as response:
+                await response.read()
+                value = response.headers.get("X-CSRF-Token")
+            if value and value.lower() != "required":
+                self._csrf[origin] = value
+            else:
+                self._csrf.pop(origin, None)
+
+    def _classify(self, flow: FlowConfig, status: int, headers: CIMultiDictProxy[str], body: bytes) -> Attempt:
+        expected = flow.expect_status
+        status_ok = status in expected if expected else 200 <= status < 300
+        if not status_ok:
+            retryable = status in flow.retry_on
+            outcome: Outcome = "auth_error" if status in (401, 403) and not retryable else "http_error"
+            if outcome == "auth_error" and self.metrics is not None:
+                self.metrics.auth_failures.labels("runtime", "unauthorized" if status == 401 else "forbidden").inc()
+            return Attempt(outcome, status, headers, body, error=f"HTTP {status}{_excerpt(body)}",
+                           retryable=retryable, retry_after=_retry_after(headers))
+        if flow.expect_body is not None:
+            text = body.decode("utf-8", errors="replace")
+            if re.search(flow.expect_body, text) is None:
+                return Attempt("check_failed", status, headers, body,
+                               error=f"body does not match expect_body {flow.expect_body!r}{_excerpt(body)}")
+        return Attempt("success", status, headers, body)
+
+    def _count(self, flow: FlowConfig, status: int | None) -> None:
+        if self.metrics is not None:
+            self.metrics.attempts.labels(flow.name, str(status) if status is not None else "none").inc()
+
+
+def new_message_id() -> str:
+    """A fresh id for `SAP_ApplicationID` (32 hex characters, well within the 120-character limit)."""
+    return uuid.uuid4().hex
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).split("\n")[0][:160] or type(exc).__name__
+
+
+def _excerpt(body: bytes) -> str:
+    text = body[:160].decode("utf-8", errors="replace").strip().replace("\n", " ")
+    return f": {text}" if text else ""

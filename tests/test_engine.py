@@ -1,0 +1,200 @@
+"""One send end to end against the emulated runtime: token, CSRF, retries, checks, classification."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from senderd.client import Client
+from senderd.clock import FakeClock
+from senderd.config import config_from_dict
+from senderd.emulator.runtime import FlowSpec
+from senderd.emulator.stack import EmulatorStack
+from senderd.engine import Engine
+from senderd.metrics import Metrics
+from senderd.token import Token
+
+pytestmark = pytest.mark.anyio
+
+
+class StepClock(FakeClock):
+    """A fake clock whose sleeps return at once after moving time on: waits are recorded, not spent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeps: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.advance(max(0.0, seconds))
+        await anyio.lowlevel.checkpoint()
+
+
+@asynccontextmanager
+async def engine_for(stack: EmulatorStack, *flows: dict[str, Any], clock: Any = None,
+                     defaults: dict[str, Any] | None = None) -> AsyncIterator[Engine]:
+    config = config_from_dict({
+        "credentials": {"service_key": str(stack.service_key_path), "ca_file": str(stack.ca_path)},
+        "defaults": defaults or {}, "flows": list(flows)}, source="test.toml")
+    async with Engine.open(config, metrics=Metrics(), clock=clock) as engine:
+        yield engine
+
+
+def sample(engine: Engine, name: str, labels: dict[str, str] | None = None) -> float:
+    value = engine.metrics.registry.get_sample_value(name, labels or {})
+    return value or 0.0
+
+
+async def test_get_timestamp_like_the_tutorial(stack: EmulatorStack) -> None:
+    flow = {"name": "ts", "path": "/http/GetTimestamp", "expect_body": r"Current time \(UTC\): \d{4}-"}
+    async with engine_for(stack, flow) as engine:
+        result = await engine.send(engine.config.flow("ts"))
+    assert result.ok, result.last.error
+    assert result.status == 200
+    assert result.body.startswith(b"Current time (UTC): ")
+    assert result.correlation_id == stack.runtime.stats.messages[0].mpl_id
+    assert sample(engine, "senderd_sends_total", {"flow": "ts", "outcome": "success"}) == 1
+    assert sample(engine, "senderd_send_attempts_total", {"flow": "ts", "code": "200"}) == 1
+    assert sample(engine, "senderd_last_success_timestamp_seconds", {"flow": "ts"}) > 0
+
+
+async def test_csrf_fetch_then_post_and_recovery_after_expiry(stack: EmulatorStack) -> None:
+    flow = {"name": "orders", "path": "/http/Orders", "method": "POST", "csrf": True,
+            "body": "<Order/>", "content_type": "application/xml", "application_id": "auto"}
+    async with engine_for(stack, flow) as engine:
+        first = await engine.send(engine.config.flow("orders"))
+        stack.runtime.expire_csrf_tokens()
+        second = await engine.send(engine.config.flow("orders"))
+    assert first.ok and second.ok, (first.last.error, second.last.error)
+    assert second.body == b"<Order/>"
+    stats = stack.runtime.stats
+    assert stats.csrf_fetches == 2  # the first, and one refetch after the expiry
+    assert stats.csrf_rejections == 1
+    received = stats.messages[-1]
+    assert received.headers["sap_applicationid"] == second.message_id
+    assert received.headers["content-type"] == "application/xml"
+    assert sample(engine, "senderd_send_attempts_total", {"flow": "orders", "code": "403"}) == 1
+
+
+async def test_csrf_auto_fetches_only_when_required(stack: EmulatorStack) -> None:
+    flow = {"name": "orders", "path": "/http/Orders", "method": "POST", "body": "x"}  # csrf = "auto"
+    async with engine_for(stack, flow) as engine:
+        result = await engine.send(engine.config.flow("orders"))
+        again = await engine.send(engine.config.flow("orders"))
+    assert result.ok and again.ok
+    assert stack.runtime.stats.csrf_rejections == 1  # learnt once, then reused
+    assert stack.runtime.stats.csrf_fetches == 1
+
+
+async def test_503_with_retry_after_is_retried_and_honoured(stack: EmulatorStack) -> None:
+    stack.runtime.flows["/flaky"].retry_after = 3
+    clock = StepClock()
+    async with engine_for(stack, {"name": "flaky", "path": "/http/Flaky"}, clock=clock) as engine:
+        result = await engine.send(engine.config.flow("flaky"))
+    assert result.ok
+    assert result.attempt_codes == ("503", "503", "200")
+    assert clock.sleeps == [3.0, 3.0]  # as told by Retry-After, not the backoff
+
+
+@pytest.mark.parametrize(("status", "outcome"), [(400, "http_error"), (500, "http_error"), (404, "http_error")])
+async def test_client_and_flow_errors_are_not_retried(stack: EmulatorStack, status: int, outcome: str) -> None:
+    if status == 400:
+        stack.runtime.add_flow(FlowSpec("/BadRequest", status=400, body="bad"))
+        path = "/http/BadRequest"
+    else:
+        path = "/http/Failing" if status == 500 else "/http/NotDeployed"
+    async with engine_for(stack, {"name": "f", "path": path}, clock=StepClock()) as engine:
+        result = await engine.send(engine.config.flow("f"))
+    assert result.outcome == outcome
+    assert result.attempts == 1
+    assert result.status == status
+    if status == 500:
+        assert "The MPL ID for the failed message is" in (result.last.error or "")
+
+
+async def test_backoff_is_bounded_by_attempts(stack: EmulatorStack) -> None:
+    stack.runtime.add_flow(FlowSpec("/Down", unavailable=-1, retry_after=0))
+    stack.runtime.flows["/down"].retry_after = 0
+    clock = StepClock()
+    flow = {"name": "down", "path": "/http/Down", "retries": 4, "retry_after_max": "0s"}
+    async with engine_for(stack, flow, clock=clock) as engine:
+        result = await engine.send(engine.config.flow("down"))
+    assert result.outcome == "http_error"
+    assert result.attempts == 5
+    assert sample(engine, "senderd_send_attempts_total", {"flow": "down", "code": "503"}) == 5
+
+
+async def test_timeouts_are_counted_and_retried(stack: EmulatorStack) -> None:
+    stack.runtime.add_flow(FlowSpec("/Slow", latency=5.0))
+    flow = {"name": "slow", "path": "/http/Slow", "timeout": "200ms", "retries": 1, "backoff_initial": "1ms"}
+    async with engine_for(stack, flow) as engine:
+        with anyio.fail_after(5):
+            result = await engine.send(engine.config.flow("slow"))
+    assert result.outcome == "timeout"
+    assert result.attempts == 2
+    assert sample(engine, "senderd_send_attempts_total", {"flow": "slow", "code": "none"}) == 2
+    assert sample(engine, "senderd_sends_total", {"flow": "slow", "outcome": "timeout"}) == 1
+
+
+async def test_expect_body_mismatch_is_check_failed(stack: EmulatorStack) -> None:
+    flow = {"name": "ts", "path": "/http/GetTimestamp", "expect_body": "^Nope"}
+    async with engine_for(stack, flow) as engine:
+        result = await engine.send(engine.config.flow("ts"))
+    assert result.outcome == "check_failed"
+    assert result.attempts == 1
+
+
+async def test_a_401_invalidates_that_token_and_retries_once(stack: EmulatorStack) -> None:
+    async with engine_for(stack, {"name": "ts", "path": "/http/GetTimestamp"}) as engine:
+        good = await engine.tokens.get()
+        expired = Token(value=stack.token_server.mint(stack.client_id, lifetime=-5), obtained_at=good.obtained_at,
+                        expires_at=good.expires_at, expires_at_wall=good.expires_at_wall)
+        engine.tokens._token = expired  # the runtime thinks otherwise: a token revoked or clock-skewed
+        result = await engine.send(engine.config.flow("ts"))
+        assert engine.tokens.current is not expired
+    assert result.ok
+    assert result.attempt_codes == ("200",)  # the 401 was handled inside the attempt
+    assert stack.runtime.stats.expired_tokens == 1
+    assert sample(engine, "senderd_send_attempts_total", {"flow": "ts", "code": "401"}) == 1
+    assert sample(engine, "senderd_auth_failures_total", {"stage": "runtime", "reason": "unauthorized"}) == 1
+
+
+async def test_missing_role_is_auth_error(stack: EmulatorStack) -> None:
+    stack.token_server.add_certificate_client(stack.client_id, stack.client.cert, ["it-rt-x!b1.Other"])
+    async with engine_for(stack, {"name": "ts", "path": "/http/GetTimestamp"}) as engine:
+        result = await engine.send(engine.config.flow("ts"))
+    assert result.outcome == "auth_error"
+    assert result.status == 403
+
+
+async def test_token_server_down_is_auth_error_without_runtime_call(stack: EmulatorStack) -> None:
+    stack.token_server.faults.down = True
+    async with engine_for(stack, {"name": "ts", "path": "/http/GetTimestamp"}) as engine:
+        result = await engine.send(engine.config.flow("ts"))
+    assert result.outcome == "auth_error"
+    assert "no token" in (result.last.error or "")
+    assert stack.runtime.stats.requests == 0
+    assert sample(engine, "senderd_auth_failures_total", {"stage": "token", "reason": "server_error"}) == 1
+
+
+async def test_runtime_unreachable_is_connection_error(stack: EmulatorStack) -> None:
+    flow = {"name": "x", "path": "https://127.0.0.1:1/http/X", "retries": 1, "backoff_initial": "1ms"}
+    async with engine_for(stack, flow) as engine:
+        result = await engine.send(engine.config.flow("x"))
+    assert result.outcome == "connection_error"
+    assert result.attempts == 2
+
+
+async def test_library_client_five_lines(stack: EmulatorStack) -> None:
+    async with Client.connect(stack.service_key_path, ca_file=stack.ca_path) as client:
+        result = await client.send("/http/GetTimestamp", method="GET")
+        posted = await client.send("/http/Orders", body="<a/>", csrf=True, content_type="application/xml")
+    assert result.status == 200
+    assert result.correlation_id
+    assert result.body.decode().startswith("Current time (UTC):")
+    assert posted.ok
+    assert posted.body == b"<a/>"
