@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="the daemon: send on schedules until SIGTERM/SIGINT")
     _common(run)
+    run.add_argument("--listen", metavar="HOST:PORT", help="metrics/health endpoint (overrides server.listen)")
 
     once = commands.add_parser("once", help="every (selected) flow once; exit 0 if all passed, 1 if not")
     _common(once)
@@ -205,6 +206,11 @@ async def _run(args: argparse.Namespace) -> int:
     from senderd.daemon import Daemon
 
     config = _config(args)
+    if args.listen:
+        from senderd.server import parse_listen
+
+        parse_listen(args.listen)
+        config = config.model_copy(update={"server": config.server.model_copy(update={"listen": args.listen})})
     if not config.flows:
         raise ConfigError(f"{config.source}: flows: no flows configured: add at least one [[flows]] table")
     await Daemon.create(config).serve()
@@ -214,13 +220,29 @@ async def _run(args: argparse.Namespace) -> int:
 async def _once(args: argparse.Namespace) -> int:
     from senderd.daemon import run_once
     from senderd.engine import Engine
+    from senderd.metrics import Metrics
 
     config = _config(args)
     flows = [config.flow(name) for name in args.flow] if args.flow else list(config.flows)
     if not flows:
         raise ConfigError(f"{config.source}: flows: no flows configured: add at least one [[flows]] table")
-    async with Engine.open(config) as engine:
+    metrics = Metrics()
+    for flow in flows:
+        metrics.declare_flow(flow.name, flow.every)
+    async with Engine.open(config, metrics=metrics) as engine:
         results = await run_once(engine, flows)
+    gateway = args.push_gateway or config.push.gateway
+    pushed_to: str | None = None
+    if gateway:
+        from senderd.push import PushError, push_metrics
+
+        try:
+            instance = await push_metrics(metrics.registry, gateway, job=config.push.job,
+                                          instance=config.push.instance)
+            pushed_to = f"pushed metrics to {gateway} (job {config.push.job}, instance {instance})"
+        except PushError as exc:
+            print(f"senderd: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     rows = [("flow", "outcome", "status", "attempts", "latency", "correlation id")]
     for result in results:
         rows.append((result.flow, result.outcome, str(result.status or "-"), str(result.attempts),
@@ -232,6 +254,8 @@ async def _once(args: argparse.Namespace) -> int:
         if not result.ok and result.last.error:
             print(f"{result.flow}: {result.last.error}", file=sys.stderr)
     failed = sum(not r.ok for r in results)
+    if pushed_to:
+        print(pushed_to)
     print(f"{len(results) - failed} passed, {failed} failed")
     return EXIT_OK if failed == 0 else EXIT_FAILED
 

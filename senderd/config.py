@@ -199,12 +199,27 @@ class ServerConfig(Section):
     listen: str = "127.0.0.1:9464"
     enabled: bool = True
 
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"use host:port, e.g. 127.0.0.1:9464 (or 0.0.0.0:9464 in a container), found {value!r}")
+        return value
+
 
 class PushConfig(Section):
     """`[push]`: where `once` pushes its metrics (a Prometheus Pushgateway)."""
 
     gateway: str | None = None
     job: str = "senderd"
+
+    @field_validator("gateway")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, found {value!r}")
+        return value
     instance: str | None = None
 
 

@@ -22,6 +22,7 @@ from senderd.metrics import Metrics
 from senderd.pool import Job, WorkerPool
 from senderd.scheduler import run_schedules
 from senderd.sender import SendResult
+from senderd.server import ObservabilityServer
 
 log = structlog.get_logger(component="daemon")
 StartHook = Callable[[Engine, anyio.abc.TaskGroup], Awaitable[None]]
@@ -35,6 +36,7 @@ class Daemon:
     metrics: Metrics
     clock: Clock
     engine: Engine | None = None
+    server: ObservabilityServer | None = None
     on_start: StartHook | None = None
     handle_signals: bool = True
 
@@ -70,43 +72,56 @@ class Daemon:
                     await engine.send(flow, scheduled_at=scheduled_at)
                 return job
 
-            async with anyio.create_task_group() as outer:
-                await outer.start(engine.tokens.run)
-                if self.handle_signals:
-                    outer.start_soon(self._watch_signals)
-                if self.on_start is not None:
-                    await self.on_start(engine, outer)
-                async with anyio.create_task_group() as work:
-                    drained = anyio.Event()
-
-                    async def workers(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-                        try:
-                            await pool.run(task_status=task_status)
-                        finally:
-                            drained.set()
-
-                    scheduling = anyio.CancelScope()
-
-                    async def schedules(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-                        with scheduling:
-                            await run_schedules(config.flows, pool, make_job, clock=self.clock,
-                                                metrics=self.metrics, task_status=task_status)
-
-                    await work.start(workers)
-                    await work.start(schedules)
-                    log.info("started", flows=len(config.flows), workers=config.pool.workers)
-                    self.started.set()
-                    await self._stop.wait()
-                    log.info("stopping", inflight=pool.running, drain_timeout_s=config.pool.drain_timeout)
-                    scheduling.cancel()
-                    pool.close()
-                    with anyio.move_on_after(config.pool.drain_timeout):
-                        await _first(drained.wait, self._force.wait)
-                    if not drained.is_set():
-                        log.warning("drain_cut_short", cancelled=pool.running)
-                    work.cancel_scope.cancel()
-                outer.cancel_scope.cancel()
+            server = ObservabilityServer(engine, config.server.listen) if config.server.enabled else None
+            self.server = server
+            if server is not None:
+                await server.start()
+                log.info("listening", url=server.url, endpoints=["/metrics", "/healthz", "/readyz", "/probe"])
+            try:
+                await self._run(engine, pool, make_job)
+            finally:
+                if server is not None:
+                    await server.stop()
         log.info("stopped")
+
+    async def _run(self, engine: Engine, pool: WorkerPool, make_job: Callable[[FlowConfig, float], Job]) -> None:
+        config = self.config
+        async with anyio.create_task_group() as outer:
+            await outer.start(engine.tokens.run)
+            if self.handle_signals:
+                outer.start_soon(self._watch_signals)
+            if self.on_start is not None:
+                await self.on_start(engine, outer)
+            async with anyio.create_task_group() as work:
+                drained = anyio.Event()
+
+                async def workers(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+                    try:
+                        await pool.run(task_status=task_status)
+                    finally:
+                        drained.set()
+
+                scheduling = anyio.CancelScope()
+
+                async def schedules(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+                    with scheduling:
+                        await run_schedules(config.flows, pool, make_job, clock=self.clock,
+                                            metrics=self.metrics, task_status=task_status)
+
+                await work.start(workers)
+                await work.start(schedules)
+                log.info("started", flows=len(config.flows), workers=config.pool.workers)
+                self.started.set()
+                await self._stop.wait()
+                log.info("stopping", inflight=pool.running, drain_timeout_s=config.pool.drain_timeout)
+                scheduling.cancel()
+                pool.close()
+                with anyio.move_on_after(config.pool.drain_timeout):
+                    await _first(drained.wait, self._force.wait)
+                if not drained.is_set():
+                    log.warning("drain_cut_short", cancelled=pool.running)
+                work.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -10,6 +10,7 @@ import anyio
 from senderd.config import load_config
 from senderd.daemon import Daemon
 from senderd.emulator.stack import EmulatorStack
+from senderd.engine import Engine
 from senderd.sender import SendResult
 
 DEMO_FLOWS = """
@@ -55,9 +56,11 @@ async def run_demo(directory: Path | None = None, *, token_lifetime: float = 30.
             print(f"config:   {stack.config_path}", flush=True)
             daemon = Daemon.create(load_config(stack.config_path))
 
-            async def started(engine: object, _group: object) -> None:
-                assert daemon.engine is not None
-                daemon.engine.listeners.append(show)
+            async def started(engine: Engine, _group: object) -> None:
+                engine.listeners.append(show)
+                if daemon.server is not None:
+                    print(f"metrics:  {daemon.server.url}/metrics  (also /healthz, /readyz, /probe?flow=timestamp)",
+                          flush=True)
 
             daemon.on_start = started
             async with anyio.create_task_group() as group:

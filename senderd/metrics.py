@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import platform
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from senderd import __version__
 
 SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TOKEN_FAILURE_REASONS = ("bad_credentials", "client_certificate", "bad_request", "rate_limited", "server_error",
+                         "unreachable", "tls_trust", "timeout", "bad_response")
+RUNTIME_FAILURE_REASONS = ("unauthorized", "forbidden")
 OUTCOMES = ("success", "http_error", "check_failed", "timeout", "connection_error", "auth_error")
 
 
 class Metrics:
     """Every senderd metric, registered on `registry`."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.send_duration = Histogram(
@@ -53,7 +56,15 @@ class Metrics:
         self.build_info = Gauge("senderd_build_info", "senderd's version and Python's.", ["version", "python"],
                                 registry=r)
         self.build_info.labels(__version__, platform.python_version()).set(1)
+        if process:
+            ProcessCollector(registry=r)  # process_* (memory, CPU, fds, start time) on Linux
         self.config_reload_ok.set(1)
+        for result in ("success", "failure"):
+            self.token_fetches.labels(result)
+        for reason in TOKEN_FAILURE_REASONS:
+            self.auth_failures.labels("token", reason)
+        for reason in RUNTIME_FAILURE_REASONS:
+            self.auth_failures.labels("runtime", reason)
 
     def declare_flow(self, flow: str, every: float | None) -> None:
         """Create the flow's series at zero so that rates and absent() work from the first scrape."""

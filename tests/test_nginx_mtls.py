@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,25 +19,9 @@ from aiohttp import web
 
 from senderd.emulator.pki import Pki
 from senderd.emulator.servicekey import client_id_for, service_key_dict
+from tests.tools import free_port, require_tool
 
 pytestmark = pytest.mark.anyio
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-
-
-def require_nginx() -> str:
-    if NGINX is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("nginx is not installed: .ci/run must install nginx-light")
-        pytest.skip("nginx is not installed (apt-get install nginx-light)")
-    return NGINX
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class OAuthBackend:
     """An independent client-credentials server that trusts nginx's verdict on the client certificate."""
 
@@ -65,7 +47,7 @@ class OAuthBackend:
 
 @pytest.fixture
 async def nginx_oauth(pki: Pki, tmp_path: Path) -> AsyncIterator[tuple[int, OAuthBackend, Path]]:
-    nginx = require_nginx()
+    nginx = require_tool("nginx")
     client = pki.issue_client("nginx-client")
     backend = OAuthBackend(client_id_for("nginx"), client.cert.subject.rfc4514_string())
     app = web.Application()

@@ -71,7 +71,9 @@ class EmulatorStack:
         self.config_path.write_text(
             "[credentials]\n"
             'service_key = "service-key.json"\n'
-            'ca_file = "ca.pem"\n' + config_extra
+            'ca_file = "ca.pem"\n'
+            "[server]\n"
+            'listen = "127.0.0.1:0"   # a free port; senderd logs the one it got\n' + config_extra
         )
 
     @classmethod

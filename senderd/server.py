@@ -1,0 +1,106 @@
+"""The observability endpoint: `/metrics`, `/healthz`, `/readyz` and `/probe?flow=NAME` on one port.
+
+`/probe` runs a flow now and answers blackbox_exporter-style metrics from a registry made for that
+request, so Prometheus setups built on the multi-target pattern can scrape senderd instead (with the
+token cached, where blackbox_exporter fetches one per probe).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+
+from senderd.engine import Engine
+from senderd.errors import ConfigError
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[::1]:9464`) → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"invalid listen address {value!r}: use host:port, e.g. 127.0.0.1:9464")
+    return host.strip("[]"), int(port)
+
+
+class ObservabilityServer:
+    """Serves the endpoints for one engine; `ready()` decides /readyz."""
+
+    def __init__(self, engine: Engine, listen: str, *, ready: Callable[[], tuple[bool, str]] | None = None) -> None:
+        self.engine = engine
+        self.host, self.port = parse_listen(listen)
+        self._ready = ready or self._token_ready
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL the server listens on (with the real port once started)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def app(self) -> web.Application:
+        """The aiohttp application with the four routes."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/probe", self._probe)
+        return app
+
+    async def start(self) -> None:
+        """Listen; the port is known afterwards even when 0 was asked for."""
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise ConfigError(f"server.listen: cannot listen on {self.host}:{self.port} ({exc.strerror})") from None
+        addresses = self._runner.addresses
+        if addresses:
+            self.port = int(addresses[0][1])
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _token_ready(self) -> tuple[bool, str]:
+        tokens = self.engine.tokens
+        if tokens.has_valid_token():
+            return True, "ok"
+        error = tokens.last_error
+        return False, f"no valid token: {error}" if error is not None else "no valid token yet"
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self.engine.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})  # answering at all proves the event loop runs
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        ready, reason = self._ready()
+        return web.json_response({"ready": ready, "reason": reason}, status=200 if ready else 503)
+
+    async def _probe(self, request: web.Request) -> web.Response:
+        name = request.query.get("flow")
+        if not name:
+            return web.Response(status=400, text="the 'flow' parameter is missing: /probe?flow=NAME\n")
+        try:
+            flow = self.engine.config.flow(name)
+        except ConfigError:
+            return web.Response(status=400, text=f"unknown flow {name!r}\n")
+        started = time.monotonic()
+        result = await self.engine.send(flow)
+        registry = CollectorRegistry()
+        Gauge("probe_success", "1 if the flow's send succeeded.", registry=registry).set(1 if result.ok else 0)
+        Gauge("probe_duration_seconds", "How long the probe took.", registry=registry).set(time.monotonic() - started)
+        Gauge("probe_http_status_code", "The last HTTP status (0 without an answer).",
+              registry=registry).set(result.status or 0)
+        Gauge("probe_attempts", "HTTP attempts the send made.", registry=registry).set(result.attempts)
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

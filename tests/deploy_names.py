@@ -1,0 +1,97 @@
+"""The metric names the deployment artifacts depend on: the Grafana dashboard and the Prometheus alerts.
+
+Metric names are a public interface. `tests/test_deploy.py` checks these sets against the documented
+names (`PUBLIC_METRICS`); a live test can check them against a running daemon's `/metrics`.
+Histogram series are reduced to their family name (`_bucket`, `_sum` and `_count` stripped).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "deploy" / "grafana" / "senderd-dashboard.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+
+PUBLIC_METRICS: frozenset[str] = frozenset({
+    "senderd_send_duration_seconds",
+    "senderd_sends_total",
+    "senderd_send_attempts_total",
+    "senderd_auth_failures_total",
+    "senderd_token_fetches_total",
+    "senderd_token_fetch_duration_seconds",
+    "senderd_token_expiry_timestamp_seconds",
+    "senderd_client_certificate_expiry_timestamp_seconds",
+    "senderd_last_success_timestamp_seconds",
+    "senderd_inflight_sends",
+    "senderd_schedule_lag_seconds",
+    "senderd_skipped_ticks_total",
+    "senderd_build_info",
+    "senderd_flow_interval_seconds",
+    "senderd_config_last_reload_successful",
+})
+"""Every senderd metric family (without the histogram suffixes) that dashboards and alerts may use."""
+
+_NAME = re.compile(r"(?<![A-Za-z0-9_:])senderd_[a-z_]+")
+_HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def metric_names(text: str) -> set[str]:
+    """The senderd metric families named in `text` (a PromQL expression or prose)."""
+    names = set()
+    for match in _NAME.finditer(text):
+        name = match.group()
+        for suffix in _HISTOGRAM_SUFFIXES:
+            if name.endswith(suffix):
+                name = name.removesuffix(suffix)
+                break
+        names.add(name)
+    return names
+
+
+def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels", []))  # panels folded into a row
+
+
+def load_dashboard() -> dict[str, Any]:
+    """The dashboard JSON."""
+    dashboard: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return dashboard
+
+
+def dashboard_expressions() -> list[str]:
+    """Every PromQL expression of the dashboard: panel targets and template variable queries."""
+    dashboard = load_dashboard()
+    expressions = [target["expr"] for panel in _panels(dashboard.get("panels", []))
+                   for target in panel.get("targets", []) if target.get("expr")]
+    for variable in dashboard.get("templating", {}).get("list", []):
+        if variable.get("type") != "query":
+            continue
+        query = variable.get("query")
+        expressions.append(query.get("query", "") if isinstance(query, dict) else str(query or ""))
+        expressions.append(str(variable.get("definition", "")))
+    return [expression for expression in expressions if expression]
+
+
+def load_alert_rules() -> list[dict[str, Any]]:
+    """Every rule (alerting or recording) of the alerts file, across its groups."""
+    document = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def metric_names_in_dashboard() -> set[str]:
+    """The senderd metric families the dashboard's PromQL refers to."""
+    return {name for expression in dashboard_expressions() for name in metric_names(expression)}
+
+
+def metric_names_in_alerts() -> set[str]:
+    """The senderd metric families the alert rules' expressions refer to."""
+    return {name for rule in load_alert_rules() for name in metric_names(str(rule["expr"]))}

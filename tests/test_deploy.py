@@ -1,0 +1,543 @@
+"""The deployment artifacts, checked with the real tools: promtool (alert rules and their unit tests,
+the dashboard's PromQL), kubernetes-validate (manifests, strict), hadolint (Dockerfile) and pip (the wheel
+the Dockerfile builds).
+
+A tool that is missing fails the test when CI=true and skips it otherwise (`require_tool`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy_names import (
+    ALERTS,
+    PUBLIC_METRICS,
+    ROOT,
+    load_alert_rules,
+    load_dashboard,
+    metric_names,
+    metric_names_in_alerts,
+    metric_names_in_dashboard,
+)
+from tests.tools import require_tool
+
+ALERTS_TEST = ROOT / "deploy" / "prometheus" / "alerts_test.yaml"
+K8S = ROOT / "deploy" / "kubernetes"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+VERSION: str = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+IMAGE = f"ghcr.io/senderd/senderd:{VERSION}"
+CONFIG_PATH = "/etc/senderd/senderd.toml"
+SPOOL_DIR = "/var/lib/senderd/spool"
+OLDEST_KUBERNETES = "1.29.0"  # native sidecars (init containers with restartPolicy: Always)
+
+def run(*args: str | Path, cwd: Path = ROOT, timeout: float = 30) -> str:
+    """Run a command, assert it succeeded, return its stdout and stderr together."""
+    result = subprocess.run([str(arg) for arg in args], cwd=cwd, capture_output=True, text=True,
+                            timeout=timeout, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(map(str, args))} exited {result.returncode}:\n{output}"
+    return output
+
+
+# --- Prometheus alerts -------------------------------------------------------------------------------
+
+REQUIRED_ALERTS = {
+    "SenderdFlowDown": None,
+    "SenderdErrorRatioHigh": None,
+    "SenderdAuthFailures": None,
+    "SenderdTokenRefreshFailing": None,
+    "SenderdTokenExpiringWithoutRefresh": "critical",
+    "SenderdClientCertificateExpiresSoon": "warning",
+    "SenderdClientCertificateExpiresVerySoon": "critical",
+    "SenderdScheduleLagHigh": None,
+}
+
+
+def alerts() -> dict[str, dict[str, Any]]:
+    return {rule["alert"]: rule for rule in load_alert_rules() if "alert" in rule}
+
+
+def test_alert_rules_pass_promtool_check() -> None:
+    promtool = require_tool("promtool")
+    output = run(promtool, "check", "rules", ALERTS)
+    assert "SUCCESS" in output
+
+
+def test_alert_unit_tests_pass() -> None:
+    promtool = require_tool("promtool")
+    output = run(promtool, "test", "rules", ALERTS_TEST)
+    assert "SUCCESS" in output
+
+
+def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
+    cases: dict[str, list[int]] = {}
+    for test in yaml.safe_load(ALERTS_TEST.read_text(encoding="utf-8"))["tests"]:
+        for case in test.get("alert_rule_test", []):
+            cases.setdefault(case["alertname"], []).append(len(case.get("exp_alerts") or []))
+    for name in alerts():
+        counts = cases.get(name, [])
+        assert any(count > 0 for count in counts), f"{name}: no unit test where it fires"
+        assert any(count == 0 for count in counts), f"{name}: no unit test where it stays quiet"
+
+
+def test_alerts_have_severity_annotations_and_a_for_duration() -> None:
+    rules = alerts()
+    assert set(REQUIRED_ALERTS) <= set(rules), f"missing alerts: {set(REQUIRED_ALERTS) - set(rules)}"
+    for name, rule in rules.items():
+        assert rule["labels"]["severity"] in {"warning", "critical"}, name
+        assert REQUIRED_ALERTS.get(name) in {None, rule["labels"]["severity"]}, name
+        for key in ("summary", "description", "runbook"):
+            assert str(rule["annotations"].get(key, "")).strip(), f"{name}: no {key} annotation"
+        assert re.fullmatch(r"\d+[smh]", str(rule.get("for", ""))), f"{name}: no `for` duration"
+
+
+def test_flow_down_compares_time_since_success_with_three_intervals() -> None:
+    expr = alerts()["SenderdFlowDown"]["expr"]
+    assert "time() - (senderd_last_success_timestamp_seconds" in expr
+    assert "> 3 * senderd_flow_interval_seconds" in expr
+
+
+# --- metric names --------------------------------------------------------------------------------------
+
+def test_metric_names_strip_histogram_suffixes() -> None:
+    expr = ('histogram_quantile(0.99, rate(senderd_send_duration_seconds_bucket[5m])) '
+            '+ senderd_token_fetch_duration_seconds_sum / senderd_token_fetch_duration_seconds_count '
+            '+ on() xsenderd_not_ours')
+    assert metric_names(expr) == {"senderd_send_duration_seconds", "senderd_token_fetch_duration_seconds"}
+
+
+def test_dashboard_uses_only_public_metric_names() -> None:
+    names = metric_names_in_dashboard()
+    assert names - PUBLIC_METRICS == set()
+    needed = {
+        "senderd_sends_total", "senderd_last_success_timestamp_seconds", "senderd_send_duration_seconds",
+        "senderd_send_attempts_total", "senderd_auth_failures_total", "senderd_token_expiry_timestamp_seconds",
+        "senderd_client_certificate_expiry_timestamp_seconds", "senderd_schedule_lag_seconds",
+        "senderd_skipped_ticks_total", "senderd_inflight_sends",
+    }
+    assert needed - names == set(), "panels missing from the dashboard"
+
+
+def test_alerts_use_only_public_metric_names() -> None:
+    names = metric_names_in_alerts()
+    assert names - PUBLIC_METRICS == set()
+    assert {"senderd_last_success_timestamp_seconds", "senderd_flow_interval_seconds",
+            "senderd_client_certificate_expiry_timestamp_seconds"} <= names
+    prose = " ".join(str(text) for rule in load_alert_rules() for text in rule.get("annotations", {}).values())
+    assert metric_names(prose) - PUBLIC_METRICS == set(), "annotations name metrics that do not exist"
+
+
+# --- Grafana dashboard ---------------------------------------------------------------------------------
+
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def test_dashboard_structure() -> None:
+    dashboard = load_dashboard()
+    assert dashboard["schemaVersion"] == 39
+    assert dashboard["uid"] and dashboard["title"]
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    flow = variables["flow"]
+    assert flow["type"] == "query"
+    assert flow["datasource"] == DATASOURCE
+    assert flow["definition"] == flow["query"]["query"] == "label_values(senderd_sends_total, flow)"
+    assert flow["multi"] is True
+    assert flow["includeAll"] is True
+    assert flow["allValue"] == ".*"
+
+    panels = dashboard["panels"]
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    occupied: set[tuple[int, int]] = set()
+    for panel in panels:
+        title = panel["title"]
+        assert panel["datasource"] == DATASOURCE, title
+        assert panel["targets"], title
+        ref_ids = [target["refId"] for target in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), title
+        for target in panel["targets"]:
+            assert target["datasource"] == DATASOURCE, title
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, title
+        cells = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                 for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert not cells & occupied, f"{title} overlaps another panel"
+        occupied |= cells
+
+
+FLOW_METRICS = {
+    "senderd_send_duration_seconds", "senderd_sends_total", "senderd_send_attempts_total",
+    "senderd_last_success_timestamp_seconds", "senderd_schedule_lag_seconds", "senderd_skipped_ticks_total",
+    "senderd_flow_interval_seconds",
+}
+
+
+def test_dashboard_queries_of_flow_metrics_follow_the_flow_variable() -> None:
+    selectors = re.compile(r"(senderd_[a-z_]+)(\{[^}]*\})?")
+    for panel in load_dashboard()["panels"]:
+        for target in panel["targets"]:
+            for match in selectors.finditer(target["expr"]):
+                if metric_names(match[1]) & FLOW_METRICS:
+                    assert 'flow=~"$flow"' in (match[2] or ""), f"{panel['title']}: {match[0]}"
+
+
+def test_dashboard_promql_parses(tmp_path: Path) -> None:
+    """promtool parses every panel query (with Grafana's variables replaced by plausible values)."""
+    promtool = require_tool("promtool")
+    substitutions = {"$__rate_interval": "2m", "$__interval": "1m", "$__range": "6h", "${flow}": ".*",
+                     "$flow": ".*"}
+    rules = []
+    for panel in load_dashboard()["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for variable, value in substitutions.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, f"unhandled variable in {target['expr']!r}"
+            rules.append({"record": f"dashboard:panel{panel['id']}_{target['refId']}", "expr": expr})
+    path = tmp_path / "dashboard-queries.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")
+    output = run(promtool, "check", "rules", path)
+    assert f"SUCCESS: {len(rules)} rules found" in output
+
+
+# --- Kubernetes ------------------------------------------------------------------------------------------
+
+def k8s_documents(name: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all((K8S / name).read_text(encoding="utf-8")) if doc]
+
+
+def kustomization_resources() -> list[str]:
+    resources: list[str] = k8s_documents("kustomization.yaml")[0]["resources"]
+    return resources
+
+
+def one(name: str, kind: str) -> dict[str, Any]:
+    docs = [doc for doc in k8s_documents(name) if doc["kind"] == kind]
+    assert len(docs) == 1, f"{name}: expected one {kind}"
+    return docs[0]
+
+
+def deployment_pod() -> dict[str, Any]:
+    pod: dict[str, Any] = one("sidecar-deployment.yaml", "Deployment")["spec"]["template"]
+    return pod
+
+
+def cronjob_pod() -> dict[str, Any]:
+    pod: dict[str, Any] = one("cronjob.yaml", "CronJob")["spec"]["jobTemplate"]["spec"]["template"]
+    return pod
+
+
+def containers(pod_spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod_spec.get("initContainers", []), *pod_spec["containers"]]
+
+
+def senderd_container(pod_spec: dict[str, Any]) -> dict[str, Any]:
+    found = [c for c in containers(pod_spec) if c["image"].startswith("ghcr.io/senderd/senderd:")]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
+    kustomization = k8s_documents("kustomization.yaml")[0]
+    assert kustomization["kind"] == "Kustomization"
+    on_disk = {path.name for path in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert sorted(kustomization_resources()) == sorted(on_disk)
+    example = (K8S / "secret.example.yaml").read_text(encoding="utf-8")
+    assert "kubectl create secret generic senderd-service-key" in example
+    assert "--from-file=service-key.json=" in example
+
+
+@pytest.mark.parametrize("kubernetes_version", [None, OLDEST_KUBERNETES])
+def test_manifests_validate_strictly(kubernetes_version: str | None) -> None:
+    validate = require_tool("kubernetes-validate")
+    files = [name for name in kustomization_resources() if name != "podmonitor.yaml"] + ["secret.example.yaml"]
+    version = ["-k", kubernetes_version] if kubernetes_version else []
+    output = run(validate, "--strict", *version, *(K8S / name for name in files))
+    documents = sum(len(k8s_documents(name)) for name in files)
+    assert output.count(" passed for resource ") == documents, output
+    assert "WARN" not in output and "ERROR" not in output, output
+
+
+def test_strict_validation_rejects_unknown_fields(tmp_path: Path) -> None:
+    """Guards the test above: kubernetes-validate --strict really fails on a misspelt field."""
+    validate = require_tool("kubernetes-validate")
+    deployment = one("sidecar-deployment.yaml", "Deployment")
+    deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRot"] = True
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(deployment), encoding="utf-8")
+    result = subprocess.run([validate, "--strict", str(path)], capture_output=True, text=True, timeout=30,
+                            check=False)
+    assert result.returncode != 0
+    assert "runAsNonRot" in result.stdout + result.stderr
+
+
+def test_pod_monitor_scrapes_the_sidecars_metrics_port() -> None:
+    monitor = one("podmonitor.yaml", "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
+    assert monitor["metadata"]["name"]
+    spec = monitor["spec"]
+    assert set(spec) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel", "podTargetLabels"}
+    pod_labels = deployment_pod()["metadata"]["labels"]
+    selector = spec["selector"]["matchLabels"]
+    assert selector and selector.items() <= pod_labels.items(), "the selector does not match the pods"
+    endpoint_keys = {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels", "relabelings",
+                     "metricRelabelings"}
+    ports = {port["name"]: port["containerPort"]
+             for container in containers(deployment_pod()["spec"]) for port in container.get("ports", [])}
+    for endpoint in spec["podMetricsEndpoints"]:
+        assert set(endpoint) <= endpoint_keys, f"unknown PodMetricsEndpoint fields: {set(endpoint) - endpoint_keys}"
+        assert endpoint["port"] == "metrics"
+        assert endpoint.get("path", "/metrics") == "/metrics"
+        assert re.fullmatch(r"\d+s", endpoint["interval"])
+    assert ports["metrics"] == 9464
+
+
+@pytest.mark.parametrize("pod", [deployment_pod, cronjob_pod], ids=["deployment", "cronjob"])
+def test_workloads_are_hardened(pod: Any) -> None:
+    spec = pod()["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 10001
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for container in containers(spec):
+        name = container["name"]
+        context = container["securityContext"]
+        assert context["runAsNonRoot"] is True, name
+        assert context["readOnlyRootFilesystem"] is True, name
+        assert context["allowPrivilegeEscalation"] is False, name
+        assert context["capabilities"] == {"drop": ["ALL"]}, name
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for kind in ("requests", "limits"):
+            assert set(container["resources"][kind]) >= {"cpu", "memory"}, f"{name}: {kind}"
+    senderd = senderd_container(spec)
+    assert senderd["image"] == IMAGE
+    mounts = {mount["mountPath"]: mount for mount in senderd["volumeMounts"]}
+    assert mounts["/etc/senderd"].get("readOnly") is True
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    sources = volumes[mounts["/etc/senderd"]["name"]]["projected"]["sources"]
+    config = next(source["configMap"] for source in sources if "configMap" in source)
+    secret = next(source["secret"] for source in sources if "secret" in source)
+    assert config["name"] == one("configmap.yaml", "ConfigMap")["metadata"]["name"]
+    assert config["items"] == [{"key": "senderd.toml", "path": "senderd.toml"}]
+    assert secret["name"] == one("secret.example.yaml", "Secret")["metadata"]["name"]
+    assert secret["items"] == [{"key": "service-key.json", "path": "key/service-key.json"}]
+
+
+def test_sidecar_serves_probes_and_metrics_and_spools_to_an_empty_dir() -> None:
+    pod = deployment_pod()["spec"]
+    assert len(containers(pod)) == 2, "an app container and the senderd sidecar"
+    senderd = senderd_container(pod)
+    assert senderd["args"][:3] == ["run", "-c", CONFIG_PATH]
+    assert senderd in pod.get("initContainers", []) and senderd["restartPolicy"] == "Always"
+    assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in senderd["ports"]
+    assert senderd["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert senderd["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    mounts = {mount["mountPath"]: mount["name"] for mount in senderd["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts[SPOOL_DIR]]
+
+
+def test_cronjob_runs_once_and_pushes_without_overlap() -> None:
+    cronjob = one("cronjob.yaml", "CronJob")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    assert 0 <= job["backoffLimit"] <= 2
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    args = senderd_container(job["template"]["spec"])["args"]
+    assert args[:5] == ["once", "-c", CONFIG_PATH, "--push-gateway", "http://pushgateway:9091"]
+
+
+def test_configmap_config_matches_the_mounts() -> None:
+    config = tomllib.loads(one("configmap.yaml", "ConfigMap")["data"]["senderd.toml"])
+    assert config["credentials"]["service_key"] == "/etc/senderd/key/service-key.json"
+    assert config["server"]["listen"] == "0.0.0.0:9464"
+    assert config["flows"], "at least one flow"
+    for flow in config["flows"]:
+        assert flow["name"] and flow["path"].startswith("/http/")
+        assert ("every" in flow) != ("cron" in flow)
+
+
+# --- Dockerfile -----------------------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    """One build stage: its base image, its name, and its instructions as (INSTRUCTION, arguments)."""
+
+    base: str
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def args(self, instruction: str) -> list[str]:
+        return [args for name, args in self.instructions if name == instruction]
+
+
+def parse_dockerfile(text: str) -> list[Stage]:
+    """Stages of a Dockerfile: comments dropped, continuation lines joined (the default escape `\\`)."""
+    logical: list[str] = []
+    current = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("#") or (not line and not current):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1].rstrip() + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    assert not current, "the Dockerfile ends inside a continued line"
+    stages: list[Stage] = []
+    for line in logical:
+        instruction, _, args = line.partition(" ")
+        instruction, args = instruction.upper(), args.strip()
+        if instruction == "FROM":
+            words = [word for word in args.split() if not word.startswith("--")]
+            name = words[2] if len(words) == 3 and words[1].lower() == "as" else None
+            stages.append(Stage(base=words[0], name=name))
+        else:
+            assert stages, f"{instruction} before the first FROM"
+            stages[-1].instructions.append((instruction, args))
+    return stages
+
+
+COMPILERS = {"gcc", "g++", "cc", "clang", "build-essential", "make", "python3-dev", "libc6-dev"}
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = require_tool("hadolint")
+    run(hadolint, "--no-color", "--failure-threshold", "info", DOCKERFILE)
+
+
+def test_dockerfile_builds_a_wheel_and_installs_only_that_as_a_non_root_user() -> None:
+    stages = parse_dockerfile(DOCKERFILE.read_text(encoding="utf-8"))
+    assert len(stages) >= 2, "multi-stage"
+    builder, final = stages[0], stages[-1]
+    assert {stage.base for stage in stages} == {"python:3.11-slim"}
+    assert builder.name
+    assert any(re.search(r"\bpip wheel\b.*--no-deps.*-w /dist \.$", run_) for run_ in builder.args("RUN"))
+
+    assert final.name is None
+    assert final.args("USER") == ["10001"]
+    assert [json.loads(args) for args in final.args("ENTRYPOINT")] == [["senderd"]]
+    assert [json.loads(args) for args in final.args("CMD")] == [["run", "-c", CONFIG_PATH]]
+    exposed = {port for args in final.args("EXPOSE") for port in args.split()}
+    assert {"9464", "8787"} <= exposed
+    assert any("--uid 10001" in args for args in final.args("RUN")), "a user with uid 10001"
+    for copy in final.args("COPY") + final.args("ADD"):
+        assert f"--from={builder.name}" in copy, f"sources copied into the final stage: {copy}"
+    installs = [args for args in final.args("RUN") if "pip install" in args]
+    assert installs and all(f"from={builder.name}" in args and args.endswith("/dist/*.whl") for args in installs)
+    for args in final.args("RUN"):
+        words = set(re.split(r"[\s;&|]+", args))
+        assert not words & COMPILERS, f"build tools in the final stage: {args}"
+
+
+def test_dockerfile_parser_reads_continuations_and_stages() -> None:
+    stages = parse_dockerfile("# syntax=docker/dockerfile:1\nFROM a:1 AS b\nRUN x \\\n  # note\n  && y\n"
+                              "FROM --platform=$BUILDPLATFORM c:2\nUSER 1\n")
+    assert [(stage.base, stage.name) for stage in stages] == [("a:1", "b"), ("c:2", None)]
+    assert stages[0].instructions == [("RUN", "x && y")]
+    assert stages[1].args("USER") == ["1"]
+
+
+def _ignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
+    """.dockerignore as (is an exception, regex) in file order, with Docker's glob rules."""
+    patterns = []
+    for raw in DOCKERIGNORE.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        glob = str(PurePosixPath(line.removeprefix("!").strip().strip("/")))
+        regex, i = "", 0
+        while i < len(glob):
+            if glob.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif glob.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            elif glob[i] == "*":
+                regex, i = regex + "[^/]*", i + 1
+            elif glob[i] == "?":
+                regex, i = regex + "[^/]", i + 1
+            elif glob[i] == "[":
+                end = glob.index("]", i)
+                regex, i = regex + glob[i:end + 1], end + 1
+            else:
+                regex, i = regex + re.escape(glob[i]), i + 1
+        patterns.append((negate, re.compile(regex)))
+    return patterns
+
+
+def docker_context() -> list[str]:
+    """The files `docker build .` sends (a path is excluded if it or a parent matches; last match wins)."""
+    patterns = _ignore_patterns()
+
+    def excluded(relative: str) -> bool:
+        parts = relative.split("/")
+        prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+        result = False
+        for negate, regex in patterns:
+            if any(regex.fullmatch(prefix) for prefix in prefixes):
+                result = not negate
+        return result
+
+    files = []
+    for folder, dirs, names in os.walk(ROOT):
+        base = Path(folder).relative_to(ROOT).as_posix()
+        relative_dirs = {name: name if base == "." else f"{base}/{name}" for name in dirs}
+        dirs[:] = [name for name, relative in relative_dirs.items() if not excluded(relative)
+                   or any(regex.pattern.startswith(re.escape(relative)) for negate, regex in patterns if negate)]
+        for name in names:
+            relative = name if base == "." else f"{base}/{name}"
+            if not excluded(relative):
+                files.append(relative)
+    return sorted(files)
+
+
+def test_docker_context_holds_the_package_and_nothing_private() -> None:
+    context = docker_context()
+    assert "pyproject.toml" in context
+    assert "senderd/__init__.py" in context
+    assert "senderd/cli.py" in context
+    for file in context:
+        assert not file.startswith((".venv/", ".git/", "tests/", "deploy/")), file
+        assert "__pycache__" not in file and not file.endswith(".pyc"), file
+        assert not re.search(r"service-key.*\.json$|\.(pem|key|crt|p12)$", file), f"secret material: {file}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_wheel_builds_from_the_docker_context(tmp_path: Path) -> None:
+    """What the builder stage runs (`pip wheel --no-deps -w /dist .`) on what `COPY . .` copies."""
+    source = tmp_path / "src"
+    for relative in docker_context():
+        target = source / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / relative, target)
+    dist = tmp_path / "dist"
+    run(sys.executable, "-m", "pip", "wheel", "--no-cache-dir", "--no-deps", "-w", dist, ".",
+        cwd=source, timeout=220)
+    wheels = list(dist.glob("*.whl"))
+    assert [wheel.name for wheel in wheels] == [f"senderd-{VERSION}-py3-none-any.whl"]
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        names = wheel.namelist()
+        assert "senderd/cli.py" in names
+        assert not [name for name in names if name.startswith("tests/")]
+        entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
+        assert "senderd = senderd.cli:main" in wheel.read(entry_points).decode()
