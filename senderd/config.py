@@ -193,6 +193,14 @@ class FlowConfig(SendSettings):
         return self.body.encode() if self.body is not None else None
 
 
+def check_listen(value: str) -> str:
+    """A `host:port` listen address, or ValueError."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"use host:port, e.g. 127.0.0.1:9464 (or 0.0.0.0:9464 in a container), found {value!r}")
+    return value
+
+
 class ServerConfig(Section):
     """`[server]`: the metrics and health endpoint."""
 
@@ -202,10 +210,7 @@ class ServerConfig(Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ValueError(f"use host:port, e.g. 127.0.0.1:9464 (or 0.0.0.0:9464 in a container), found {value!r}")
-        return value
+        return check_listen(value)
 
 
 class PushConfig(Section):
@@ -223,6 +228,39 @@ class PushConfig(Section):
     instance: str | None = None
 
 
+class RelayConfig(Section):
+    """`[relay]`: the sidecar ingest API and its durable spool."""
+
+    listen: str = "127.0.0.1:8787"
+    spool_dir: Path = Path("/var/lib/senderd/spool")
+    max_message_bytes: int = Field(default=10 * 1024 * 1024, ge=1, le=1 << 31)
+    max_spool_bytes: int = Field(default=1 << 30, ge=1)
+    max_spool_messages: int = Field(default=100_000, ge=1)
+    token_env: str | None = None
+    """Environment variable holding the bearer token the app must present (none: no auth, localhost only)."""
+    max_deliveries: int = Field(default=10, ge=1, le=10_000)
+    """Delivery rounds (each with the flow's own retries) before a message is dead."""
+    redelivery_initial: Duration = 5.0
+    redelivery_max: Duration = 300.0
+    retention: Duration = 86_400.0
+    """How long delivered messages are kept (for status queries) before pruning."""
+    application_id_header: str = "SAP_ApplicationID"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        return check_listen(value)
+
+    def token(self) -> str | None:
+        """The bearer token the app must present, from `token_env`."""
+        if self.token_env is None:
+            return None
+        value = os.environ.get(self.token_env)
+        if not value:
+            raise ConfigError(f"relay.token_env: environment variable {self.token_env} is not set or empty")
+        return value
+
+
 class Config(BaseModel):
     """The whole validated configuration."""
 
@@ -237,6 +275,7 @@ class Config(BaseModel):
     push: PushConfig = PushConfig()
     defaults: SendSettings = SendSettings()
     flows: list[FlowConfig] = []
+    relay: RelayConfig | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -297,6 +336,7 @@ def _resolve(table: Any, names: tuple[str, ...], base: Path) -> None:
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     _resolve(data.get("credentials"), ("service_key", "key_file", "ca_file"), base)
     _resolve(data.get("runtime"), ("ca_file",), base)
+    _resolve(data.get("relay"), ("spool_dir",), base)
     flows = data.get("flows")
     if isinstance(flows, list):
         for flow in flows:

@@ -7,6 +7,7 @@ stop at once. `run_once` is the CronJob mode: every selected flow once, through 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -20,9 +21,11 @@ from senderd.config import Config, FlowConfig
 from senderd.engine import Engine
 from senderd.metrics import Metrics
 from senderd.pool import Job, WorkerPool
+from senderd.relay import Relay
 from senderd.scheduler import run_schedules
 from senderd.sender import SendResult
 from senderd.server import ObservabilityServer
+from senderd.spool import Spool
 
 log = structlog.get_logger(component="daemon")
 StartHook = Callable[[Engine, anyio.abc.TaskGroup], Awaitable[None]]
@@ -37,6 +40,7 @@ class Daemon:
     clock: Clock
     engine: Engine | None = None
     server: ObservabilityServer | None = None
+    relay: Relay | None = None
     on_start: StartHook | None = None
     handle_signals: bool = True
 
@@ -72,22 +76,33 @@ class Daemon:
                     await engine.send(flow, scheduled_at=scheduled_at)
                 return job
 
-            server = ObservabilityServer(engine, config.server.listen) if config.server.enabled else None
-            self.server = server
-            if server is not None:
-                await server.start()
-                log.info("listening", url=server.url, endpoints=["/metrics", "/healthz", "/readyz", "/probe"])
-            try:
+            async with contextlib.AsyncExitStack() as stack:
+                if config.relay is not None:
+                    spool = Spool(config.relay.spool_dir, max_messages=config.relay.max_spool_messages,
+                                  max_bytes=config.relay.max_spool_bytes)
+                    await spool.open()
+                    stack.push_async_callback(spool.close)
+                    self.relay = Relay(config.relay, engine, spool)
+                    await self.relay.start()
+                    stack.push_async_callback(self.relay.stop)
+                    log.info("relay_listening", url=self.relay.url, spool=str(spool.path),
+                             queued=spool.counts["queued"], dead=spool.counts["dead"])
+                if config.server.enabled:
+                    self.server = ObservabilityServer(engine, config.server.listen)
+                    await self.server.start()
+                    stack.push_async_callback(self.server.stop)
+                    log.info("listening", url=self.server.url,
+                             endpoints=["/metrics", "/healthz", "/readyz", "/probe"])
                 await self._run(engine, pool, make_job)
-            finally:
-                if server is not None:
-                    await server.stop()
         log.info("stopped")
 
     async def _run(self, engine: Engine, pool: WorkerPool, make_job: Callable[[FlowConfig, float], Job]) -> None:
         config = self.config
         async with anyio.create_task_group() as outer:
             await outer.start(engine.tokens.run)
+            relay = self.relay
+            if relay is not None:
+                await outer.start(relay.spool.run_writer)
             if self.handle_signals:
                 outer.start_soon(self._watch_signals)
             if self.on_start is not None:
@@ -110,16 +125,27 @@ class Daemon:
 
                 await work.start(workers)
                 await work.start(schedules)
+                if relay is not None:
+                    await work.start(relay.run_dispatcher)
                 log.info("started", flows=len(config.flows), workers=config.pool.workers)
                 self.started.set()
                 await self._stop.wait()
                 log.info("stopping", inflight=pool.running, drain_timeout_s=config.pool.drain_timeout)
                 scheduling.cancel()
                 pool.close()
-                with anyio.move_on_after(config.pool.drain_timeout):
-                    await _first(drained.wait, self._force.wait)
-                if not drained.is_set():
-                    log.warning("drain_cut_short", cancelled=pool.running)
+                if relay is not None:
+                    await relay.stop_accepting()
+
+                async def all_drained() -> None:
+                    await drained.wait()
+                    if relay is not None:
+                        await relay.wait_idle()
+
+                with anyio.move_on_after(config.pool.drain_timeout) as drain:
+                    await _first(all_drained, self._force.wait)
+                if drain.cancelled_caught or self._force.is_set():
+                    log.warning("drain_cut_short", cancelled=pool.running,
+                                requeued=relay.inflight if relay is not None else 0)
                 work.cancel_scope.cancel()
             outer.cancel_scope.cancel()
 

@@ -126,6 +126,11 @@ class Runtime:
         while self.stats.requests < count:
             await self._request_seen.wait()
 
+    async def wait_for_messages(self, count: int) -> None:
+        """Return once at least `count` flow executions have been recorded in `stats.messages`."""
+        while len(self.stats.messages) < count:
+            await self._request_seen.wait()
+
     def __repr__(self) -> str:
         return f"Runtime(url={self._url!r}, flows={sorted(self.flows)})"
 
@@ -293,6 +298,8 @@ class Runtime:
             at=time.time(),
             token_jti=jti,
         ))
+        self._request_seen.set()
+        self._request_seen = asyncio.Event()
         if flow.kind == "echo":
             headers["Content-Type"] = request.headers.get("Content-Type", flow.content_type)
             return web.Response(status=flow.status, body=body, headers=headers)

@@ -1,0 +1,352 @@
+"""The durable outbox: SQLite in WAL mode, with group commit.
+
+`add` returns only after the message is on disk (a committed transaction with `synchronous=FULL`);
+concurrent `add`s are gathered into one transaction, so many posts share one fsync. All SQLite work runs
+in one dedicated thread, one statement batch at a time. States: `queued` → `in_flight` → `delivered`, or
+back to `queued` (retry later), or `dead` (kept for re-drive). After a crash, `in_flight` rows are queued
+again: delivery is at least once.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import anyio
+import anyio.to_thread
+from anyio import CapacityLimiter
+
+from senderd.errors import ConfigError, SenderdError
+
+State = Literal["queued", "in_flight", "delivered", "dead"]
+STATES: tuple[State, ...] = ("queued", "in_flight", "delivered", "dead")
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    flow TEXT NOT NULL,
+    idempotency_key TEXT,
+    content_type TEXT,
+    body BLOB NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    correlation_id TEXT,
+    status INTEGER,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (flow, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at, seq);
+"""
+
+
+class SpoolFull(SenderdError):
+    """The spool holds as many messages or bytes as it may."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """A spooled message (the body is loaded only where needed)."""
+
+    id: str
+    flow: str
+    state: State
+    attempts: int
+    created_at: float
+    updated_at: float
+    content_type: str | None = None
+    body: bytes = b""
+    last_error: str | None = None
+    correlation_id: str | None = None
+    status: int | None = None
+    idempotency_key: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON the relay API shows for this message."""
+        return {"id": self.id, "flow": self.flow, "status": self.state, "attempts": self.attempts,
+                "last_error": self.last_error, "correlation_id": self.correlation_id, "http_status": self.status,
+                "created_at": self.created_at, "updated_at": self.updated_at}
+
+
+_COLUMNS = ("id, flow, state, attempts, created_at, updated_at, content_type, body, last_error, correlation_id, "
+            "status, idempotency_key")
+
+
+_SELECT = f"SELECT {_COLUMNS} FROM messages"  # noqa: S608 - constant column list, values are parameters
+_SELECT_NO_BODY = f"SELECT {_COLUMNS.replace('body', 'NULL')} FROM messages"  # noqa: S608 - as above
+
+
+def _message(row: Sequence[Any]) -> Message:
+    return Message(id=row[0], flow=row[1], state=row[2], attempts=row[3], created_at=row[4], updated_at=row[5],
+                   content_type=row[6], body=bytes(row[7]) if row[7] is not None else b"", last_error=row[8],
+                   correlation_id=row[9], status=row[10], idempotency_key=row[11])
+
+
+@dataclass
+class _Pending:
+    flow: str
+    body: bytes
+    content_type: str | None
+    idempotency_key: str | None
+    done: anyio.Event
+    result: tuple[str, bool] | None = None
+    error: BaseException | None = None
+
+
+class Spool:
+    """The outbox at `directory/spool.db`; open with `Spool.open` in an async context."""
+
+    def __init__(self, directory: Path, *, max_messages: int = 100_000, max_bytes: int = 1 << 30) -> None:
+        self.path = directory / "spool.db"
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._db: sqlite3.Connection | None = None
+        self._thread = CapacityLimiter(1)  # one thread owns the connection's work at a time
+        self._pending: list[_Pending] = []
+        self._wake = anyio.Event()
+        self.counts: dict[State, int] = dict.fromkeys(STATES, 0)
+        self.bytes = 0
+        self.commits = 0
+        self.on_change: Callable[[], None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create or open the database, requeue what was in flight at a crash, load the counters."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"relay.spool_dir: cannot create {self.path.parent} ({exc.strerror})") from None
+        await self._call(self._open_sync)
+
+    def _open_sync(self) -> None:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"relay.spool_dir: cannot open {self.path} ({exc})") from None
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+        db.executescript(_SCHEMA)
+        db.execute("UPDATE messages SET state='queued' WHERE state='in_flight'")
+        for state, count, size in db.execute(
+                "SELECT state, COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM messages GROUP BY state"):
+            self.counts[state] = count
+            if state != "delivered":
+                self.bytes += size
+        self._db = db
+
+    async def close(self) -> None:
+        """Close the database (pending adds must have finished)."""
+        if self._db is not None:
+            db, self._db = self._db, None
+            await self._call(db.close)
+
+    async def _call(self, function: Callable[[], T]) -> T:
+        return await anyio.to_thread.run_sync(function, limiter=self._thread)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The open connection."""
+        if self._db is None:
+            raise RuntimeError("spool is not open")
+        return self._db
+
+    # --- adding, with group commit ---------------------------------------------------------------------
+
+    async def add(self, flow: str, body: bytes, content_type: str | None,
+                  idempotency_key: str | None = None) -> tuple[str, bool]:
+        """Store a message durably; returns (id, created). A known idempotency key returns the first id."""
+        pending = _Pending(flow, body, content_type, idempotency_key, anyio.Event())
+        self._pending.append(pending)
+        self._wake.set()
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    async def run_writer(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Commit pending adds in batches until cancelled: everything waiting shares one transaction."""
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            try:
+                results = await self._call(functools.partial(self._insert_sync, batch))
+            except BaseException as exc:
+                for pending in batch:
+                    pending.error = exc if isinstance(exc, Exception) else SpoolFull("spool closed")
+                    pending.done.set()
+                raise
+            for pending, result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    pending.error = result
+                else:
+                    pending.result = result
+                pending.done.set()
+            if self.on_change is not None:
+                self.on_change()
+
+    def _insert_sync(self, batch: list[_Pending]) -> list[tuple[str, bool] | BaseException]:
+        db = self.db
+        now = time.time()
+        results: list[tuple[str, bool] | BaseException] = []
+        added_count = added_bytes = 0
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for item in batch:
+                if item.idempotency_key is not None:
+                    row = db.execute("SELECT id FROM messages WHERE flow=? AND idempotency_key=?",
+                                     (item.flow, item.idempotency_key)).fetchone()
+                    if row is not None:
+                        results.append((row[0], False))
+                        continue
+                live = self.counts["queued"] + self.counts["in_flight"] + self.counts["dead"] + added_count
+                if live >= self.max_messages or self.bytes + added_bytes + len(item.body) > self.max_bytes:
+                    results.append(SpoolFull("spool full"))
+                    continue
+                message_id = uuid.uuid4().hex
+                db.execute(
+                    "INSERT INTO messages (id, flow, idempotency_key, content_type, body, state, created_at, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+                    (message_id, item.flow, item.idempotency_key, item.content_type, item.body, now, now))
+                results.append((message_id, True))
+                added_count += 1
+                added_bytes += len(item.body)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        self.counts["queued"] += added_count
+        self.bytes += added_bytes
+        return results
+
+    # --- reading and moving ----------------------------------------------------------------------------
+
+    async def get(self, message_id: str) -> Message | None:
+        """The message with this id, without its body."""
+        row = await self._call(lambda: self.db.execute(
+            _SELECT_NO_BODY + " WHERE id=?", (message_id,)).fetchone())
+        return _message(row) if row is not None else None
+
+    async def due(self, now: float, limit: int, exclude_flows: Sequence[str] = (),
+                  ordered_flows: Sequence[str] = ()) -> list[Message]:
+        """Up to `limit` queued messages due by `now`, oldest first, marked in_flight.
+
+        For a flow in `ordered_flows`, only its oldest queued message is eligible (and only if due), so
+        a message waiting for a retry holds back the ones behind it.
+        """
+        def claim() -> list[Message]:
+            db = self.db
+            rows = db.execute(
+                _SELECT + " WHERE state='queued' AND next_attempt_at<=? ORDER BY seq LIMIT ?",
+                (now, limit * 4 + len(exclude_flows))).fetchall()
+            chosen: list[Message] = []
+            blocked = set(exclude_flows)
+            for row in rows:
+                message = _message(row)
+                if message.flow in blocked:
+                    continue
+                if message.flow in ordered_flows:
+                    head = db.execute("SELECT id FROM messages WHERE flow=? AND state IN ('queued', 'in_flight') "
+                                      "ORDER BY seq LIMIT 1", (message.flow,)).fetchone()
+                    blocked.add(message.flow)
+                    if head is None or head[0] != message.id:
+                        continue
+                chosen.append(message)
+                if len(chosen) >= limit:
+                    break
+            if chosen:
+                db.executemany("UPDATE messages SET state='in_flight', updated_at=? WHERE id=?",
+                               [(now, m.id) for m in chosen])
+                self.counts["queued"] -= len(chosen)
+                self.counts["in_flight"] += len(chosen)
+            return chosen
+
+        return await self._call(claim)
+
+    async def finish(self, message: Message, state: State, *, error: str | None = None,
+                     correlation_id: str | None = None, status: int | None = None, retry_at: float = 0.0) -> None:
+        """Record the end of a delivery attempt: delivered, back to queued (at `retry_at`), or dead."""
+        def update() -> None:
+            self.db.execute(
+                "UPDATE messages SET state=?, attempts=attempts+1, last_error=?, correlation_id=?, status=?, "
+                "updated_at=?, next_attempt_at=? WHERE id=?",
+                (state, error, correlation_id, status, time.time(), retry_at, message.id))
+            self.counts["in_flight"] -= 1
+            self.counts[state] += 1
+            if state == "delivered":
+                self.bytes -= len(message.body)
+
+        await self._call(update)
+        if self.on_change is not None:
+            self.on_change()
+
+    async def requeue(self, message: Message) -> None:
+        """Put an in-flight message back (a stop interrupted it), without counting an attempt."""
+        def update() -> None:
+            self.db.execute("UPDATE messages SET state='queued', updated_at=? WHERE id=? AND state='in_flight'",
+                            (time.time(), message.id))
+            self.counts["in_flight"] -= 1
+            self.counts["queued"] += 1
+
+        await self._call(update)
+
+    async def dead(self, limit: int = 1000) -> list[Message]:
+        """Dead messages, oldest first (without bodies)."""
+        rows = await self._call(lambda: self.db.execute(
+            _SELECT_NO_BODY + " WHERE state='dead' ORDER BY seq LIMIT ?",
+            (limit,)).fetchall())
+        return [_message(row) for row in rows]
+
+    async def redrive(self, message_id: str) -> bool:
+        """Queue a dead message again; False if there is no dead message with that id."""
+        def update() -> bool:
+            cursor = self.db.execute(
+                "UPDATE messages SET state='queued', next_attempt_at=0, updated_at=? WHERE id=? AND state='dead'",
+                (time.time(), message_id))
+            if cursor.rowcount:
+                self.counts["dead"] -= 1
+                self.counts["queued"] += 1
+            return cursor.rowcount > 0
+
+        changed = await self._call(update)
+        if changed and self.on_change is not None:
+            self.on_change()
+        return changed
+
+    async def prune(self, older_than: float) -> int:
+        """Delete delivered messages last touched before `older_than` (Unix time)."""
+        def delete() -> int:
+            cursor = self.db.execute("DELETE FROM messages WHERE state='delivered' AND updated_at<?", (older_than,))
+            self.counts["delivered"] -= cursor.rowcount
+            return cursor.rowcount
+
+        return await self._call(delete)
+
+    async def oldest_queued_at(self) -> float | None:
+        """Creation time of the oldest message not yet delivered or dead."""
+        row = await self._call(lambda: self.db.execute(
+            "SELECT MIN(created_at) FROM messages WHERE state IN ('queued', 'in_flight')").fetchone())
+        return float(row[0]) if row and row[0] is not None else None
+
+    async def next_due_at(self) -> float | None:
+        """When the next queued message becomes due, if any is queued."""
+        row = await self._call(lambda: self.db.execute(
+            "SELECT MIN(next_attempt_at) FROM messages WHERE state='queued'").fetchone())
+        return float(row[0]) if row and row[0] is not None else None

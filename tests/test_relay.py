@@ -1,0 +1,358 @@
+"""The sidecar relay: durable acks, idempotency, bad requests, spool limits, dead letters and re-drive,
+ordered flows, and no loss across a real SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+
+from senderd.config import load_config
+from senderd.daemon import Daemon
+from senderd.emulator.runtime import FlowSpec
+from senderd.emulator.stack import EmulatorStack
+from senderd.sender import SendResult
+from senderd.spool import Spool
+
+pytestmark = pytest.mark.anyio
+
+FLOWS = """
+[[flows]]
+name = "orders"
+path = "/http/Orders"
+method = "POST"
+csrf = true
+
+[[flows]]
+name = "failing"
+path = "/http/Failing"
+method = "POST"
+
+[[flows]]
+name = "down"
+path = "/http/Down"
+method = "POST"
+retries = 0
+
+[[flows]]
+name = "ledger"
+path = "/http/Ledger"
+method = "POST"
+ordered = true
+retries = 0
+"""
+
+
+def relay_section(spool: Path, **extra: Any) -> str:
+    lines = ['listen = "127.0.0.1:0"', f'spool_dir = "{spool}"', 'redelivery_initial = "50ms"',
+             'redelivery_max = "200ms"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in extra.items()]
+    return "\n[relay]\n" + "\n".join(lines) + "\n"
+
+
+class Deliveries:
+    """Waits for sends finished by the daemon's engine."""
+
+    def __init__(self) -> None:
+        self.results: list[SendResult] = []
+        self._changed = anyio.Event()
+
+    def __call__(self, result: SendResult) -> None:
+        self.results.append(result)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_for(self, count: int, timeout: float = 15) -> None:
+        with anyio.fail_after(timeout):
+            while len(self.results) < count:
+                await self._changed.wait()
+
+
+@asynccontextmanager
+async def relay_daemon(tmp_path: Path, **relay: Any) -> AsyncIterator[tuple[EmulatorStack, Daemon, str, Deliveries]]:
+    extra = FLOWS + relay_section(tmp_path / "spool", **relay)
+    async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
+        stack.runtime.add_flow(FlowSpec("/Down", unavailable=-1, retry_after=0))
+        stack.runtime.add_flow(FlowSpec("/Ledger", kind="echo"))
+        daemon = Daemon.create(load_config(stack.config_path), handle_signals=False)
+        deliveries = Deliveries()
+
+        async def hook(engine: Any, _group: object) -> None:
+            engine.listeners.append(deliveries)
+
+        daemon.on_start = hook
+        async with anyio.create_task_group() as group:
+            group.start_soon(daemon.serve)
+            with anyio.fail_after(10):
+                await daemon.started.wait()
+            assert daemon.relay is not None
+            yield stack, daemon, daemon.relay.url, deliveries
+            daemon.stop()
+
+
+async def post(url: str, body: bytes = b"<o/>", content_type: str | None = "application/xml",
+               **headers: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    all_headers = {k.replace("_", "-"): v for k, v in headers.items()}
+    if content_type is not None:
+        all_headers["Content-Type"] = content_type
+    async with aiohttp.ClientSession(skip_auto_headers=["Content-Type"]) as session, \
+            session.post(url, data=body, headers=all_headers) as response:
+        return response.status, await response.json(), dict(response.headers)
+
+
+async def get(url: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.json()
+
+
+async def test_post_is_acked_durably_then_delivered_with_its_id(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path) as (stack, _, url, deliveries):
+        status, answer, _ = await post(f"{url}/v1/flows/orders/messages", b"<Order id='1'/>")
+        assert status == 202
+        assert answer["status"] == "queued"
+        await deliveries.wait_for(1)
+        _, message = await get(f"{url}/v1/messages/{answer['id']}")
+    received = stack.runtime.stats.messages[-1]
+    assert received.body == b"<Order id='1'/>"
+    assert received.headers["sap_applicationid"] == answer["id"]
+    assert received.headers["content-type"] == "application/xml"
+    assert message["status"] == "delivered"
+    assert message["correlation_id"] == received.mpl_id
+    assert message["attempts"] == 1
+
+
+async def test_idempotency_key_returns_the_first_id_and_sends_once(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path) as (stack, _, url, deliveries):
+        first = await post(f"{url}/v1/flows/orders/messages", Idempotency_Key="order-42")
+        again = await post(f"{url}/v1/flows/orders/messages", Idempotency_Key="order-42")
+        await deliveries.wait_for(1)
+        other = await post(f"{url}/v1/flows/orders/messages", Idempotency_Key="order-43")
+        await deliveries.wait_for(2)
+    assert first[0] == 202
+    assert again[0] == 200
+    assert again[1]["id"] == first[1]["id"]
+    assert again[1]["duplicate"] is True
+    assert other[1]["id"] != first[1]["id"]
+    assert len(stack.runtime.stats.messages) == 2
+
+
+async def test_bad_requests(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path, max_message_bytes=1000) as (_, daemon, url, _d):
+        assert (await post(f"{url}/v1/flows/nope/messages"))[0] == 404
+        status, answer, _ = await post(f"{url}/v1/flows/orders/messages", b"x" * 1001)
+        assert status == 413
+        assert "max_message_bytes" in answer["error"]
+        assert (await post(f"{url}/v1/flows/orders/messages", content_type=None))[0] == 415
+        assert (await post(f"{url}/v1/flows/orders/messages", Idempotency_Key="has space"))[0] == 400
+        assert (await post(f"{url}/v1/flows/orders/messages", Idempotency_Key="x" * 256))[0] == 400
+        assert (await get(f"{url}/v1/messages/unknown"))[0] == 404
+        assert daemon.engine is not None
+        registry = daemon.engine.metrics.registry
+        assert registry.get_sample_value("senderd_relay_requests_total", {"code": "413"}) == 1
+        assert registry.get_sample_value("senderd_relay_requests_total", {"code": "404"}) == 2
+
+
+async def test_token_env_demands_the_bearer_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_TOKEN", "app-to-sidecar-token")
+    async with relay_daemon(tmp_path, token_env="RELAY_TOKEN") as (_, _d, url, _x):
+        status, _, headers = await post(f"{url}/v1/flows/orders/messages")
+        assert status == 401
+        assert headers["WWW-Authenticate"] == "Bearer"
+        assert (await post(f"{url}/v1/flows/orders/messages", Authorization="Bearer wrong"))[0] == 401
+        status, _, _ = await post(f"{url}/v1/flows/orders/messages", Authorization="Bearer app-to-sidecar-token")
+        assert status == 202
+
+
+async def test_spool_full_is_503_with_retry_after(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path, max_spool_messages=2, max_deliveries=1000) as (_, _d, url, _x):
+        assert (await post(f"{url}/v1/flows/down/messages"))[0] == 202
+        assert (await post(f"{url}/v1/flows/down/messages"))[0] == 202
+        status, answer, headers = await post(f"{url}/v1/flows/down/messages")
+    assert status == 503
+    assert headers["Retry-After"] == "10"
+    assert "spool full" in answer["error"]
+
+
+async def test_dead_letters_are_kept_and_can_be_redriven(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path) as (stack, _, url, deliveries):
+        _, answer, _ = await post(f"{url}/v1/flows/failing/messages", b"<doomed/>")
+        await deliveries.wait_for(1)  # a 500 is a flow error: not retried, dead at once
+        _, message = await get(f"{url}/v1/messages/{answer['id']}")
+        assert message["status"] == "dead"
+        assert "The MPL ID for the failed message is" in message["last_error"]
+        _, dead = await get(f"{url}/v1/dead")
+        assert [m["id"] for m in dead["messages"]] == [answer["id"]]
+        stack.runtime.flows["/failing"].error_rate = 0.0  # the flow is fixed
+        async with aiohttp.ClientSession() as session, \
+                session.post(f"{url}/v1/dead/{answer['id']}/retry") as response:
+            assert response.status == 202
+        await deliveries.wait_for(2)
+        _, message = await get(f"{url}/v1/messages/{answer['id']}")
+        _, dead = await get(f"{url}/v1/dead")
+    assert message["status"] == "delivered"
+    assert message["attempts"] == 2
+    assert dead["messages"] == []
+
+
+async def test_retryable_failures_are_redelivered_until_dead(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path, max_deliveries=3) as (_, daemon, url, deliveries):
+        _, answer, _ = await post(f"{url}/v1/flows/down/messages")
+        await deliveries.wait_for(3)
+        _, message = await get(f"{url}/v1/messages/{answer['id']}")
+        assert daemon.engine is not None
+        registry = daemon.engine.metrics.registry
+        retries = registry.get_sample_value("senderd_relay_deliveries_total", {"flow": "down", "result": "retry"})
+        dead = registry.get_sample_value("senderd_relay_deliveries_total", {"flow": "down", "result": "dead"})
+    assert message["status"] == "dead"
+    assert message["attempts"] == 3
+    assert (retries, dead) == (2, 1)
+
+
+async def test_ordered_flow_keeps_order_through_redeliveries(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path) as (stack, _, url, deliveries):
+        stack.runtime.flows["/ledger"].unavailable = 3  # the first three calls fail: message 0 is redelivered
+        ids = []
+        for n in range(10):
+            _, answer, _ = await post(f"{url}/v1/flows/ledger/messages", f"<entry n='{n}'/>".encode())
+            ids.append(answer["id"])
+        await deliveries.wait_for(13)
+    received = [m.headers["sap_applicationid"] for m in stack.runtime.stats.messages]
+    assert received == ids
+
+
+async def test_group_commit_shares_fsyncs(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        ids: list[str] = []
+
+        async def add(n: int) -> None:
+            ids.append((await spool.add("f", b"x" * n, "text/plain"))[0])
+
+        async with anyio.create_task_group() as posters:
+            for n in range(200):
+                posters.start_soon(add, n)
+        group.cancel_scope.cancel()
+    await spool.close()
+    assert len(set(ids)) == 200
+    assert spool.commits < 50, spool.commits  # 200 durable adds, far fewer commits
+    reopened = Spool(tmp_path / "spool")
+    await reopened.open()
+    assert reopened.counts["queued"] == 200
+    await reopened.close()
+
+
+async def test_in_flight_messages_are_queued_again_after_a_crash(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        await spool.add("f", b"a", "text/plain")
+        group.cancel_scope.cancel()
+    claimed = await spool.due(1e12, 10)
+    assert [m.state for m in claimed] == ["queued"] and spool.counts["in_flight"] == 1
+    spool.db.close()  # the process dies here: nothing else is written
+    spool._db = None
+    reopened = Spool(tmp_path / "spool")
+    await reopened.open()
+    assert reopened.counts == {"queued": 1, "in_flight": 0, "delivered": 0, "dead": 0}
+    await reopened.close()
+
+
+async def test_stopping_relay_answers_503(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path) as (_, daemon, url, _d):
+        assert daemon.relay is not None
+        await daemon.relay.stop_accepting()
+        status, _, headers = await post(f"{url}/v1/flows/orders/messages")
+    assert status == 503
+    assert headers["Retry-After"] == "5"
+
+
+class DaemonLogs:
+    """Drains a `senderd run` subprocess's stdout (so it never blocks on a full pipe) and finds the relay URL."""
+
+    def __init__(self, process: anyio.abc.Process) -> None:
+        self.process = process
+        self.text = ""
+        self.relay_url = ""
+        self.listening = anyio.Event()
+
+    async def run(self) -> None:
+        assert self.process.stdout is not None
+        try:
+            async for chunk in self.process.stdout:
+                self.text += chunk.decode()
+                if not self.listening.is_set():
+                    for line in self.text.splitlines():
+                        if '"relay_listening"' in line:
+                            self.relay_url = str(json.loads(line)["url"])
+                            self.listening.set()
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+
+@pytest.mark.timeout(150)
+async def test_no_acked_message_is_lost_across_sigkill(tmp_path: Path) -> None:
+    """Post under load to a `senderd run` subprocess, SIGKILL it mid-stream, restart it, and count unique
+    deliveries at the runtime: every id that was acknowledged with 202 arrives (duplicates allowed)."""
+    extra = FLOWS + relay_section(tmp_path / "spool")
+    async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
+        stack.runtime.flows["/orders"].latency = 0.05  # a backlog builds up behind the sends
+        command = [sys.executable, "-m", "senderd", "run", "-c", str(stack.config_path)]
+        acked: set[str] = set()
+        enough = anyio.Event()
+        killed = anyio.Event()
+        async with await anyio.open_process(command) as process, anyio.create_task_group() as group:
+            logs = DaemonLogs(process)
+            group.start_soon(logs.run)
+            with anyio.fail_after(15):
+                await logs.listening.wait()
+
+            async def poster() -> None:
+                async with aiohttp.ClientSession() as session:
+                    for n in range(200):  # bounded load
+                        if killed.is_set():
+                            return
+                        try:
+                            async with session.post(f"{logs.relay_url}/v1/flows/orders/messages", data=f"<m n='{n}'/>",
+                                                    headers={"Content-Type": "application/xml"}) as response:
+                                if response.status == 202:
+                                    acked.add((await response.json())["id"])
+                        except aiohttp.ClientError:
+                            return  # the process is gone
+                        if len(acked) >= 150:
+                            enough.set()
+
+            async with anyio.create_task_group() as posters:
+                for _ in range(8):
+                    posters.start_soon(poster)
+                with anyio.fail_after(30):
+                    await enough.wait()
+                process.send_signal(signal.SIGKILL)
+                killed.set()
+            await process.wait()
+        delivered_before = {m.headers["sap_applicationid"] for m in stack.runtime.stats.messages}
+        assert len(delivered_before) < len(acked), "the kill came too late to test anything"
+        async with await anyio.open_process(command) as restarted, anyio.create_task_group() as group:
+            logs = DaemonLogs(restarted)
+            group.start_soon(logs.run)
+            try:
+                with anyio.fail_after(60):
+                    while not acked <= {m.headers["sap_applicationid"] for m in stack.runtime.stats.messages}:
+                        await stack.runtime.wait_for_messages(len(stack.runtime.stats.messages) + 1)
+            finally:
+                restarted.send_signal(signal.SIGTERM)
+                await restarted.wait()
+    delivered = [m.headers["sap_applicationid"] for m in stack.runtime.stats.messages]
+    print(f"\nSIGKILL: {len(acked)} acked, {len(delivered_before)} delivered before the kill, "
+          f"{len(set(delivered))} unique after restart, {len(delivered) - len(set(delivered))} duplicates")
+    assert acked <= set(delivered)
