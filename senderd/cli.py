@@ -171,13 +171,17 @@ def _key_export(args: argparse.Namespace) -> int:
         raise UsageError(f"{key.source}: a ClientSecret key has no certificate: use clientid and clientsecret "
                          "with HTTP Basic instead")
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out / "client.crt", out / "client.key"
-    cert_path.write_bytes(key.chain_pem())
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(key.private_key_pem())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        cert_path.write_bytes(key.chain_pem())
+        if key_path.is_symlink() or key_path.exists():
+            key_path.unlink()  # never write a private key through a link someone left there
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(key.private_key_pem())
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc}): choose a writable folder") from None
     print(f"wrote {cert_path} (certificate chain, leaf first)")
     print(f"wrote {key_path} (private key, mode 0600)")
     print("get a token with:")
@@ -311,14 +315,28 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
 }
 
 
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real error inside nested task-group exception groups (cancellations aside), or the group."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        real = [e for e in error.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())]
+        if len(real) != 1:
+            return group
+        error = real[0]
+    return error
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run the parsed command and map errors to exit codes (one line on stderr)."""
     try:
-        if args.command == "key":
-            return _key_export(args)
-        handler = COMMANDS[args.command]
-        result: int = anyio.run(handler, args)
-        return result
+        try:
+            if args.command == "key":
+                return _key_export(args)
+            handler = COMMANDS[args.command]
+            result: int = anyio.run(handler, args)
+            return result
+        except BaseExceptionGroup as group:  # raised inside a task group: report the error it carries
+            raise _sole_error(group) from None
     except (ConfigError, CredentialsError, UsageError) as exc:
         print(f"senderd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from pydantic import ValidationError
 
-from senderd.config import Config, FlowConfig, config_from_dict
+from senderd.config import Config, FlowConfig, config_from_dict, format_validation_error
 from senderd.engine import Engine
+from senderd.errors import ConfigError
 from senderd.sender import SendResult
 
 
@@ -45,12 +47,17 @@ class Client:
         if runtime_url is not None:
             data["runtime"] = {"url": runtime_url}
         config: Config = config_from_dict(data, source="senderd.Client", base=Path.cwd())
+        error: Exception | None = None
         async with Engine.open(config) as engine, anyio.create_task_group() as group:
             await group.start(engine.tokens.run)
             try:
                 yield cls(engine)
+            except Exception as exc:  # the caller's own error: re-raised as it is, not in a group
+                error = exc
             finally:
                 group.cancel_scope.cancel()
+        if error is not None:
+            raise error
 
     async def send(self, path: str, *, method: str = "POST", body: bytes | str | None = None,
                    headers: dict[str, str] | None = None, message_id: str | None = None,
@@ -60,6 +67,10 @@ class Client:
         `settings` are any flow settings (`csrf`, `expect_status`, `retries`, `timeout`, `query`, ...).
         """
         defaults = self.engine.config.defaults.model_dump(exclude_unset=True)
-        flow = FlowConfig.model_validate({**defaults, **settings, "name": "client", "path": path, "method": method})
+        try:
+            flow = FlowConfig.model_validate({**defaults, **settings, "name": "client", "path": path,
+                                              "method": method})
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error("Client.send", exc)) from None
         payload = body.encode() if isinstance(body, str) else body
         return await self.engine.send(flow, body=payload, headers=headers, message_id=message_id)

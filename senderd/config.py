@@ -30,6 +30,15 @@ def _duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(_duration), Field(ge=0.001)]
+"""A duration of at least 1 ms: zero would turn a timeout into instant failure or a backoff into a busy loop."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control(value: str, what: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError(f"{what} contains a control character (such as a line break): remove it")
+    return value
 
 
 class Section(BaseModel):
@@ -70,9 +79,9 @@ class TokenConfig(Section):
 
     refresh_left: float = Field(default=1 / 3, gt=0, lt=1)
     refresh_jitter: float = Field(default=0.1, ge=0, lt=0.5)
-    backoff_initial: Duration = 1.0
-    backoff_max: Duration = 60.0
-    timeout: Duration = 10.0
+    backoff_initial: PositiveDuration = 1.0
+    backoff_max: PositiveDuration = 60.0
+    timeout: PositiveDuration = 10.0
 
 
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
@@ -106,7 +115,7 @@ class SendSettings(Section):
     """Per-flow send settings; `[defaults]` sets them for every flow, a flow may override each."""
 
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
-    timeout: Duration = 10.0
+    timeout: PositiveDuration = 10.0
     headers: dict[str, str] = {}
     query: dict[str, str] = {}
     content_type: str | None = None
@@ -115,10 +124,10 @@ class SendSettings(Section):
     expect_body: str | None = None
     retries: int = Field(default=3, ge=0, le=100)
     retry_on: list[Annotated[int, Field(ge=100, le=599)]] = list(DEFAULT_RETRY_ON)
-    backoff_initial: Duration = 0.5
-    backoff_max: Duration = 30.0
+    backoff_initial: PositiveDuration = 0.5
+    backoff_max: PositiveDuration = 30.0
     retry_after_max: Duration = 60.0
-    deadline: Duration = 120.0
+    deadline: PositiveDuration = 120.0
     application_id: str | None = None
     """`SAP_ApplicationID` header: a fixed value, or "auto" for a fresh id per message."""
 
@@ -126,6 +135,19 @@ class SendSettings(Section):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("headers", "query")
+    @classmethod
+    def _clean_pairs(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, item in value.items():
+            _no_control(name, f"name {name!r}")
+            _no_control(item, f"the value of {name!r}")
+        return value
+
+    @field_validator("content_type", "application_id")
+    @classmethod
+    def _clean_text(cls, value: str | None) -> str | None:
+        return _no_control(value, "the value") if value is not None else None
 
     @field_validator("expect_body")
     @classmethod
@@ -163,8 +185,15 @@ class FlowConfig(SendSettings):
     def _schedule_and_body(self) -> FlowConfig:
         if self.every is not None and self.cron is not None:
             raise ValueError("give every or cron, not both")
-        if self.every is not None and self.every <= 0:
-            raise ValueError("every must be more than 0")
+        if self.every is not None:
+            from senderd.schedule import IntervalSchedule
+
+            try:
+                IntervalSchedule(self.every)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        if self.body_file is not None and not os.access(self.body_file, os.R_OK):
+            raise ValueError(f"body_file {str(self.body_file)!r} is missing or unreadable: check the path")
         if self.body is not None and self.body_file is not None:
             raise ValueError("give body or body_file, not both")
         if self.cron is not None or self.timezone != "UTC":
@@ -240,8 +269,8 @@ class RelayConfig(Section):
     """Environment variable holding the bearer token the app must present (none: no auth, localhost only)."""
     max_deliveries: int = Field(default=10, ge=1, le=10_000)
     """Delivery rounds (each with the flow's own retries) before a message is dead."""
-    redelivery_initial: Duration = 5.0
-    redelivery_max: Duration = 300.0
+    redelivery_initial: PositiveDuration = 5.0
+    redelivery_max: PositiveDuration = 300.0
     retention: Duration = 86_400.0
     """How long delivered messages are kept (for status queries) before pruning."""
     application_id_header: str = "SAP_ApplicationID"
@@ -311,6 +340,8 @@ def _message(error: Any) -> str:
         return "unknown key: remove it or check its spelling"
     if kind == "missing":
         return "required key is missing"
+    if kind == "greater_than_equal" and error.get("ctx", {}).get("ge") == 0.001:
+        return "must be at least 1ms"
     message = str(error["msg"])
     return message.removeprefix("Value error, ")
 

@@ -258,7 +258,7 @@ class Relay:
         rounds = message.attempts + 1
         retryable = result.last.retryable or result.outcome in RETRYABLE_OUTCOMES
         if retryable and rounds < self.config.max_deliveries:
-            delay = min(self.config.redelivery_max, self.config.redelivery_initial * 2.0 ** (rounds - 1))
+            delay = min(self.config.redelivery_max, self.config.redelivery_initial * 2.0 ** min(rounds - 1, 64))
             retry_at = time.time() + delay * self._rng.uniform(0.8, 1.0)
             await self._finish(message, result, "queued", retry_at=retry_at)
         else:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, stop_after_delay
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result
 
 from senderd.config import FlowConfig
 from senderd.sender import Attempt, SendResult
@@ -39,7 +39,7 @@ class RetryPolicy:
         """Seconds before attempt `attempt_number + 1`: Retry-After if given, else full-jitter backoff."""
         if retry_after is not None:
             return min(retry_after, self.retry_after_max)
-        ceiling = min(self.backoff_max, self.backoff_initial * 2.0 ** (attempt_number - 1))
+        ceiling = min(self.backoff_max, self.backoff_initial * 2.0 ** min(attempt_number - 1, 64))
         return rng.uniform(0, ceiling)
 
 
@@ -59,9 +59,12 @@ async def deliver(
 
     def wait(state: RetryCallState) -> float:
         last = state.outcome.result() if state.outcome is not None else None
-        delay = policy.wait(state.attempt_number, last.retry_after if last is not None else None, rng)
-        remaining = policy.deadline - (monotonic() - started)
-        return max(0.0, min(delay, remaining))
+        return policy.wait(state.attempt_number, last.retry_after if last is not None else None, rng)
+
+    def stop(state: RetryCallState) -> bool:
+        """Out of attempts, or the next wait would end past the deadline (tenacity computes it first)."""
+        too_late = monotonic() - started + state.upcoming_sleep > policy.deadline
+        return state.attempt_number > policy.retries or too_late
 
     async def one() -> Attempt:
         result = await attempt()
@@ -69,7 +72,7 @@ async def deliver(
         return result
 
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(policy.retries + 1) | stop_after_delay(policy.deadline),
+        stop=stop,
         wait=wait,
         retry=retry_if_result(lambda result: result.retryable),
         sleep=sleep,

@@ -24,6 +24,7 @@ from senderd.metrics import Metrics
 from senderd.token import Token, TokenProvider
 
 Outcome = Literal["success", "http_error", "check_failed", "timeout", "connection_error", "auth_error"]
+TRANSIENT_TOKEN_FAILURES = frozenset({"timeout", "unreachable", "server_error", "rate_limited"})
 CORRELATION_HEADERS = ("SAP_MessageProcessingLogID", "SAP_MplCorrelationId", "x-correlationid")
 
 
@@ -127,7 +128,9 @@ class Sender:
             self._count(flow, None)
             return Attempt("timeout", error=f"no answer within {flow.timeout:g}s", retryable=True)
         except TokenError as exc:  # counted per fetch by the token provider's listener
-            return Attempt("auth_error", error=f"no token: {exc}")
+            transient = exc.reason in TRANSIENT_TOKEN_FAILURES
+            return Attempt("auth_error", error=f"no token: {exc}", retryable=transient,
+                           retry_after=self.tokens.next_attempt_in if transient else None)
         except aiohttp.ClientConnectorCertificateError as exc:
             self._count(flow, None)
             return Attempt("connection_error", error=f"runtime TLS certificate not trusted ({_short(exc)}): "

@@ -49,11 +49,21 @@ def client_context(key: ServiceKey, ca_file: Path | None = None) -> ssl.SSLConte
     return context
 
 
+def _memfd() -> int | None:
+    """An anonymous in-memory file readable through /proc, or None where there is none (then a temp file)."""
+    if not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.memfd_create("senderd-client-cert", getattr(os, "MFD_CLOEXEC", 0))
+    except OSError:  # seccomp or an old kernel
+        return None
+
+
 @contextlib.contextmanager
 def private_pem_path(data: bytes) -> Iterator[str]:
     """Yield a path holding `data` that only this process can read, and that is gone afterwards."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("senderd-client-cert", getattr(os, "MFD_CLOEXEC", 0))
+    fd = _memfd()
+    if fd is not None:
         try:
             os.write(fd, data)
             yield f"/proc/self/fd/{fd}"

@@ -91,7 +91,7 @@ class RefreshPolicy:
 
     def backoff(self, failures: int, retry_after: float | None, rng: random.Random) -> float:
         """Delay before the next attempt after `failures` consecutive failures (1 = the first)."""
-        base = min(self.backoff_max, self.backoff_initial * 2.0 ** max(0, failures - 1))
+        base = min(self.backoff_max, self.backoff_initial * 2.0 ** min(max(0, failures - 1), 64))
         delay = min(self.backoff_max, base * (1 + rng.uniform(-self.jitter, self.jitter)))
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.retry_after_max))
@@ -175,7 +175,8 @@ class TokenProvider:
         """The runtime refused `token` (401): drop it if it is still the current one, and refresh."""
         if self._token is token:
             self._token = None
-            self._retry_at = 0.0
+            if self._last_error is None:  # during a backoff the next attempt stays where it is
+                self._retry_at = 0.0
             self._wake.set()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -225,7 +226,10 @@ class TokenProvider:
         started = self._clock.monotonic()
         self.fetches += 1
         try:
-            grant = await self._fetch()
+            # Shielded: the fetch is shared, so it must not die with the caller that happened to start it
+            # (its own timeout bounds it).
+            with anyio.CancelScope(shield=True):
+                grant = await self._fetch()
         except TokenError as exc:
             self._failures += 1
             self._last_error = exc
@@ -238,9 +242,11 @@ class TokenProvider:
         finally:
             self._inflight = None
             event.set()
-        now = self._clock.monotonic()
+        # Lifetimes count from when the request went out: the server started the clock then at the latest.
+        now = started
         token = Token(value=grant.access_token, obtained_at=now, expires_at=now + grant.expires_in,
-                      expires_at_wall=self._clock.time() + grant.expires_in, scopes=grant.scopes)
+                      expires_at_wall=self._clock.time() - (self._clock.monotonic() - now) + grant.expires_in,
+                      scopes=grant.scopes)
         self._token = token
         self._failures = 0
         self._last_error = None
@@ -276,7 +282,7 @@ class HttpTokenFetcher:
         host = urlsplit(key.token_url).netloc
         try:
             async with self.session.post(
-                key.token_url, data=form, headers=headers,
+                key.token_url, data=form, headers=headers, allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as response:
                 body = await response.read()

@@ -96,3 +96,28 @@ async def test_key_export_writes_cert_and_private_key(stack: EmulatorStack, tmp_
     key_json.write_text(json.dumps(flat))
     code, _, err = await senderd("token", "--service-key", str(key_json), "--ca-file", str(stack.ca_path))
     assert code == 0, err
+
+
+async def test_key_export_to_an_unwritable_place_is_exit_2(stack: EmulatorStack, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = await senderd("key", "export", str(stack.service_key_path), "--out", str(blocker / "sub"))
+    assert code == 2
+    assert err.startswith(f"senderd: error: --out {blocker / 'sub'}: cannot write there")
+    assert "Traceback" not in err
+
+
+async def test_a_startup_error_inside_the_daemon_is_one_line_exit_2(stack: EmulatorStack) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = stack.config_path.read_text().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"')
+        config += '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "1h"\n'
+        stack.config_path.write_text(config)
+        code, _, err = await senderd("run", "-c", str(stack.config_path))
+    assert code == 2
+    assert "Traceback" not in err
+    assert f"senderd: error: server.listen: cannot listen on 127.0.0.1:{port}" in err

@@ -173,12 +173,15 @@ async def test_missing_role_is_auth_error(stack: EmulatorStack) -> None:
 
 async def test_token_server_down_is_auth_error_without_runtime_call(stack: EmulatorStack) -> None:
     stack.token_server.faults.down = True
-    async with engine_for(stack, {"name": "ts", "path": "/http/GetTimestamp"}) as engine:
+    clock = StepClock()
+    async with engine_for(stack, {"name": "ts", "path": "/http/GetTimestamp"}, clock=clock) as engine:
         result = await engine.send(engine.config.flow("ts"))
     assert result.outcome == "auth_error"
     assert "no token" in (result.last.error or "")
+    assert result.attempts == 4  # a 5xx from the token server is transient: retried after its backoff
+    assert clock.sleeps == [pytest.approx(d, rel=0.11) for d in (1, 2, 4)]
     assert stack.runtime.stats.requests == 0
-    assert sample(engine, "senderd_auth_failures_total", {"stage": "token", "reason": "server_error"}) == 1
+    assert sample(engine, "senderd_auth_failures_total", {"stage": "token", "reason": "server_error"}) == 4
 
 
 async def test_runtime_unreachable_is_connection_error(stack: EmulatorStack) -> None:
@@ -198,3 +201,47 @@ async def test_library_client_five_lines(stack: EmulatorStack) -> None:
     assert result.body.decode().startswith("Current time (UTC):")
     assert posted.ok
     assert posted.body == b"<a/>"
+
+
+async def test_a_token_fetch_outlives_the_send_that_started_it(stack: EmulatorStack) -> None:
+    stack.token_server.faults.delay = 0.5
+    flow = {"name": "ts", "path": "/http/GetTimestamp", "timeout": "100ms", "retries": 0}
+    async with engine_for(stack, flow) as engine:
+        first = await engine.send(engine.config.flow("ts"))
+        stack.token_server.faults.delay = 0
+        second = await engine.send(engine.config.flow("ts"))
+    assert first.outcome == "timeout"
+    assert second.ok
+    assert stack.token_server.stats.requests == 1  # the shared fetch finished and its token was kept
+
+
+async def test_transient_token_failures_are_retried_after_the_token_backoff(stack: EmulatorStack) -> None:
+    stack.token_server.faults.rate_limited = 1
+    stack.token_server.faults.retry_after = 2
+    clock = StepClock()
+    async with engine_for(stack, {"name": "ts", "path": "/http/GetTimestamp"}, clock=clock) as engine:
+        result = await engine.send(engine.config.flow("ts"))
+    assert result.ok
+    assert result.attempt_codes == ("none", "200")
+    assert clock.sleeps == [pytest.approx(2.0)]
+
+
+async def test_the_deadline_gives_up_rather_than_ignore_retry_after(stack: EmulatorStack) -> None:
+    stack.runtime.add_flow(FlowSpec("/Busy", unavailable=-1, retry_after=50))
+    clock = StepClock()
+    flow = {"name": "busy", "path": "/http/Busy", "retries": 5, "deadline": "60s", "retry_after_max": "5m"}
+    async with engine_for(stack, flow, clock=clock) as engine:
+        result = await engine.send(engine.config.flow("busy"))
+    assert result.attempt_codes == ("503", "503")  # at 0 s and 50 s; a third would have to come at 100 s
+    assert clock.sleeps == [50.0]
+
+
+async def test_client_lets_the_callers_own_errors_through(stack: EmulatorStack) -> None:
+    from senderd.errors import ConfigError
+
+    with pytest.raises(KeyError):
+        async with Client.connect(stack.service_key_path, ca_file=stack.ca_path):
+            raise KeyError("mine")
+    async with Client.connect(stack.service_key_path, ca_file=stack.ca_path) as client:
+        with pytest.raises(ConfigError, match=r"Client.send: path: must start with /"):
+            await client.send("http/x")

@@ -280,3 +280,15 @@ async def test_run_fetches_at_start_and_stops_on_cancel(stack: EmulatorStack) ->
             await watcher.wait_for(1)
             group.cancel_scope.cancel()
     assert provider.has_valid_token()
+
+
+def test_backoff_stays_capped_after_thousands_of_failures() -> None:
+    import random
+
+    from senderd.token import RefreshPolicy
+
+    policy = RefreshPolicy()
+    rng = random.Random(1)
+    assert policy.backoff(100_000, None, rng) <= 60.0
+    assert 0.9 <= policy.backoff(1, None, rng) <= 1.1
+    assert policy.backoff(3, 30.0, rng) == 30.0  # Retry-After wins when longer
