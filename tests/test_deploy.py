@@ -368,6 +368,7 @@ def test_configmap_config_matches_the_mounts() -> None:
     config = tomllib.loads(one("configmap.yaml", "ConfigMap")["data"]["senderd.toml"])
     assert config["credentials"]["service_key"] == "/etc/senderd/key/service-key.json"
     assert config["server"]["listen"] == "0.0.0.0:9464"
+    assert config["relay"] == {"listen": "127.0.0.1:8787", "spool_dir": SPOOL_DIR}
     assert config["flows"], "at least one flow"
     for flow in config["flows"]:
         assert flow["name"] and flow["path"].startswith("/http/")
