@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from senderd import __version__
-from senderd.config import Config, config_from_dict, load_config
+from senderd.config import CONFIG_ENV, Config, config_from_dict, load_config
 from senderd.errors import ConfigError, CredentialsError, SenderdError, TokenError
 from senderd.logs import configure_logging
 
@@ -217,7 +217,8 @@ async def _run(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"server": config.server.model_copy(update={"listen": args.listen})})
     if not config.flows:
         raise ConfigError(f"{config.source}: flows: no flows configured: add at least one [[flows]] table")
-    await Daemon.create(config).serve()
+    path = args.config or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    await Daemon.create(config, config_path=path).serve()
     return EXIT_OK
 
 

@@ -55,6 +55,8 @@ class CredentialsConfig(Section):
     key_file: Path | None = None
     key_passphrase_env: str | None = None
     ca_file: Path | None = None
+    watch_interval: PositiveDuration = 10.0
+    """How often the daemon checks the service key (and key) file for a replacement."""
 
     @model_validator(mode="after")
     def _one_source(self) -> CredentialsConfig:
@@ -82,6 +84,8 @@ class TokenConfig(Section):
     backoff_initial: PositiveDuration = 1.0
     backoff_max: PositiveDuration = 60.0
     timeout: PositiveDuration = 10.0
+    startup_jitter: Duration = 1.0
+    """The daemon's first token fetch waits a random part of this, so replicas started together spread out."""
 
 
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
@@ -274,6 +278,8 @@ class RelayConfig(Section):
     retention: Duration = 86_400.0
     """How long delivered messages are kept (for status queries) before pruning."""
     application_id_header: str = "SAP_ApplicationID"
+    read_timeout: PositiveDuration = 10.0
+    """A client that has not sent its whole body by then gets 408 (a slow-loris holds nothing for long)."""
 
     @field_validator("listen")
     @classmethod
@@ -361,7 +367,8 @@ def _resolve(table: Any, names: tuple[str, ...], base: Path) -> None:
         for name in names:
             value = table.get(name)
             if isinstance(value, str) and value:
-                table[name] = str((base / os.path.expanduser(value)).resolve())
+                # absolute, but links kept: a Kubernetes Secret is a symlink that is swapped on update
+                table[name] = os.path.abspath(base / os.path.expanduser(value))
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:

@@ -1,8 +1,9 @@
 """Lifecycle: start the components in one task group, stop them in order.
 
-`Daemon.serve()` = start (token refresher, worker pool, scheduler) → wait for a signal → stop scheduling,
-drain in-flight sends up to `pool.drain_timeout`, cancel what is left. A second SIGTERM/SIGINT forces the
-stop at once. `run_once` is the CronJob mode: every selected flow once, through the pool.
+`Daemon.serve()` = start (token refresher, credential watcher, worker pool, scheduler, relay) → wait for a
+signal → stop scheduling, drain in-flight sends up to `pool.drain_timeout`, cancel what is left. A second
+SIGTERM/SIGINT forces the stop at once. SIGHUP reloads the config file: an invalid one is refused and the
+running one stays. `run_once` is the CronJob mode: every selected flow once, through the pool.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ import contextlib
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import structlog
 from anyio.abc import TaskStatus
 
+from senderd.auth import CredentialWatcher, load_credentials
 from senderd.clock import Clock, SystemClock
-from senderd.config import Config, FlowConfig
+from senderd.config import Config, FlowConfig, load_config
+from senderd.credentials import ServiceKey
 from senderd.engine import Engine
+from senderd.errors import SenderdError
 from senderd.metrics import Metrics
 from senderd.pool import Job, WorkerPool
 from senderd.relay import Relay
@@ -43,18 +48,55 @@ class Daemon:
     relay: Relay | None = None
     on_start: StartHook | None = None
     handle_signals: bool = True
+    config_path: Path | None = None
 
     def __post_init__(self) -> None:
         self._stop = anyio.Event()
         self._force = anyio.Event()
         self.started = anyio.Event()
+        self._schedules = anyio.CancelScope()
+        self.watcher: CredentialWatcher | None = None
+        self.reloaded = anyio.Event()
 
     @classmethod
     def create(cls, config: Config, *, metrics: Metrics | None = None, clock: Clock | None = None,
-               on_start: StartHook | None = None, handle_signals: bool = True) -> Daemon:
-        """A daemon for `config` (not started)."""
+               on_start: StartHook | None = None, handle_signals: bool = True,
+               config_path: Path | None = None) -> Daemon:
+        """A daemon for `config` (not started); `config_path` is what SIGHUP re-reads."""
         return cls(config=config, metrics=metrics or Metrics(), clock=clock or SystemClock(), on_start=on_start,
-                   handle_signals=handle_signals)
+                   handle_signals=handle_signals, config_path=config_path)
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply it; on any error keep the running config (and say so)."""
+        engine = self.engine
+        if self.config_path is None or engine is None:
+            return False
+        try:
+            new = load_config(self.config_path)
+            key = load_credentials(new.credentials) if new.credentials != self.config.credentials else None
+        except SenderdError as exc:
+            self.metrics.config_reload_ok.set(0)
+            log.error("config_reload_failed", error=str(exc), keeping="the running configuration")
+            self._reloaded()
+            return False
+        restart_needed = [name for name in ("server", "relay", "pool", "runtime", "token")
+                          if getattr(new, name) != getattr(self.config, name)]
+        if key is not None and self.watcher is not None:
+            await self.watcher.rotate(new.credentials)
+        self.config = new
+        engine.config = new
+        for flow in new.flows:
+            self.metrics.declare_flow(flow.name, flow.every)
+        self._schedules.cancel()  # the scheduling loop starts again with the new flows
+        self.metrics.config_reload_ok.set(1)
+        log.info("config_reloaded", flows=[f.name for f in new.flows],
+                 **({"restart_needed_for": restart_needed} if restart_needed else {}))
+        self._reloaded()
+        return True
+
+    def _reloaded(self) -> None:
+        self.reloaded.set()
+        self.reloaded = anyio.Event()
 
     def stop(self) -> None:
         """Ask for a graceful stop; a second call forces it."""
@@ -100,6 +142,14 @@ class Daemon:
         config = self.config
         async with anyio.create_task_group() as outer:
             await outer.start(engine.tokens.run)
+            if config.credentials.service_key is not None:
+
+                def rotated(key: ServiceKey) -> None:
+                    if key.certificate_not_after is not None:
+                        self.metrics.certificate_expiry.set(key.certificate_not_after.timestamp())
+
+                self.watcher = CredentialWatcher(config.credentials, engine.tokens, rotated)
+                outer.start_soon(self.watcher.run, config.credentials.watch_interval, self.clock)
             relay = self.relay
             if relay is not None:
                 await outer.start(relay.spool.run_writer)
@@ -116,12 +166,13 @@ class Daemon:
                     finally:
                         drained.set()
 
-                scheduling = anyio.CancelScope()
-
                 async def schedules(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-                    with scheduling:
-                        await run_schedules(config.flows, pool, make_job, clock=self.clock,
-                                            metrics=self.metrics, task_status=task_status)
+                    status = task_status
+                    while not self._stop.is_set():  # a reload cancels one round; the next takes the new flows
+                        with anyio.CancelScope() as self._schedules:
+                            await run_schedules(self.config.flows, pool, make_job, clock=self.clock,
+                                                metrics=self.metrics, task_status=status)
+                        status = anyio.TASK_STATUS_IGNORED
 
                 await work.start(workers)
                 await work.start(schedules)
@@ -131,7 +182,7 @@ class Daemon:
                 self.started.set()
                 await self._stop.wait()
                 log.info("stopping", inflight=pool.running, drain_timeout_s=config.pool.drain_timeout)
-                scheduling.cancel()
+                self._schedules.cancel()
                 pool.close()
                 if relay is not None:
                     await relay.stop_accepting()
@@ -150,8 +201,12 @@ class Daemon:
             outer.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("signal", signal="SIGHUP", action="reload")
+                    await self.reload()
+                    continue
                 log.info("signal", signal=signal.Signals(signum).name, forced=self._stop.is_set())
                 self.stop()
 

@@ -76,10 +76,13 @@ class Engine:
             message_id = new_message_id() if flow.application_id == "auto" else flow.application_id
         payload = body if body is not None else flow.body_bytes()
         self.metrics.inflight.inc()
+        deadline_at = self.clock.monotonic() + flow.deadline
         try:
             result = await deliver(
-                flow.name, lambda: self.sender.attempt(flow, payload, headers, message_id), RetryPolicy.of(flow),
-                sleep=self.clock.sleep, monotonic=self.clock.monotonic)
+                flow.name,
+                lambda: self.sender.attempt(flow, payload, headers, message_id,
+                                            timeout=deadline_at - self.clock.monotonic()),
+                RetryPolicy.of(flow), sleep=self.clock.sleep, monotonic=self.clock.monotonic)
         finally:
             self.metrics.inflight.dec()
         result = SendResult(flow=result.flow, outcome=result.outcome, attempts=result.attempts,

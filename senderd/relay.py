@@ -151,7 +151,12 @@ class Relay:
         key = request.headers.get("Idempotency-Key")
         if key is not None and not _IDEMPOTENCY_KEY.match(key):
             return _error(400, "Idempotency-Key must be 1-255 visible ASCII characters")
-        body = await request.read()
+        body: bytes | None = None
+        with anyio.move_on_after(self.config.read_timeout):
+            body = await request.read()
+        if body is None:
+            return _error(408, f"the body did not arrive within relay.read_timeout ({self.config.read_timeout:g}s)",
+                          headers={"Connection": "close"})
         try:
             message_id, created = await self.spool.add(name, body, content_type, key)
         except SpoolFull:

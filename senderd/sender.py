@@ -119,22 +119,23 @@ class Sender:
         return flow.path if flow.path.startswith("https://") else self.runtime_url + flow.path
 
     async def attempt(self, flow: FlowConfig, body: bytes | None = None,
-                      extra_headers: dict[str, str] | None = None, message_id: str | None = None) -> Attempt:
-        """One exchange under the flow's timeout, classified."""
+                      extra_headers: dict[str, str] | None = None, message_id: str | None = None,
+                      timeout: float | None = None) -> Attempt:
+        """One exchange under the flow's timeout (or `timeout`, if shorter: what is left of a deadline)."""
+        limit = flow.timeout if timeout is None else max(0.001, min(flow.timeout, timeout))
         try:
-            with anyio.fail_after(flow.timeout):
+            with anyio.fail_after(limit):
                 return await self._exchange(flow, body, extra_headers or {}, message_id)
         except TimeoutError:
             self._count(flow, None)
-            return Attempt("timeout", error=f"no answer within {flow.timeout:g}s", retryable=True)
+            return Attempt("timeout", error=f"no answer within {limit:g}s", retryable=True)
         except TokenError as exc:  # counted per fetch by the token provider's listener
             transient = exc.reason in TRANSIENT_TOKEN_FAILURES
             return Attempt("auth_error", error=f"no token: {exc}", retryable=transient,
                            retry_after=self.tokens.next_attempt_in if transient else None)
         except aiohttp.ClientConnectorCertificateError as exc:
             self._count(flow, None)
-            return Attempt("connection_error", error=f"runtime TLS certificate not trusted ({_short(exc)}): "
-                                                     "set runtime.ca_file or credentials.ca_file")
+            return Attempt("connection_error", error=_certificate_problem(exc))
         except (aiohttp.ClientError, OSError) as exc:
             self._count(flow, None)
             return Attempt("connection_error", error=f"{type(exc).__name__}: {_short(exc)}", retryable=True)
@@ -213,6 +214,23 @@ class Sender:
     def _count(self, flow: FlowConfig, status: int | None) -> None:
         if self.metrics is not None:
             self.metrics.attempts.labels(flow.name, str(status) if status is not None else "none").inc()
+
+
+_EXPIRED_OR_NOT_YET_VALID = frozenset({9, 10})  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+_NAME_MISMATCH = frozenset({62, 64})  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
+def _certificate_problem(exc: aiohttp.ClientConnectorCertificateError) -> str:
+    """What is wrong with the runtime's certificate, and what fixes it."""
+    cause = exc.certificate_error
+    code = getattr(cause, "verify_code", None)
+    reason = getattr(cause, "verify_message", None) or _short(cause)
+    where = f"runtime {exc.host}:{exc.port}"
+    if code in _EXPIRED_OR_NOT_YET_VALID:
+        return f"{where}: TLS {reason}: the runtime's certificate must be renewed (or this machine's clock is off)"
+    if code in _NAME_MISMATCH:
+        return f"{where}: TLS {reason}: check the host in runtime.url or the flow's path"
+    return f"{where}: TLS certificate not trusted ({reason}): set runtime.ca_file or credentials.ca_file"
 
 
 def new_message_id() -> str:

@@ -83,6 +83,8 @@ class RefreshPolicy:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     retry_after_max: float = 600.0
+    startup_jitter: float = 0.0
+    """The background refresher's first fetch waits a random part of this (no stampede of replicas)."""
 
     def refresh_delay(self, lifetime: float, rng: random.Random) -> float:
         """Seconds after obtaining a token with `lifetime` at which to refresh it."""
@@ -139,6 +141,16 @@ class TokenProvider:
         return self._last_error
 
     @property
+    def fetcher(self) -> Callable[[], Awaitable[TokenGrant]]:
+        """What fetches tokens (an `HttpTokenFetcher` in production)."""
+        return self._fetch
+
+    async def wait_fetch(self) -> None:
+        """Return when the fetch under way (if any) has finished."""
+        if self._inflight is not None:
+            await self._inflight.wait()
+
+    @property
     def fetching(self) -> bool:
         """True while a fetch is under way."""
         return self._inflight is not None
@@ -182,6 +194,8 @@ class TokenProvider:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep a token fresh until cancelled: refresh ahead of expiry, back off on failure."""
         task_status.started()
+        if self._token is None and self._policy.startup_jitter > 0:
+            await self._sleep_or_wake(self._rng.uniform(0, self._policy.startup_jitter))
         while True:
             now = self._clock.monotonic()
             if self._inflight is not None:

@@ -36,6 +36,27 @@ _SECRET_SHAPES = [
     re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\."),  # a JWT
     re.compile(r"PRIVATE KEY-----"),
 ]
+TEST_SECRETS = ("the-client-secret", "secret-value-123", "s3cr3t-value-xyz", "app-to-sidecar-token",
+                "not-a-cert-secret", "hunter2-client-secret")
+"""Client secrets and tokens the tests use: none may appear in any output."""
+
+
+def secrets_in(text: str) -> list[str]:
+    """What in `text` looks like a token, a private key or one of the tests' secrets."""
+    found = [shape.pattern for shape in _SECRET_SHAPES if shape.search(text)]
+    return found + [secret for secret in TEST_SECRETS if secret in text]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Suite-wide: a test whose captured stdout, stderr or log output holds a secret fails."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    captured = "\n".join(content for _, content in report.sections)
+    hits = secrets_in(captured)
+    if hits and report.passed:
+        report.outcome = "failed"
+        report.longrepr = f"secret-shaped text in the captured output of {item.nodeid}: {hits}"
 
 
 class CapturedLogs:
@@ -51,8 +72,7 @@ class CapturedLogs:
 
     def assert_no_secrets(self) -> None:
         text = self.text
-        for shape in _SECRET_SHAPES:
-            assert not shape.search(text), f"secret-shaped text in logs: {shape.pattern}"
+        assert not secrets_in(text), f"secret-shaped text in logs: {secrets_in(text)}"
         for secret in self.extra_secrets:
             assert secret not in text, "a known secret reached the logs"
 

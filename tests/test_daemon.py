@@ -21,6 +21,7 @@ from senderd.emulator.stack import EmulatorStack
 from senderd.metrics import Metrics
 from senderd.pool import Job, WorkerPool
 from senderd.scheduler import run_schedules
+from tests.conftest import secrets_in
 
 pytestmark = pytest.mark.anyio
 
@@ -112,7 +113,9 @@ async def test_three_second_tokens_over_20_seconds_never_expire_at_the_runtime(t
 
 async def senderd(*args: str) -> tuple[int, str, str]:
     result = await anyio.run_process([sys.executable, "-m", "senderd", *args], check=False)
-    return result.returncode, result.stdout.decode(), result.stderr.decode()
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert not secrets_in(out + err), f"a secret in senderd's output: {secrets_in(out + err)}"
+    return result.returncode, out, err
 
 
 async def test_once_exit_codes_and_summary(tmp_path: Path) -> None:

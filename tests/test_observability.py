@@ -130,7 +130,16 @@ async def test_health_readiness_and_probe(flows_stack: EmulatorStack) -> None:
 
 async def test_readyz_is_503_with_a_reason_while_no_token_is_held(flows_stack: EmulatorStack) -> None:
     flows_stack.token_server.faults.down = True
-    async with running_daemon(flows_stack, sends=0) as (_, url):
+    async with running_daemon(flows_stack, sends=0) as (daemon, url):
+        assert daemon.engine is not None
+        status, _, body = await get(f"{url}/readyz")
+        assert status == 503
+        expected = ("no valid token yet", f"no valid token: {daemon.engine.tokens.last_error}")
+        assert json.loads(body)["reason"] in expected
+        failed = anyio.Event()
+        daemon.engine.tokens.listeners.append(lambda _d, _t, error: failed.set() if error else None)
+        with anyio.fail_after(10):
+            await failed.wait()  # the first fetch waits up to token.startup_jitter, then fails
         status, _, body = await get(f"{url}/readyz")
         assert status == 503
         reason = json.loads(body)

@@ -356,3 +356,19 @@ async def test_no_acked_message_is_lost_across_sigkill(tmp_path: Path) -> None:
     print(f"\nSIGKILL: {len(acked)} acked, {len(delivered_before)} delivered before the kill, "
           f"{len(set(delivered))} unique after restart, {len(delivered) - len(set(delivered))} duplicates")
     assert acked <= set(delivered)
+
+
+async def test_a_slow_loris_gets_408_and_blocks_nobody(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path, read_timeout="500ms") as (_, daemon, url, _d):
+        assert daemon.relay is not None
+        host, port = daemon.relay.host, daemon.relay.port
+        async with await anyio.connect_tcp(host, port) as slow:
+            await slow.send(b"POST /v1/flows/orders/messages HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                            b"Content-Length: 100\r\n\r\nabc")  # and then nothing more
+            status, _, _ = await post(f"{url}/v1/flows/orders/messages")  # others are served meanwhile
+            assert status == 202
+            answer = b""
+            with anyio.fail_after(5):
+                while b"\r\n\r\n" not in answer:
+                    answer += await slow.receive()
+    assert answer.startswith(b"HTTP/1.1 408")

@@ -56,6 +56,7 @@ async def provider_for(
 ) -> AsyncIterator[tuple[TokenProvider, FetchWatcher]]:
     watcher = FetchWatcher()
     config = creds(stack)
+    token_config.setdefault("startup_jitter", 0)
     async with token_provider(load_credentials(config), config, TokenConfig(**token_config), clock=clock,
                               listeners=[watcher]) as provider:
         yield provider, watcher

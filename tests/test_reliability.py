@@ -1,0 +1,249 @@
+"""Faults survived: a token-server outage of twice the token lifetime, replicas starting together,
+the service key replaced while running (a Kubernetes Secret's symlink swap), and SIGHUP reloads."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+
+from senderd.auth import token_provider
+from senderd.clock import FakeClock
+from senderd.config import CredentialsConfig, TokenConfig, load_config
+from senderd.credentials import load_service_key
+from senderd.daemon import Daemon
+from senderd.emulator.stack import EmulatorStack
+from senderd.errors import TokenError
+from senderd.sender import SendResult
+from senderd.token import Token, TokenProvider
+from tests.conftest import CapturedLogs
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def daemon_on(stack: EmulatorStack) -> AsyncIterator[tuple[Daemon, list[tuple[float, SendResult]]]]:
+    daemon = Daemon.create(load_config(stack.config_path), handle_signals=False, config_path=stack.config_path)
+    results: list[tuple[float, SendResult]] = []
+    first = anyio.Event()
+
+    def seen(result: SendResult) -> None:
+        results.append((time.time(), result))
+        first.set()
+
+    async def hook(engine: Any, _group: object) -> None:
+        engine.listeners.append(seen)
+
+    daemon.on_start = hook
+    async with anyio.create_task_group() as group:
+        group.start_soon(daemon.serve)
+        with anyio.fail_after(15):
+            await daemon.started.wait()
+            await first.wait()
+        yield daemon, results
+        daemon.stop()
+
+
+async def readyz(daemon: Daemon) -> int:
+    assert daemon.server is not None
+    async with aiohttp.ClientSession() as session, session.get(f"{daemon.server.url}/readyz") as response:
+        return response.status
+
+
+async def test_token_server_down_for_twice_the_lifetime(tmp_path: Path) -> None:
+    lifetime = 4
+    extra = ('[token]\nstartup_jitter = "0s"\n'
+             '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "250ms"\nstart = "now"\nretries = 0\n')
+    async with EmulatorStack.started(tmp_path / "emu", token_lifetime=lifetime, config_extra=extra) as stack, \
+            daemon_on(stack) as (daemon, results):
+        assert daemon.engine is not None
+        tokens = daemon.engine.tokens
+        fetched: list[tuple[float, Token | None, TokenError | None]] = []
+        back = anyio.Event()
+
+        def seen(_duration: float, token: Token | None, error: TokenError | None) -> None:
+            fetched.append((time.time(), token, error))
+            if token is not None and stack.token_server.faults.down is False:
+                back.set()
+
+        tokens.listeners.append(seen)
+        cached = await tokens.get()
+        down_at = time.time()
+        stack.token_server.faults.down = True
+        ready_while_valid = await readyz(daemon)
+        with anyio.fail_after(3 * lifetime):
+            while time.time() < down_at + 2 * lifetime:  # the outage lasts twice the token lifetime
+                await anyio.sleep(0.25)  # sampling readiness over time, not synchronising
+                if not tokens.has_valid_token():
+                    break
+        ready_after_expiry = await readyz(daemon)
+        await anyio.sleep(max(0.0, down_at + 2 * lifetime - time.time()))
+        stack.token_server.faults.down = False
+        up_at = time.time()
+        failures_in_outage = [t for t, _, e in fetched if e is not None]
+        with anyio.fail_after(70):
+            await back.wait()
+        recovered_in = time.time() - up_at
+        last_wait = tokens.next_attempt_in
+    expiry = cached.expires_at_wall
+    failed_while_valid = [r for t, r in results if down_at <= t < expiry - 0.5 and not r.ok]
+    print(f"\noutage {2 * lifetime}s with {lifetime}s tokens: {len(failures_in_outage)} fetch attempts, "
+          f"{len(failed_while_valid)} sends failed while the token was valid, token back {recovered_in:.2f}s "
+          f"after the server")
+    assert failed_while_valid == []
+    assert ready_while_valid == 200
+    assert ready_after_expiry == 503
+    # backoff 1, 2, 4 s (+-10 %) over the outage: at most one attempt per step
+    assert 2 <= len(failures_in_outage) <= 5
+    gaps = [b - a for a, b in itertools.pairwise(failures_in_outage)]
+    assert all(gap >= 0.85 * 2 ** n for n, gap in enumerate(gaps)), gaps
+    assert recovered_in <= 8 * 1.1 + 0.5  # within one backoff step (the next one was at most 8 s away)
+    assert last_wait is None
+
+
+async def test_replicas_starting_together_do_not_stampede(tmp_path: Path) -> None:
+    async with EmulatorStack.started(tmp_path / "emu") as stack:
+        clock = FakeClock()
+        fetch_times: list[float] = []
+        config = CredentialsConfig(service_key=stack.service_key_path, ca_file=stack.ca_path)
+        key = load_service_key(stack.service_key_path)
+        providers: list[TokenProvider] = []
+        async with anyio.create_task_group() as group:
+            for replica in range(20):
+                async def one(seed: int = replica) -> None:
+                    async with token_provider(key, config, TokenConfig(startup_jitter=5), clock=clock) as p:
+                        p._rng = random.Random(seed)
+                        p.listeners.append(lambda *_: fetch_times.append(clock.monotonic()))
+                        providers.append(p)
+                        await p.run()
+
+                group.start_soon(one)
+            await anyio.wait_all_tasks_blocked()
+            for _ in range(60):  # 6 s of fake time, in steps
+                clock.advance(0.1)
+                await anyio.wait_all_tasks_blocked()
+                for provider in providers:  # real HTTP fetches under way: let them land
+                    await provider.wait_fetch()
+            group.cancel_scope.cancel()
+    start = 1000.0
+    spread = max(fetch_times) - min(fetch_times)
+    print(f"\n20 replicas, startup_jitter 5s: first fetches spread over {spread:.1f}s")
+    assert len(fetch_times) == 20
+    assert all(start <= t <= start + 5.1 for t in fetch_times)
+    assert spread > 3.0
+    assert len({round(t) for t in fetch_times}) >= 4  # not one burst
+
+
+def swap_key(keys: Path, version: str, text: str) -> None:
+    """Replace the service key as the kubelet does: write a new folder, then swap the `..data` link."""
+    folder = keys / f"..{version}"
+    folder.mkdir()
+    (folder / "service-key.json").write_text(text)
+    (keys / "..data_tmp").symlink_to(folder.name)
+    os.replace(keys / "..data_tmp", keys / "..data")
+
+
+async def test_service_key_rotation_is_picked_up_without_restart(tmp_path: Path, logs: CapturedLogs) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    async with EmulatorStack.started(tmp_path / "emu", token_lifetime=3) as stack:
+        swap_key(keys, "v1", stack.service_key_path.read_text())
+        (keys / "service-key.json").symlink_to("..data/service-key.json")
+        stack.config_path.write_text(
+            f'[credentials]\nservice_key = "{keys}/service-key.json"\nca_file = "{stack.ca_path}"\n'
+            'watch_interval = "1h"\n[token]\nstartup_jitter = "0s"\n[server]\nlisten = "127.0.0.1:0"\n'
+            '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "200ms"\nstart = "now"\n')
+        async with daemon_on(stack) as (daemon, results):
+            assert daemon.engine is not None
+            fetched: list[tuple[Token | None, TokenError | None]] = []
+            rotated_fetch = anyio.Event()
+            def seen(_duration: float, token: Token | None, error: TokenError | None) -> None:
+                fetched.append((token, error))
+                if token is not None:
+                    rotated_fetch.set()
+
+            daemon.engine.tokens.listeners.append(seen)
+            new_client = stack.pki.issue_client("rotated-client")
+            stack.token_server.add_certificate_client(stack.client_id, new_client.cert, stack.scopes)  # old is out
+            swap_key(keys, "v2", json.dumps(stack.service_key(client=new_client)))
+            assert daemon.watcher is not None
+            assert await daemon.watcher.check()  # what the watcher's loop does every watch_interval
+            with anyio.fail_after(10):
+                await rotated_fetch.wait()  # the next fetch can only succeed with the new certificate
+            expiry = daemon.metrics.registry.get_sample_value("senderd_client_certificate_expiry_timestamp_seconds")
+            swap_key(keys, "v3", "{ not json")
+            assert not await daemon.watcher.check()  # refused: the old key keeps serving
+            sends_before = len(results)
+            with anyio.fail_after(10):
+                await stack.runtime.wait_for_messages(len(stack.runtime.stats.messages) + 5)
+    assert all(error is None for _, error in fetched)
+    assert expiry == new_client.cert.not_valid_after_utc.timestamp()
+    assert all(result.ok for _, result in results[sends_before:])  # the old key kept serving
+    assert "credentials_rotated" in logs.text
+
+
+class DaemonLogs:
+    """Drains a subprocess's stdout and lets a test wait for a log event."""
+
+    def __init__(self, process: anyio.abc.Process) -> None:
+        self.process = process
+        self.text = ""
+        self._changed = anyio.Event()
+
+    async def run(self) -> None:
+        assert self.process.stdout is not None
+        async for chunk in self.process.stdout:
+            self.text += chunk.decode()
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def wait_for(self, event: str, count: int = 1) -> dict[str, Any]:
+        while self.text.count(f'"event": "{event}"') < count:
+            await self._changed.wait()
+        lines = [line for line in self.text.splitlines() if f'"event": "{event}"' in line]
+        return dict(json.loads(lines[count - 1]))
+
+
+async def test_sighup_reloads_and_refuses_an_invalid_config(tmp_path: Path) -> None:
+    async with EmulatorStack.started(tmp_path / "emu") as stack:
+        base = stack.config_path.read_text()
+        stack.config_path.write_text(base + '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "1h"\n')
+        command = [sys.executable, "-m", "senderd", "run", "-c", str(stack.config_path)]
+        async with await anyio.open_process(command) as process, anyio.create_task_group() as group:
+            logs = DaemonLogs(process)
+            group.start_soon(logs.run)
+            with anyio.fail_after(30):
+                url = (await logs.wait_for("listening"))["url"]
+                await logs.wait_for("started")  # signal handlers are installed by then
+                stack.config_path.write_text(
+                    base + '[[flows]]\nname = "orders"\npath = "/http/Orders"\nmethod = "POST"\nbody = "<o/>"\n'
+                    'every = "200ms"\nstart = "now"\n')
+                process.send_signal(signal.SIGHUP)
+                reloaded = await logs.wait_for("config_reloaded")
+                await stack.runtime.wait_for_messages(1)  # the new flow runs without a restart
+                stack.config_path.write_text(base + "[[flows]]\nname = 'x'\n")  # no path: invalid
+                process.send_signal(signal.SIGHUP)
+                failed = await logs.wait_for("config_reload_failed")
+                async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+                    metrics = await response.text()
+                before = len(stack.runtime.stats.messages)
+                await stack.runtime.wait_for_messages(before + 2)  # still sending with the old config
+                process.send_signal(signal.SIGTERM)
+                code = await process.wait()
+    assert reloaded["flows"] == ["orders"]
+    assert stack.runtime.stats.messages[0].address == "/orders"
+    assert "flows[0].path: required key is missing" in failed["error"]
+    assert "senderd_config_last_reload_successful 0.0" in metrics
+    assert code == 0
