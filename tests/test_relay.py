@@ -285,12 +285,19 @@ class DaemonLogs:
         self.text = ""
         self.relay_url = ""
         self.listening = anyio.Event()
+        self._changed = anyio.Event()
+
+    async def changed(self) -> None:
+        """Wait for more output."""
+        await self._changed.wait()
 
     async def run(self) -> None:
         assert self.process.stdout is not None
         try:
             async for chunk in self.process.stdout:
                 self.text += chunk.decode()
+                self._changed.set()
+                self._changed = anyio.Event()
                 if not self.listening.is_set():
                     for line in self.text.splitlines():
                         if '"relay_listening"' in line:
@@ -372,3 +379,26 @@ async def test_a_slow_loris_gets_408_and_blocks_nobody(tmp_path: Path) -> None:
                 while b"\r\n\r\n" not in answer:
                     answer += await slow.receive()
     assert answer.startswith(b"HTTP/1.1 408")
+
+
+async def test_sigterm_drains_relay_deliveries_in_flight(tmp_path: Path) -> None:
+    extra = FLOWS + relay_section(tmp_path / "spool")
+    async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
+        stack.runtime.flows["/orders"].latency = 1.0
+        command = [sys.executable, "-m", "senderd", "run", "-c", str(stack.config_path)]
+        async with await anyio.open_process(command) as process, anyio.create_task_group() as group:
+            logs = DaemonLogs(process)
+            group.start_soon(logs.run)
+            with anyio.fail_after(30):
+                await logs.listening.wait()
+                ids = [(await post(f"{logs.relay_url}/v1/flows/orders/messages"))[1]["id"] for _ in range(4)]
+                await stack.runtime.wait_for_requests(2)  # the CSRF fetch and the first delivery are under way
+                process.send_signal(signal.SIGTERM)
+                while '"event": "stopping"' not in logs.text:
+                    await logs.changed()
+                late = await post(f"{logs.relay_url}/v1/flows/orders/messages")
+                code = await process.wait()
+    delivered = {m.headers["sap_applicationid"] for m in stack.runtime.stats.messages}
+    assert code == 0
+    assert late[0] == 503
+    assert set(ids) <= delivered  # everything in flight finished within the drain
