@@ -77,3 +77,16 @@ class FakeClock:
         while self._sleepers and self._sleepers[0][0] <= self._mono:
             _, _, event = heapq.heappop(self._sleepers)
             event.set()
+
+
+class StepClock(FakeClock):
+    """A fake clock whose sleeps return at once after moving time on: waits are recorded, not spent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeps: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.advance(max(0.0, seconds))
+        await anyio.lowlevel.checkpoint()

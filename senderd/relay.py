@@ -27,6 +27,7 @@ from senderd.errors import ConfigError
 from senderd.pool import WorkerPool
 from senderd.sender import SendResult
 from senderd.server import parse_listen
+from senderd.site import Site
 from senderd.spool import STATES, Message, Spool, SpoolFull, State
 
 log = structlog.get_logger(component="relay")
@@ -63,7 +64,7 @@ class Relay:
         self.host, self.port = parse_listen(config.listen)
         self.stopping = False
         self._wake = anyio.Event()
-        self._runner: web.AppRunner | None = None
+        self._site: Site | None = None
         self._inflight: dict[str, Message] = {}
         self._settled = anyio.Event()
         self._oldest: float | None = None
@@ -96,15 +97,12 @@ class Relay:
 
     async def start(self) -> None:
         """Listen on `relay.listen`."""
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
+        self._site = Site(self.app(), self.host, self.port)
         try:
-            await web.TCPSite(self._runner, self.host, self.port).start()
+            await self._site.start()
         except OSError as exc:
-            await self._runner.cleanup()
             raise ConfigError(f"relay.listen: cannot listen on {self.host}:{self.port} ({exc.strerror})") from None
-        if self._runner.addresses:
-            self.port = int(self._runner.addresses[0][1])
+        self.port = self._site.port
 
     async def stop_accepting(self) -> None:
         """From now on, posts are answered 503 (the stop has begun)."""
@@ -112,9 +110,8 @@ class Relay:
 
     async def stop(self) -> None:
         """Close the listener."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._site is not None:
+            await self._site.stop()
 
     @web.middleware
     async def _middleware(self, request: web.Request,

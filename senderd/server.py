@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 
 from senderd.engine import Engine
 from senderd.errors import ConfigError
+from senderd.site import Site
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -32,7 +33,7 @@ class ObservabilityServer:
         self.engine = engine
         self.host, self.port = parse_listen(listen)
         self._ready = ready or self._token_ready
-        self._runner: web.AppRunner | None = None
+        self._site: Site | None = None
 
     @property
     def url(self) -> str:
@@ -51,23 +52,17 @@ class ObservabilityServer:
 
     async def start(self) -> None:
         """Listen; the port is known afterwards even when 0 was asked for."""
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        self._site = Site(self.app(), self.host, self.port)
         try:
-            await site.start()
+            await self._site.start()
         except OSError as exc:
-            await self._runner.cleanup()
             raise ConfigError(f"server.listen: cannot listen on {self.host}:{self.port} ({exc.strerror})") from None
-        addresses = self._runner.addresses
-        if addresses:
-            self.port = int(addresses[0][1])
+        self.port = self._site.port
 
     async def stop(self) -> None:
         """Stop listening."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._site is not None:
+            await self._site.stop()
 
     def _token_ready(self) -> tuple[bool, str]:
         tokens = self.engine.tokens

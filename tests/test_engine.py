@@ -2,46 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
-
 import anyio
 import pytest
 
 from senderd.client import Client
-from senderd.clock import FakeClock
-from senderd.config import config_from_dict
+from senderd.clock import StepClock
 from senderd.emulator.runtime import FlowSpec
 from senderd.emulator.stack import EmulatorStack
 from senderd.engine import Engine
-from senderd.metrics import Metrics
 from senderd.token import Token
+from tests.tools import engine_for
 
 pytestmark = pytest.mark.anyio
-
-
-class StepClock(FakeClock):
-    """A fake clock whose sleeps return at once after moving time on: waits are recorded, not spent."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sleeps: list[float] = []
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.advance(max(0.0, seconds))
-        await anyio.lowlevel.checkpoint()
-
-
-@asynccontextmanager
-async def engine_for(stack: EmulatorStack, *flows: dict[str, Any], clock: Any = None,
-                     defaults: dict[str, Any] | None = None) -> AsyncIterator[Engine]:
-    config = config_from_dict({
-        "credentials": {"service_key": str(stack.service_key_path), "ca_file": str(stack.ca_path)},
-        "defaults": defaults or {}, "flows": list(flows)}, source="test.toml")
-    async with Engine.open(config, metrics=Metrics(), clock=clock) as engine:
-        yield engine
 
 
 def sample(engine: Engine, name: str, labels: dict[str, str] | None = None) -> float:

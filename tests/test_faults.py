@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -24,43 +23,19 @@ import anyio.lowlevel
 import pytest
 from aiohttp import web
 
-from senderd.clock import Clock, FakeClock, SystemClock
-from senderd.config import config_from_dict
+from senderd.clock import StepClock, SystemClock
 from senderd.emulator.pki import Pki
 from senderd.emulator.runtime import FlowSpec, Runtime
 from senderd.emulator.stack import EmulatorStack
 from senderd.engine import Engine
-from senderd.metrics import Metrics
 from senderd.sender import SendResult
 from tests.faultproxy import Blackhole, CloseImmediately, FaultProxy, Pass, ResetAfterResponseBytes
+from tests.tools import engine_for
 
 pytestmark = pytest.mark.anyio
 
 BOUND = 10.0
 """No send may take longer than this (seconds): a hang fails fast instead of at pytest's 60 s timeout."""
-
-
-class StepClock(FakeClock):
-    """A fake clock whose sleeps return at once after moving time on: retry waits are recorded, not spent."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sleeps: list[float] = []
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.advance(max(0.0, seconds))
-        await anyio.lowlevel.checkpoint()
-
-
-@asynccontextmanager
-async def engine_for(stack: EmulatorStack, *flows: dict[str, Any], clock: Clock) -> AsyncIterator[Engine]:
-    """An engine trusting the stack's CA (only), for `flows`."""
-    config = config_from_dict({
-        "credentials": {"service_key": str(stack.service_key_path), "ca_file": str(stack.ca_path)},
-        "flows": list(flows)}, source="test.toml")
-    async with Engine.open(config, metrics=Metrics(process=False), clock=clock) as engine:
-        yield engine
 
 
 async def send(engine: Engine, flow: str, fault: str) -> SendResult:

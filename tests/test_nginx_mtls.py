@@ -19,7 +19,7 @@ from aiohttp import web
 
 from senderd.emulator.pki import Pki
 from senderd.emulator.servicekey import client_id_for, service_key_dict
-from tests.tools import free_port, require_tool
+from tests.tools import free_port, require_tool, wait_for_port
 
 pytestmark = pytest.mark.anyio
 class OAuthBackend:
@@ -93,15 +93,7 @@ http {{
     key_path.write_text(json.dumps(key, indent=2))
     process = await anyio.open_process([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")])
     try:
-        with anyio.fail_after(10):
-            while True:  # wait until nginx accepts connections
-                try:
-                    stream = await anyio.connect_tcp("127.0.0.1", port)
-                except OSError:
-                    await anyio.sleep(0.05)
-                    continue
-                await stream.aclose()
-                break
+        await wait_for_port(port)
         yield port, backend, key_path
     finally:
         process.terminate()

@@ -19,7 +19,7 @@ from senderd.daemon import Daemon
 from senderd.emulator.stack import EmulatorStack
 from senderd.sender import SendResult
 from tests.deploy_names import PUBLIC_METRICS, metric_names_in_alerts, metric_names_in_dashboard
-from tests.tools import free_port, require_tool
+from tests.tools import free_port, require_tool, wait_for_port
 
 pytestmark = pytest.mark.anyio
 
@@ -191,15 +191,7 @@ async def test_once_pushes_to_a_real_pushgateway(flows_stack: EmulatorStack, tmp
                                         "--persistence.interval=1h"])
     async with process:
         try:
-            with anyio.fail_after(20):
-                while True:  # another process: wait until it accepts connections
-                    try:
-                        stream = await anyio.connect_tcp("127.0.0.1", port)
-                    except OSError:
-                        await anyio.sleep(0.05)
-                        continue
-                    await stream.aclose()
-                    break
+            await wait_for_port(port)
             result = await anyio.run_process(
                 [sys.executable, "-m", "senderd", "once", "-c", str(flows_stack.config_path), "--flow", "ts",
                  "--push-gateway", f"http://127.0.0.1:{port}"], check=False)

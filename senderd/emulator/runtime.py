@@ -20,6 +20,7 @@ from aiohttp import web
 
 from senderd.emulator.pki import Pki
 from senderd.emulator.token_server import TokenServer
+from senderd.site import Site
 
 ALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 MODIFYING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -115,8 +116,7 @@ class Runtime:
         self._required_scope_suffix = required_scope_suffix
         self._sessions: dict[str, tuple[str, str]] = {}  # JSESSIONID -> (__VCAP_ID__, CSRF token)
         self._pattern_pos: collections.Counter[str] = collections.Counter()
-        self._runner: web.AppRunner | None = None
-        self._url: str | None = None
+        self._site: Site | None = None
         self._request_seen = asyncio.Event()
         for flow in default_flows() if flows is None else flows:
             self.add_flow(flow)
@@ -132,7 +132,8 @@ class Runtime:
             await self._request_seen.wait()
 
     def __repr__(self) -> str:
-        return f"Runtime(url={self._url!r}, flows={sorted(self.flows)})"
+        url = self._site.url("https") if self._site else None
+        return f"Runtime(url={url!r}, flows={sorted(self.flows)})"
 
     def add_flow(self, flow: FlowSpec) -> None:
         """Deploy (or replace) a flow."""
@@ -146,30 +147,21 @@ class Runtime:
         """Listen with TLS on host:port (0 = a free port)."""
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=self._pki.server_ssl_context(client_ca=False))
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound_port = runner.addresses[0][1]
-        self._url = f"https://[{host}]:{bound_port}" if ":" in host else f"https://{host}:{bound_port}"
+        site = Site(app, host, port, ssl_context=self._pki.server_ssl_context(client_ca=False), shutdown_timeout=1.0)
+        await site.start()
+        self._site = site
 
     async def stop(self) -> None:
         """Stop listening and close connections."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._site is not None:
+            await self._site.stop()
 
     @property
     def url(self) -> str:
         """Base URL, e.g. "https://127.0.0.1:<port>"; flows are at url + "/http/<address>"."""
-        if self._url is None:
+        if self._site is None:
             raise RuntimeError("runtime not started")
-        return self._url
+        return self._site.url("https")
 
     def _find_flow(self, path: str) -> tuple[str, FlowSpec] | None:
         if not path.lower().startswith("/http/"):

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from senderd.emulator.pki import Pki
+from senderd.site import Site
 
 _FORM = "application/x-www-form-urlencoded"
 
@@ -80,11 +81,11 @@ class TokenServer:
         self._clients: dict[str, _Client] = {}
         self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self._kid = f"default-jwt-key-{secrets.randbelow(10**9)}"
-        self._runner: web.AppRunner | None = None
-        self._url: str | None = None
+        self._site: Site | None = None
 
     def __repr__(self) -> str:
-        return f"TokenServer(url={self._url!r}, clients={len(self._clients)})"
+        url = self._site.url("https") if self._site else None
+        return f"TokenServer(url={url!r}, clients={len(self._clients)})"
 
     def add_certificate_client(self, client_id: str, cert: x509.Certificate, scopes: Sequence[str]) -> None:
         """Register a client that authenticates with this exact TLS client certificate."""
@@ -103,31 +104,22 @@ class TokenServer:
         app.router.add_post("/oauth/token", self._token)
         app.router.add_get("/token_keys", self._token_keys)
         app.router.add_get("/.well-known/openid-configuration", self._openid_configuration)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
         ctx = self._pki.server_ssl_context(client_ca=True, require_client_cert=self._require_client_cert)
-        site = web.TCPSite(runner, host, port, ssl_context=ctx)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound_port = runner.addresses[0][1]
-        self._url = f"https://[{host}]:{bound_port}" if ":" in host else f"https://{host}:{bound_port}"
+        site = Site(app, host, port, ssl_context=ctx, shutdown_timeout=1.0)
+        await site.start()
+        self._site = site
 
     async def stop(self) -> None:
         """Stop listening and close connections."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._site is not None:
+            await self._site.stop()
 
     @property
     def url(self) -> str:
         """Base URL, e.g. "https://127.0.0.1:<port>"."""
-        if self._url is None:
+        if self._site is None:
             raise RuntimeError("token server not started")
-        return self._url
+        return self._site.url("https")
 
     @property
     def token_url(self) -> str:
@@ -190,11 +182,11 @@ class TokenServer:
             "rev_sig": secrets.token_hex(4),
             "iat": iat,
             "exp": exp,
-            "iss": self.token_url if self._url else "https://emulator/oauth/token",
+            "iss": self.token_url if self._site else "https://emulator/oauth/token",
             "zid": self._zone_id,
             "aud": list(dict.fromkeys([*audiences, client_id])),
         }
-        headers = {"jku": (self.jwks_url if self._url else ""), "kid": self._kid, "typ": "JWT"}
+        headers = {"jku": (self.jwks_url if self._site else ""), "kid": self._kid, "typ": "JWT"}
         token = jwt.encode(claims, self._signing_key, algorithm="RS256", headers=headers)
         return token, jti, exp - now
 
