@@ -22,15 +22,21 @@ from senderd.token import FetchListener, HttpTokenFetcher, RefreshPolicy, TokenP
 log = structlog.get_logger(component="credentials")
 
 
-def load_credentials(config: CredentialsConfig, *, now: dt.datetime | None = None) -> ServiceKey:
+def load_credentials(config: CredentialsConfig, *, now: dt.datetime | None = None,
+                     source: str | None = None) -> ServiceKey:
     """The service key named by `[credentials]`, validated; its secret is registered for redaction."""
+    where = f"{source}: " if source and source != "<defaults>" else ""
     if config.service_key is None and config.service_key_env is None:
         raise ConfigError(
-            "credentials.service_key: no service key configured: set it in the config file, "
+            f"{where}credentials.service_key: no service key configured: set it in the config file, "
             "or pass --service-key"
         )
+    try:
+        passphrase = config.key_passphrase()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
     key = load_service_key(config.service_key, env=config.service_key_env, key_file=config.key_file,
-                           key_passphrase=config.key_passphrase(), now=now)
+                           key_passphrase=passphrase, now=now)
     if key.client_secret is not None:
         register_secret(key.client_secret.reveal())
     return key

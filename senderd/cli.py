@@ -125,7 +125,7 @@ async def _token(args: argparse.Namespace) -> int:
     from senderd.token import claims_of
 
     config = _config(args)
-    key = load_credentials(config.credentials)
+    key = load_credentials(config.credentials, source=config.source)
     _warn(key.notes)
     async with token_provider(key, config.credentials, config.token) as provider:
         token = await provider.get()
@@ -147,7 +147,7 @@ async def _check(args: argparse.Namespace) -> int:
     from senderd.auth import load_credentials, token_provider
 
     config = _config(args)
-    key = load_credentials(config.credentials)
+    key = load_credentials(config.credentials, source=config.source)
     _warn(key.notes)
     expiry = key.certificate_not_after
     print(f"config OK: {config.source}")

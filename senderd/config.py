@@ -6,11 +6,13 @@ Relative paths are resolved against the config file's folder. Defaults live here
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -33,6 +35,16 @@ Duration = Annotated[float, BeforeValidator(_duration)]
 PositiveDuration = Annotated[float, BeforeValidator(_duration), Field(ge=0.001)]
 """A duration of at least 1 ms: zero would turn a timeout into instant failure or a backoff into a busy loop."""
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _is_url(value: str, schemes: tuple[str, ...]) -> bool:
+    """`value` is an absolute URL with one of `schemes`, a host, and a port (if any) in range."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError when out of range)
+    except ValueError:
+        return False
+    return parts.scheme in schemes and bool(parts.hostname) and value.startswith(parts.scheme + "://")
 
 
 def _no_control(value: str, what: str) -> str:
@@ -102,7 +114,7 @@ class RuntimeConfig(Section):
     @field_validator("url")
     @classmethod
     def _https(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("https://"):
+        if value is not None and not _is_url(value, ("https",)):
             raise ValueError(f"must be an https:// URL, found {value!r}")
         return value.rstrip("/") if value else value
 
@@ -139,6 +151,13 @@ class SendSettings(Section):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("csrf", mode="before")
+    @classmethod
+    def _csrf(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError('must be true, false or "auto"')
 
     @field_validator("headers", "query")
     @classmethod
@@ -200,6 +219,8 @@ class FlowConfig(SendSettings):
             raise ValueError(f"body_file {str(self.body_file)!r} is missing or unreadable: check the path")
         if self.body is not None and self.body_file is not None:
             raise ValueError("give body or body_file, not both")
+        if self.cron is None and self.timezone != "UTC":
+            raise ValueError("timezone applies only to cron schedules: remove it or use cron")
         if self.cron is not None or self.timezone != "UTC":
             from senderd.schedule import CronSchedule
 
@@ -229,7 +250,7 @@ class FlowConfig(SendSettings):
 def check_listen(value: str) -> str:
     """A `host:port` listen address, or ValueError."""
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"use host:port, e.g. 127.0.0.1:9464 (or 0.0.0.0:9464 in a container), found {value!r}")
     return value
 
@@ -255,7 +276,7 @@ class PushConfig(Section):
     @field_validator("gateway")
     @classmethod
     def _http(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
+        if value is not None and not _is_url(value, ("http", "https")):
             raise ValueError(f"must be an http:// or https:// URL, found {value!r}")
         return value
     instance: str | None = None
@@ -330,13 +351,17 @@ class Config(BaseModel):
         raise ConfigError(f"{self.source}: no flow named {name!r} (flows: {known})")
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _location(loc: tuple[int | str, ...]) -> str:
     text = ""
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += ("." if text else "") + part
+            name = part if _PLAIN_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
+            text += ("." if text else "") + name
     return text
 
 
@@ -346,6 +371,10 @@ def _message(error: Any) -> str:
         return "unknown key: remove it or check its spelling"
     if kind == "missing":
         return "required key is missing"
+    if kind == "model_type":
+        return "must be a table ([section] or { key = value })"
+    if kind == "path_type":
+        return "must be a path (a string)"
     if kind == "greater_than_equal" and error.get("ctx", {}).get("ge") == 0.001:
         return "must be at least 1ms"
     message = str(error["msg"])
@@ -362,23 +391,25 @@ def format_validation_error(source: str, exc: ValidationError, prefix: tuple[str
     return f"{source}: {where}{_message(first)}{more}"
 
 
-def _resolve(table: Any, names: tuple[str, ...], base: Path) -> None:
+def _resolve(table: Any, names: tuple[str, ...], base: Path, source: str, where: str) -> None:
     if isinstance(table, dict):
         for name in names:
             value = table.get(name)
             if isinstance(value, str) and value:
+                if _CONTROL.search(value):
+                    raise ConfigError(f"{source}: {where}.{name}: the path contains a control character: remove it")
                 # absolute, but links kept: a Kubernetes Secret is a symlink that is swapped on update
                 table[name] = os.path.abspath(base / os.path.expanduser(value))
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    _resolve(data.get("credentials"), ("service_key", "key_file", "ca_file"), base)
-    _resolve(data.get("runtime"), ("ca_file",), base)
-    _resolve(data.get("relay"), ("spool_dir",), base)
+def _resolve_paths(data: dict[str, Any], base: Path, source: str) -> None:
+    _resolve(data.get("credentials"), ("service_key", "key_file", "ca_file"), base, source, "credentials")
+    _resolve(data.get("runtime"), ("ca_file",), base, source, "runtime")
+    _resolve(data.get("relay"), ("spool_dir",), base, source, "relay")
     flows = data.get("flows")
     if isinstance(flows, list):
-        for flow in flows:
-            _resolve(flow, ("body_file",), base)
+        for index, flow in enumerate(flows):
+            _resolve(flow, ("body_file",), base, source, f"flows[{index}]")
 
 
 def _apply_defaults(data: dict[str, Any], source: str) -> None:
@@ -397,7 +428,7 @@ def config_from_dict(data: dict[str, Any], *, source: str, base: Path | None = N
     """Validate a parsed config (`source` names it in errors; relative paths resolve against `base`)."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     if base is not None:
-        _resolve_paths(data, base)
+        _resolve_paths(data, base, source)
     if "source" in data:
         raise ConfigError(f"{source}: source: unknown key: remove it or check its spelling")
     _apply_defaults(data, source)
@@ -424,4 +455,8 @@ def load_config(path: Path | None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
+        raise ConfigError(f"{path}: not valid TOML: a number is too long") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: arrays or inline tables nested too deeply") from None
     return config_from_dict(data, source=str(path), base=path.parent)

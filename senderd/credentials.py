@@ -163,6 +163,13 @@ def parse_service_key(
             return None
         if not isinstance(value, str):
             raise CredentialsError(f"{source}: field '{where}{name}' must be a string")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CredentialsError(
+                f"{source}: field '{where}{name}' is not valid Unicode (an unpaired surrogate escape): "
+                "copy it from the service key unchanged"
+            ) from None
         return value.strip() or None
 
     client_id = get("clientid")
@@ -245,6 +252,14 @@ def _parse_json(text: str, source: str) -> dict[str, Any]:
             f"{source}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}): "
             "paste the service key exactly as the cockpit shows it"
         ) from None
+    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
+        raise CredentialsError(
+            f"{source}: not valid JSON (a number is too long): paste the service key exactly as the cockpit shows it"
+        ) from None
+    except RecursionError:
+        raise CredentialsError(
+            f"{source}: not valid JSON (nested too deeply): paste the service key exactly as the cockpit shows it"
+        ) from None
     if not isinstance(data, dict):
         raise CredentialsError(f"{source}: a service key is a JSON object, found {type(data).__name__}")
     return data
@@ -260,7 +275,11 @@ def _fields(data: Mapping[str, Any], source: str) -> Mapping[str, Any]:
 
 
 def _check_https(url: str, source: str, field_name: str) -> None:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError when out of range)
+    except ValueError:
+        parts = urlsplit("")
     if parts.scheme != "https" or not parts.hostname:
         raise CredentialsError(f"{source}: field '{field_name}' must be an https:// URL, found {url!r}")
 

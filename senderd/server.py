@@ -21,7 +21,7 @@ from senderd.site import Site
 def parse_listen(value: str) -> tuple[str, int]:
     """`host:port` (IPv6 as `[::1]:9464`) → (host, port)."""
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"invalid listen address {value!r}: use host:port, e.g. 127.0.0.1:9464")
     return host.strip("[]"), int(port)
 

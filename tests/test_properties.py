@@ -6,9 +6,6 @@
   text or bytes in a file: a `Config` or a `ConfigError`.
 
 Durations and cron expressions have their own properties in test_durations.py and test_schedule.py.
-
-Inputs that trip a bug documented by an xfail case in tests/data/bad/expected.toml are left out here
-(`_key_trips_known_bug`, `_config_trips_known_bug`); delete those filters when the bugs are fixed.
 """
 
 from __future__ import annotations
@@ -18,14 +15,12 @@ import functools
 import json
 import re
 import string
-import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
 
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
@@ -212,19 +207,6 @@ def _service_key_json(draw: st.DrawFn, *, external: bool = False) -> _KeyCase:
     return _KeyCase(text, fields, key_file)
 
 
-def _key_trips_known_bug(fields: Mapping[str, Any]) -> bool:
-    """Inputs of the xfail cases key-*-lone-surrogate.json and key-tokenurl-bad-ipv6.json."""
-    for name in ("tokenurl", "certurl", "url"):
-        value = fields.get(name)
-        if isinstance(value, str):
-            try:
-                urlsplit(value.strip())
-            except ValueError:
-                return True
-    key = fields.get("key")
-    return isinstance(key, str) and _has_surrogate(key)
-
-
 def _check_key_outcome(parse: Callable[[], ServiceKey]) -> None:
     try:
         key = parse()
@@ -253,14 +235,12 @@ def test_service_key_any_text_gives_a_key_or_credentials_error(text: str) -> Non
 @PROPERTY
 @given(case=_service_key_json(), now=st.sampled_from([None, None, None, dt.datetime(2000, 1, 1, tzinfo=dt.UTC)]))
 def test_service_key_random_fields_give_a_key_or_credentials_error(case: _KeyCase, now: dt.datetime | None) -> None:
-    assume(not _key_trips_known_bug(case.fields))
     _check_key_outcome(lambda: parse_service_key(case.text, source="key.json", now=now))
 
 
 @PROPERTY
 @given(case=_service_key_json(external=True), passphrase=st.sampled_from([None, "", "secret", "wrong"]))
 def test_service_key_with_key_file_gives_a_key_or_credentials_error(case: _KeyCase, passphrase: str | None) -> None:
-    assume(not _key_trips_known_bug(case.fields))
     _check_key_outcome(lambda: parse_service_key(case.text, source="key.json", key_file_data=case.key_file,
                                                  key_file_name="key.pem", key_passphrase=passphrase))
 
@@ -271,8 +251,6 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "credentials": CredentialsConfig, "token": TokenConfig, "runtime": RuntimeConfig, "pool": PoolConfig,
     "server": ServerConfig, "push": PushConfig, "defaults": SendSettings, "relay": RelayConfig,
 }
-_PATH_KEYS = {"credentials": ("service_key", "key_file", "ca_file"), "runtime": ("ca_file",),
-              "relay": ("spool_dir",)}
 _KEYS = st.text(max_size=12)
 _INTERESTING = st.sampled_from([
     "", "0", "-1", "5s", "0s", "-5s", "1m30s", "500ms", "1e400", "nan", "inf", "30", "soon",
@@ -366,36 +344,13 @@ def _config_dict(draw: st.DrawFn) -> dict[str, Any]:
     return data
 
 
-def _config_trips_known_bug(data: Mapping[str, Any]) -> bool:
-    """A NUL in a path (xfail cases credentials-service-key-nul.toml, body-file-nul.toml)."""
-    def has_nul(value: Any) -> bool:
-        return isinstance(value, str) and "\x00" in value
-
-    for section, names in _PATH_KEYS.items():
-        table = data.get(section)
-        if isinstance(table, dict) and any(has_nul(table.get(name)) for name in names):
-            return True
-    flows = data.get("flows")
-    return isinstance(flows, list) and any(isinstance(f, dict) and has_nul(f.get("body_file")) for f in flows)
-
-
-def _control_in_keys(value: Any) -> bool:
-    """A key name with a control character (xfail case unknown-key-control-character.toml)."""
-    if isinstance(value, dict):
-        return any(_CONTROL.search(k) or _control_in_keys(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_control_in_keys(v) for v in value)
-    return False
-
-
-def _check_config_outcome(load: Callable[[], Config], source: str, *, keys_clean: bool) -> None:
+def _check_config_outcome(load: Callable[[], Config], source: str) -> None:
     try:
         config = load()
     except ConfigError as exc:
         message = str(exc)
         assert message.startswith(f"{source}: "), message
-        if keys_clean:
-            assert _one_line(message), message
+        assert _one_line(message), message
         event("ConfigError")
         return
     event(f"Config with {len(config.flows)} flows")
@@ -407,9 +362,7 @@ def _check_config_outcome(load: Callable[[], Config], source: str, *, keys_clean
 @PROPERTY
 @given(data=_config_dict())
 def test_config_from_random_dicts_gives_a_config_or_config_error(data: dict[str, Any]) -> None:
-    assume(not _config_trips_known_bug(data))
-    _check_config_outcome(lambda: config_from_dict(data, source="senderd.toml", base=SUPPORT), "senderd.toml",
-                          keys_clean=not _control_in_keys(data))
+    _check_config_outcome(lambda: config_from_dict(data, source="senderd.toml", base=SUPPORT), "senderd.toml")
 
 
 def _toml_key(key: str) -> str:
@@ -460,7 +413,7 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               'timeout = "5s"', "workers = 0", "[credentials", "x = ", "= 1", '"a\\nb" = 1',
                               "flows = 1", "[flows]", "a.b = 1", "[defaults.headers]", "k = 'v'"])
              | st.text(max_size=20), max_size=8).map("\n".join),
-    _config_dict().filter(lambda d: not _config_trips_known_bug(d)).map(_toml),
+    _config_dict().map(_toml),
 ))
 def test_load_config_on_any_file_gives_a_config_or_config_error(content: str | bytes, config_dir: Path) -> None:
     path = config_dir / "senderd.toml"
@@ -468,13 +421,4 @@ def test_load_config_on_any_file_gives_a_config_or_config_error(content: str | b
         path.write_bytes(content)
     else:
         path.write_text(content, encoding="utf-8")
-    _check_config_outcome(lambda: load_config(path), str(path), keys_clean=_keys_clean(content))
-
-
-def _keys_clean(content: str | bytes) -> bool:
-    """False when the document parses and has a key with a control character (see `_control_in_keys`)."""
-    try:
-        data = tomllib.loads(content.decode() if isinstance(content, bytes) else content)
-    except (ValueError, RecursionError):  # UnicodeDecodeError and TOMLDecodeError are ValueErrors
-        return True
-    return not _control_in_keys(data)
+    _check_config_outcome(lambda: load_config(path), str(path))
