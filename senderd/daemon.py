@@ -172,6 +172,8 @@ class Daemon:
                         with anyio.CancelScope() as self._schedules:
                             await run_schedules(self.config.flows, pool, make_job, clock=self.clock,
                                                 metrics=self.metrics, task_status=status)
+                            status = anyio.TASK_STATUS_IGNORED
+                            await anyio.sleep_forever()  # no scheduled flow: wait for a reload or the stop
                         status = anyio.TASK_STATUS_IGNORED
 
                 await work.start(workers)
