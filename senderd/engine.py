@@ -92,10 +92,11 @@ class Engine:
         return result
 
     def _record(self, flow: FlowConfig, result: SendResult) -> None:
-        self.metrics.sends.labels(flow.name, result.outcome).inc()
-        self.metrics.send_duration.labels(flow.name).observe(result.duration)
+        sends, duration, last_success = self.metrics.flow_series(flow.name)
+        sends[result.outcome].inc()
+        duration.observe(result.duration)
         if result.ok:
-            self.metrics.last_success.labels(flow.name).set(time.time())
+            last_success.set(time.time())
         event = log.info if result.ok else log.warning
         event("send_finished", flow=flow.name, method=flow.method, status=result.status, outcome=result.outcome,
               latency_ms=round(result.duration * 1000, 1), attempts=result.attempts,

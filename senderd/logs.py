@@ -58,12 +58,16 @@ def _redact_value(key: str, value: Any) -> Any:
     return redact_text(repr(value))
 
 
+_SAFE_KEYS = frozenset({"exc_info", "event", "level", "timestamp", "component", "flow", "method", "outcome",
+                        "status", "latency_ms", "attempts", "reason", "result"})
+"""Keys whose values senderd itself sets from its own vocabulary (names, codes, numbers): not scanned."""
+
+
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: scrub every value of the event."""
-    for key in list(event):
-        if key == "exc_info":
-            continue
-        event[key] = _redact_value(key, event[key])
+    """structlog processor: scrub every value of the event (but the known-safe fields)."""
+    for key, value in event.items():
+        if key not in _SAFE_KEYS or not isinstance(value, (str, int, float, type(None))):
+            event[key] = _redact_value(key, value)
     return event
 
 

@@ -18,6 +18,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_result
 from senderd.config import FlowConfig
 from senderd.sender import Attempt, SendResult
 
+_RNG = random.Random()
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -52,24 +54,42 @@ async def deliver(
     rng: random.Random | None = None,
     monotonic: Callable[[], float] = time.monotonic,
 ) -> SendResult:
-    """Run `attempt` until it succeeds, is not retryable, or the policy's bounds are reached."""
-    rng = rng or random.Random()
+    """Run `attempt` until it succeeds, is not retryable, or the policy's bounds are reached.
+
+    The first attempt is made directly (most sends need no other); tenacity takes over for retries.
+    """
+    rng = rng or _RNG
     started = monotonic()
     codes: list[str] = []
 
-    def wait(state: RetryCallState) -> float:
-        last = state.outcome.result() if state.outcome is not None else None
-        return policy.wait(state.attempt_number, last.retry_after if last is not None else None, rng)
+    def finished(last: Attempt) -> SendResult:
+        return SendResult(flow=flow_name, outcome=last.outcome, attempts=len(codes),
+                          duration=monotonic() - started, last=last, attempt_codes=tuple(codes))
 
-    def stop(state: RetryCallState) -> bool:
-        """Out of attempts, or the next wait would end past the deadline (tenacity computes it first)."""
-        too_late = monotonic() - started + state.upcoming_sleep > policy.deadline
-        return state.attempt_number > policy.retries or too_late
+    def give_up(attempts_made: int, upcoming_sleep: float) -> bool:
+        """Out of attempts, or the next wait would end past the deadline."""
+        return attempts_made > policy.retries or monotonic() - started + upcoming_sleep > policy.deadline
 
     async def one() -> Attempt:
         result = await attempt()
         codes.append(str(result.status) if result.status is not None else "none")
         return result
+
+    first = await one()
+    if not first.retryable:
+        return finished(first)
+    delay = policy.wait(1, first.retry_after, rng)
+    if give_up(1, delay):
+        return finished(first)
+    await sleep(delay)
+
+    # tenacity counts its own attempts from 1; ours are one more (the first was made above)
+    def wait(state: RetryCallState) -> float:
+        last = state.outcome.result() if state.outcome is not None else None
+        return policy.wait(state.attempt_number + 1, last.retry_after if last is not None else None, rng)
+
+    def stop(state: RetryCallState) -> bool:
+        return give_up(state.attempt_number + 1, state.upcoming_sleep)  # tenacity computes the wait first
 
     retrying = AsyncRetrying(
         stop=stop,
@@ -80,5 +100,4 @@ async def deliver(
         reraise=True,
     )
     last: Attempt = await retrying(one)
-    return SendResult(flow=flow_name, outcome=last.outcome, attempts=len(codes),
-                      duration=monotonic() - started, last=last, attempt_codes=tuple(codes))
+    return finished(last)

@@ -17,10 +17,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from croniter import croniter
 
 from senderd.errors import ConfigError
 
@@ -122,6 +120,15 @@ _FIELDS = (
     ("day-of-week", "0-7 or sun-sat"),
 )
 _PROBE_START = datetime(2001, 1, 1, tzinfo=UTC)
+
+
+def _croniter() -> Any:
+    """croniter, imported on first use: a daemon without cron flows does not carry it."""
+    from croniter import croniter
+
+    return croniter
+
+
 # What croniter raises for expressions it cannot read; its own errors are ValueErrors.
 _CRONITER_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError)
 
@@ -135,7 +142,7 @@ def _cron_reason(fields: list[str], exc: Exception) -> str:
     for index, (name, allowed) in enumerate(_FIELDS):
         alone = " ".join(value if i == index else "*" for i, value in enumerate(fields))
         try:
-            croniter(alone, _PROBE_START)
+            _croniter()(alone, _PROBE_START)
         except _CRONITER_ERRORS:
             return f"bad {name} field {fields[index]!r} (allowed: {allowed})"
     if "find next date" in str(exc) or "find prev date" in str(exc):
@@ -169,7 +176,7 @@ class CronSchedule:
             raise _cron_error(expression, f"expected 5 fields, got {len(fields)}")
         cron = " ".join(fields)
         try:
-            croniter(cron, _PROBE_START).get_next(float)
+            _croniter()(cron, _PROBE_START).get_next(float)
         except _CRONITER_ERRORS as exc:
             raise _cron_error(expression, _cron_reason(fields, exc)) from None
         object.__setattr__(self, "_cron", cron)
@@ -208,7 +215,7 @@ class CronSchedule:
 
     def _walls_after(self, wall: float) -> Iterator[float]:
         """The cron times strictly after `wall` (Unix seconds), in order, as Unix seconds."""
-        it = croniter(self._cron, datetime.fromtimestamp(wall, self._zone))
+        it = _croniter()(self._cron, datetime.fromtimestamp(wall, self._zone))
         while True:
             candidate = it.get_next(float)
             if self._repeats_in_fold or not _second_occurrence(candidate, self._zone):

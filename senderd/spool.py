@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (flow, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at, seq);
+CREATE INDEX IF NOT EXISTS messages_queued ON messages (seq) WHERE state='queued';
 """
 
 
@@ -254,7 +255,8 @@ class Spool:
         def claim() -> list[Message]:
             db = self.db
             rows = db.execute(
-                _SELECT + " WHERE state='queued' AND next_attempt_at<=? ORDER BY seq LIMIT ?",
+                _SELECT + " INDEXED BY messages_queued WHERE state='queued' AND next_attempt_at<=? "
+                "ORDER BY seq LIMIT ?",
                 (now, limit * 4 + len(exclude_flows))).fetchall()
             chosen: list[Message] = []
             blocked = set(exclude_flows)

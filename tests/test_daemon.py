@@ -218,17 +218,17 @@ async def test_a_second_sigterm_forces_the_stop(tmp_path: Path) -> None:
 
 async def test_a_daemon_without_scheduled_flows_does_not_spin(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import senderd.daemon
+    import senderd.scheduler
 
     rounds = 0
-    real = senderd.daemon.run_schedules
+    real = senderd.scheduler.run_schedules
 
     async def counted(*args: Any, **kwargs: Any) -> None:
         nonlocal rounds
         rounds += 1
         await real(*args, **kwargs)
 
-    monkeypatch.setattr(senderd.daemon, "run_schedules", counted)
+    monkeypatch.setattr("senderd.daemon.run_schedules", counted)
     extra = '[[flows]]\nname = "on-demand"\npath = "/http/GetTimestamp"\n'  # no every, no cron
     async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
         daemon = Daemon.create(load_config(stack.config_path), handle_signals=False)
