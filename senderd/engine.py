@@ -82,12 +82,9 @@ class Engine:
                 flow.name,
                 lambda: self.sender.attempt(flow, payload, headers, message_id,
                                             timeout=deadline_at - self.clock.monotonic()),
-                RetryPolicy.of(flow), sleep=self.clock.sleep, monotonic=self.clock.monotonic)
+                RetryPolicy.of(flow), sleep=self.clock.sleep, monotonic=self.clock.monotonic, message_id=message_id)
         finally:
             self.metrics.inflight.dec()
-        result = SendResult(flow=result.flow, outcome=result.outcome, attempts=result.attempts,
-                            duration=result.duration, last=result.last, message_id=message_id,
-                            attempt_codes=result.attempt_codes)
         self._record(flow, result)
         return result
 

@@ -26,6 +26,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._flow_series: dict[str, tuple[dict[str, Any], Any, Any]] = {}
+        self._attempts: dict[tuple[str, int | None], Any] = {}
         r = self.registry
         self.send_duration = Histogram(
             "senderd_send_duration_seconds", "Time of a whole send, retries included.", ["flow"],
@@ -67,6 +68,14 @@ class Metrics:
             self.auth_failures.labels("token", reason)
         for reason in RUNTIME_FAILURE_REASONS:
             self.auth_failures.labels("runtime", reason)
+
+    def attempt(self, flow: str, status: int | None) -> None:
+        """Count one HTTP attempt (`code` = the status, or "none" without an answer)."""
+        child = self._attempts.get((flow, status))
+        if child is None:
+            child = self.attempts.labels(flow, str(status) if status is not None else "none")
+            self._attempts[(flow, status)] = child
+        child.inc()
 
     def flow_series(self, flow: str) -> tuple[dict[str, Any], Any, Any]:
         """The flow's sends-by-outcome counters, duration histogram and last-success gauge (cached: the

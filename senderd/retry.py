@@ -53,6 +53,7 @@ async def deliver(
     sleep: Callable[[float], Awaitable[None]],
     rng: random.Random | None = None,
     monotonic: Callable[[], float] = time.monotonic,
+    message_id: str | None = None,
 ) -> SendResult:
     """Run `attempt` until it succeeds, is not retryable, or the policy's bounds are reached.
 
@@ -64,7 +65,8 @@ async def deliver(
 
     def finished(last: Attempt) -> SendResult:
         return SendResult(flow=flow_name, outcome=last.outcome, attempts=len(codes),
-                          duration=monotonic() - started, last=last, attempt_codes=tuple(codes))
+                          duration=monotonic() - started, last=last, message_id=message_id,
+                          attempt_codes=tuple(codes))
 
     def give_up(attempts_made: int, upcoming_sleep: float) -> bool:
         """Out of attempts, or the next wait would end past the deadline."""

@@ -213,7 +213,7 @@ class Sender:
 
     def _count(self, flow: FlowConfig, status: int | None) -> None:
         if self.metrics is not None:
-            self.metrics.attempts.labels(flow.name, str(status) if status is not None else "none").inc()
+            self.metrics.attempt(flow.name, status)
 
 
 _EXPIRED_OR_NOT_YET_VALID = frozenset({9, 10})  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
