@@ -97,11 +97,8 @@ class Relay:
 
     async def start(self) -> None:
         """Listen on `relay.listen`."""
-        self._site = Site(self.app(), self.host, self.port)
-        try:
-            await self._site.start()
-        except OSError as exc:
-            raise ConfigError(f"relay.listen: cannot listen on {self.host}:{self.port} ({exc.strerror})") from None
+        self._site = Site(self.app(), self.host, self.port, config_key="relay.listen")
+        await self._site.start()
         self.port = self._site.port
 
     async def stop_accepting(self) -> None:

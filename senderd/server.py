@@ -52,11 +52,8 @@ class ObservabilityServer:
 
     async def start(self) -> None:
         """Listen; the port is known afterwards even when 0 was asked for."""
-        self._site = Site(self.app(), self.host, self.port)
-        try:
-            await self._site.start()
-        except OSError as exc:
-            raise ConfigError(f"server.listen: cannot listen on {self.host}:{self.port} ({exc.strerror})") from None
+        self._site = Site(self.app(), self.host, self.port, config_key="server.listen")
+        await self._site.start()
         self.port = self._site.port
 
     async def stop(self) -> None:

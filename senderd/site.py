@@ -8,13 +8,16 @@ from typing import Any
 
 from aiohttp import web
 
+from senderd.errors import ConfigError
+
 
 class Site:
     """`app` on `host:port` (port 0: any free port, known after `start`)."""
 
     def __init__(self, app: web.Application, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None,
-                 **runner_options: Any) -> None:
+                 config_key: str | None = None, **runner_options: Any) -> None:
         self.app = app
+        self.config_key = config_key
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
@@ -22,13 +25,18 @@ class Site:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        """Listen; raises OSError (address in use, ...) with nothing left open."""
+        """Listen, with nothing left open on failure: the address in use (or the like) is a ConfigError
+        naming `config_key` when one was given, else the OSError."""
         runner = web.AppRunner(self.app, **self.runner_options)
         await runner.setup()
         try:
             await web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context).start()
-        except BaseException:
+        except BaseException as exc:
             await runner.cleanup()
+            if self.config_key is not None and isinstance(exc, OSError):
+                raise ConfigError(
+                    f"{self.config_key}: cannot listen on {self.host}:{self.port} ({exc.strerror or exc})"
+                ) from None
             raise
         self._runner = runner
         if runner.addresses:
