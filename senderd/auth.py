@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import aiohttp
+import anyio
 import structlog
 
 from senderd.clock import Clock
@@ -117,12 +118,21 @@ class CredentialWatcher:
         fetcher = self.provider.fetcher
         if not isinstance(fetcher, HttpTokenFetcher):
             return False
+        try:
+            session = token_session(key, config)
+        except SenderdError as exc:  # e.g. an unreadable ca_file
+            log.error("credentials_reload_failed", error=str(exc), keeping="the previous service key")
+            return False
         old_session = fetcher.session
-        fetcher.key, fetcher.session = key, token_session(key, config)
+        fetcher.key, fetcher.session = key, session
         self.config = config
-        while self.provider.fetching:  # a fetch on the old session finishes first
-            await self.provider.wait_fetch()
-        await old_session.close()
+        self._seen = self._fingerprint()
+        try:
+            while self.provider.fetching:  # a fetch on the old session finishes first
+                await self.provider.wait_fetch()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await old_session.close()
         expiry = key.certificate_not_after
         log.info("credentials_rotated", source=key.source, key_type=key.key_type,
                  certificate_expires=expiry.isoformat() if expiry else None)

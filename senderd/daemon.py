@@ -84,8 +84,12 @@ class Daemon:
             return False
         restart_needed = [name for name in ("server", "relay", "pool", "runtime", "token")
                           if getattr(new, name) != getattr(self.config, name)]
-        if key is not None and self.watcher is not None:
-            await self.watcher.rotate(new.credentials)
+        if key is not None and self.watcher is not None and not await self.watcher.rotate(new.credentials):
+            self.metrics.config_reload_ok.set(0)
+            log.error("config_reload_failed", error="the new credentials are unusable (see credentials_reload_failed)",
+                      keeping="the running configuration")
+            self._reloaded()
+            return False
         self.config = new
         engine.config = new
         for flow in new.flows:
@@ -214,13 +218,14 @@ class Daemon:
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    log.info("signal", signal="SIGHUP", action="reload")
-                    await self.reload()
-                    continue
-                log.info("signal", signal=signal.Signals(signum).name, forced=self._stop.is_set())
-                self.stop()
+            async with anyio.create_task_group() as reloads:  # a reload never delays a stop signal
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("signal", signal="SIGHUP", action="reload")
+                        reloads.start_soon(self.reload)
+                        continue
+                    log.info("signal", signal=signal.Signals(signum).name, forced=self._stop.is_set())
+                    self.stop()
 
 
 async def _first(*waits: Callable[[], Awaitable[None]]) -> None:

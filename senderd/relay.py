@@ -8,9 +8,11 @@ at `GET /v1/dead` and re-driven with `POST /v1/dead/{id}/retry`. Nothing is drop
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import random
 import re
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -28,11 +30,12 @@ from senderd.pool import WorkerPool
 from senderd.sender import SendResult
 from senderd.server import parse_listen
 from senderd.site import Site
-from senderd.spool import STATES, Message, Spool, SpoolFull, State
+from senderd.spool import STATES, Message, Spool, SpoolError, SpoolFull, State
 
 log = structlog.get_logger(component="relay")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-RETRYABLE_OUTCOMES = frozenset({"timeout", "connection_error", "auth_error"})
+RETRYABLE_OUTCOMES = frozenset({"timeout", "connection_error"})
+"""Besides attempts the sender marks retryable (429/5xx by policy, transient token failures)."""
 
 
 class SpoolCollector(Collector):
@@ -67,6 +70,8 @@ class Relay:
         self._site: Site | None = None
         self._inflight: dict[str, Message] = {}
         self._settled = anyio.Event()
+        self.rounds = 0
+        """Dispatcher loop iterations (a test can tell waiting from spinning)."""
         self._oldest: float | None = None
         self._oldest_checked = 0.0
         self._rng = random.Random()
@@ -123,6 +128,9 @@ class Relay:
             response = _error(413, f"message larger than relay.max_message_bytes ({self.config.max_message_bytes})")
         except web.HTTPException as exc:
             response = _error(exc.status, exc.reason)
+        except sqlite3.Error as exc:  # the spool's disk failed under a status query
+            log.error("spool_read_failed", error=str(exc))
+            response = _error(503, "spool unavailable: retry later", headers={"Retry-After": "5"})
         self.requests.labels(str(response.status)).inc()
         return response
 
@@ -155,6 +163,8 @@ class Relay:
             message_id, created = await self.spool.add(name, body, content_type, key)
         except SpoolFull:
             return _error(503, "spool full: retry later", headers={"Retry-After": "10"})
+        except SpoolError as exc:
+            return _error(503, f"{exc}: retry later", headers={"Retry-After": "5"})
         if created:
             return web.json_response({"id": message_id, "status": "queued"}, status=202)
         existing = await self.spool.get(message_id)
@@ -181,27 +191,31 @@ class Relay:
 
     async def run_dispatcher(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Deliver due messages until cancelled; ordered flows one at a time, in order."""
-        workers = self.engine.config.pool.workers
+        workers = self.engine.config.pool.workers  # the pool's size is fixed until a restart
         pool = WorkerPool(workers, workers)
-        ordered = [flow.name for flow in self.engine.config.flows if flow.ordered]
         async with anyio.create_task_group() as group:
             await group.start(pool.run)
             task_status.started()
             while True:
+                self.rounds += 1
                 self._wake = anyio.Event()  # before looking, so that no change in between is missed
                 self.spool.on_change = self._wake.set
-                await self._refresh_oldest()
+                ordered = [flow.name for flow in self.engine.config.flows if flow.ordered]  # a reload may change it
                 free = workers * 2 - len(self._inflight)
                 claimed: list[Message] = []
-                if free > 0 and not self.stopping:
-                    busy_ordered = [m.flow for m in self._inflight.values() if m.flow in ordered]
-                    claimed = await self.spool.due(time.time(), free, exclude_flows=busy_ordered,
-                                                   ordered_flows=ordered)
+                try:
+                    await self._refresh_oldest()
+                    if free > 0 and not self.stopping:
+                        busy_ordered = [m.flow for m in self._inflight.values() if m.flow in ordered]
+                        claimed = await self.spool.due(time.time(), free, exclude_flows=busy_ordered,
+                                                       ordered_flows=ordered)
+                except sqlite3.Error as exc:  # the spool's disk is failing: say so, try again shortly
+                    log.error("spool_read_failed", error=str(exc))
                 for message in claimed:
                     self._inflight[message.id] = message
                     await pool.put(message.id, self._job(message))
                 if not claimed:
-                    await self._wait_for_work()
+                    await self._wait_for_work(can_claim=free > 0 and not self.stopping)
 
     @property
     def inflight(self) -> int:
@@ -214,9 +228,16 @@ class Relay:
             self._settled = anyio.Event()
             await self._settled.wait()
 
-    async def _wait_for_work(self) -> None:
-        next_due = await self.spool.next_due_at()
-        delay = 1.0 if next_due is None else min(1.0, max(0.0, next_due - time.time()))
+    async def _wait_for_work(self, *, can_claim: bool) -> None:
+        """Sleep until a post, a finished delivery or a re-drive (`_wake`), or until a queued message that
+        is not due yet becomes due; never less than a moment, so that nothing spins."""
+        delay = 1.0
+        if can_claim:
+            with contextlib.suppress(sqlite3.Error):
+                now = time.time()
+                next_due = await self.spool.next_due_at(after=now)
+                if next_due is not None:
+                    delay = min(1.0, max(0.01, next_due - now))
         with anyio.move_on_after(delay):
             await self._wake.wait()
 

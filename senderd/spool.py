@@ -20,10 +20,12 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
+import structlog
 from anyio import CapacityLimiter
 
 from senderd.errors import ConfigError, SenderdError
 
+log = structlog.get_logger(component="spool")
 State = Literal["queued", "in_flight", "delivered", "dead"]
 STATES: tuple[State, ...] = ("queued", "in_flight", "delivered", "dead")
 T = TypeVar("T")
@@ -52,7 +54,11 @@ CREATE INDEX IF NOT EXISTS messages_queued ON messages (seq) WHERE state='queued
 """
 
 
-class SpoolFull(SenderdError):
+class SpoolError(SenderdError):
+    """The spool cannot take the message now (the app should retry later)."""
+
+
+class SpoolFull(SpoolError):
     """The spool holds as many messages or bytes as it may."""
 
 
@@ -115,6 +121,7 @@ class Spool:
         self._db: sqlite3.Connection | None = None
         self._thread = CapacityLimiter(1)  # one thread owns the connection's work at a time
         self._pending: list[_Pending] = []
+        self._closed = False
         self._wake = anyio.Event()
         self.counts: dict[State, int] = dict.fromkeys(STATES, 0)
         self.bytes = 0
@@ -132,16 +139,23 @@ class Spool:
         await self._call(self._open_sync)
 
     def _open_sync(self) -> None:
+        db: sqlite3.Connection | None = None
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"journal mode is {mode}, not wal")
+            db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+            db.executescript(_SCHEMA)
+            db.execute("UPDATE messages SET state='queued' WHERE state='in_flight'")
+            rows = db.execute(
+                "SELECT state, COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM messages GROUP BY state").fetchall()
         except sqlite3.Error as exc:
-            raise ConfigError(f"relay.spool_dir: cannot open {self.path} ({exc})") from None
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
-        db.executescript(_SCHEMA)
-        db.execute("UPDATE messages SET state='queued' WHERE state='in_flight'")
-        for state, count, size in db.execute(
-                "SELECT state, COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM messages GROUP BY state"):
+            if db is not None:
+                db.close()
+            raise ConfigError(f"relay.spool_dir: cannot use {self.path} ({exc}): check the disk, or move the "
+                              "damaged file aside") from None
+        for state, count, size in rows:
             self.counts[state] = count
             if state != "delivered":
                 self.bytes += size
@@ -168,6 +182,8 @@ class Spool:
     async def add(self, flow: str, body: bytes, content_type: str | None,
                   idempotency_key: str | None = None) -> tuple[str, bool]:
         """Store a message durably; returns (id, created). A known idempotency key returns the first id."""
+        if self._closed:
+            raise SpoolError("spool closed: senderd is stopping")
         pending = _Pending(flow, body, content_type, idempotency_key, anyio.Event())
         self._pending.append(pending)
         self._wake.set()
@@ -180,27 +196,41 @@ class Spool:
     async def run_writer(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Commit pending adds in batches until cancelled: everything waiting shares one transaction."""
         task_status.started()
-        while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                batch, self._pending = self._pending, []
+                if batch:
+                    await self._commit(batch)
+        finally:  # stopping: whoever still waits gets an answer (503), nobody waits forever
+            self._closed = True
             batch, self._pending = self._pending, []
-            if not batch:
-                continue
-            try:
-                results = await self._call(functools.partial(self._insert_sync, batch))
-            except BaseException as exc:
-                for pending in batch:
-                    pending.error = exc if isinstance(exc, Exception) else SpoolFull("spool closed")
+            for pending in batch:
+                if not pending.done.is_set():
+                    pending.error = SpoolError("spool closed: senderd is stopping")
                     pending.done.set()
-                raise
-            for pending, result in zip(batch, results, strict=True):
-                if isinstance(result, BaseException):
-                    pending.error = result
-                else:
-                    pending.result = result
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            results: list[tuple[str, bool] | BaseException] = await self._call(
+                functools.partial(self._insert_sync, batch))
+        except sqlite3.Error as exc:  # a full disk, an I/O error: refuse this batch, keep running
+            log.error("spool_write_failed", error=str(exc), messages=len(batch))
+            results = [SpoolError(f"spool unavailable ({exc})") for _ in batch]
+        except BaseException:
+            for pending in batch:
+                pending.error = SpoolError("spool closed: senderd is stopping")
                 pending.done.set()
-            if self.on_change is not None:
-                self.on_change()
+            raise
+        for pending, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                pending.error = result
+            else:
+                pending.result = result
+            pending.done.set()
+        if self.on_change is not None:
+            self.on_change()
 
     def _insert_sync(self, batch: list[_Pending]) -> list[tuple[str, bool] | BaseException]:
         db = self.db
@@ -230,7 +260,8 @@ class Spool:
                 added_bytes += len(item.body)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back already (e.g. on a full disk)
+                db.execute("ROLLBACK")
             raise
         self.commits += 1
         self.counts["queued"] += added_count
@@ -254,30 +285,32 @@ class Spool:
         """
         def claim() -> list[Message]:
             db = self.db
-            rows = db.execute(
-                _SELECT + " INDEXED BY messages_queued WHERE state='queued' AND next_attempt_at<=? "
-                "ORDER BY seq LIMIT ?",
-                (now, limit * 4 + len(exclude_flows))).fetchall()
-            chosen: list[Message] = []
-            blocked = set(exclude_flows)
-            for row in rows:
-                message = _message(row)
-                if message.flow in blocked:
-                    continue
-                if message.flow in ordered_flows:
-                    head = db.execute("SELECT id FROM messages WHERE flow=? AND state IN ('queued', 'in_flight') "
-                                      "ORDER BY seq LIMIT 1", (message.flow,)).fetchone()
-                    blocked.add(message.flow)
-                    if head is None or head[0] != message.id:
-                        continue
-                chosen.append(message)
-                if len(chosen) >= limit:
-                    break
-            if chosen:
+            blocked = tuple(exclude_flows)
+            ordered = tuple(f for f in ordered_flows if f not in blocked)
+            sql = _SELECT + " INDEXED BY messages_queued WHERE state='queued' AND next_attempt_at<=?"
+            params: list[Any] = [now]
+            if blocked:  # left out in SQL, so that they cannot fill the window and starve other flows
+                sql += f" AND flow NOT IN ({','.join('?' * len(blocked))})"
+                params += blocked
+            if ordered:  # an ordered flow offers only its head (the oldest queued or in flight)
+                marks = ",".join("?" * len(ordered))
+                sql += (f" AND (flow NOT IN ({marks}) OR seq IN (SELECT MIN(seq) FROM messages WHERE "  # noqa: S608
+                        f"state IN ('queued', 'in_flight') AND flow IN ({marks}) GROUP BY flow))")  # only '?' marks
+                params += ordered + ordered
+            sql += " ORDER BY seq LIMIT ?"
+            params.append(limit)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                chosen = [_message(row) for row in db.execute(sql, params).fetchall()]
                 db.executemany("UPDATE messages SET state='in_flight', updated_at=? WHERE id=?",
                                [(now, m.id) for m in chosen])
-                self.counts["queued"] -= len(chosen)
-                self.counts["in_flight"] += len(chosen)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            self.counts["queued"] -= len(chosen)
+            self.counts["in_flight"] += len(chosen)
             return chosen
 
         return await self._call(claim)
@@ -286,14 +319,15 @@ class Spool:
                      correlation_id: str | None = None, status: int | None = None, retry_at: float = 0.0) -> None:
         """Record the end of a delivery attempt: delivered, back to queued (at `retry_at`), or dead."""
         def update() -> None:
-            self.db.execute(
+            cursor = self.db.execute(
                 "UPDATE messages SET state=?, attempts=attempts+1, last_error=?, correlation_id=?, status=?, "
-                "updated_at=?, next_attempt_at=? WHERE id=?",
+                "updated_at=?, next_attempt_at=? WHERE id=? AND state='in_flight'",
                 (state, error, correlation_id, status, time.time(), retry_at, message.id))
-            self.counts["in_flight"] -= 1
-            self.counts[state] += 1
-            if state == "delivered":
-                self.bytes -= len(message.body)
+            if cursor.rowcount:
+                self.counts["in_flight"] -= 1
+                self.counts[state] += 1
+                if state == "delivered":
+                    self.bytes -= len(message.body)
 
         await self._call(update)
         if self.on_change is not None:
@@ -302,10 +336,12 @@ class Spool:
     async def requeue(self, message: Message) -> None:
         """Put an in-flight message back (a stop interrupted it), without counting an attempt."""
         def update() -> None:
-            self.db.execute("UPDATE messages SET state='queued', updated_at=? WHERE id=? AND state='in_flight'",
-                            (time.time(), message.id))
-            self.counts["in_flight"] -= 1
-            self.counts["queued"] += 1
+            cursor = self.db.execute(
+                "UPDATE messages SET state='queued', updated_at=? WHERE id=? AND state='in_flight'",
+                (time.time(), message.id))
+            if cursor.rowcount:
+                self.counts["in_flight"] -= 1
+                self.counts["queued"] += 1
 
         await self._call(update)
 
@@ -347,8 +383,9 @@ class Spool:
             "SELECT MIN(created_at) FROM messages WHERE state IN ('queued', 'in_flight')").fetchone())
         return float(row[0]) if row and row[0] is not None else None
 
-    async def next_due_at(self) -> float | None:
-        """When the next queued message becomes due, if any is queued."""
+    async def next_due_at(self, after: float) -> float | None:
+        """When the next queued message that is not yet due (due after `after`) becomes due, if any."""
         row = await self._call(lambda: self.db.execute(
-            "SELECT MIN(next_attempt_at) FROM messages WHERE state='queued'").fetchone())
+            "SELECT MIN(next_attempt_at) FROM messages WHERE state='queued' AND next_attempt_at>?",
+            (after,)).fetchone())
         return float(row[0]) if row and row[0] is not None else None

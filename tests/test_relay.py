@@ -402,3 +402,51 @@ async def test_sigterm_drains_relay_deliveries_in_flight(tmp_path: Path) -> None
     assert code == 0
     assert late[0] == 503
     assert set(ids) <= delivered  # everything in flight finished within the drain
+
+
+async def test_a_blocked_backlog_neither_spins_nor_starves_other_flows(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path) as (stack, daemon, url, deliveries):
+        assert daemon.relay is not None
+        stack.runtime.flows["/ledger"].latency = 0.3  # an ordered flow: one at a time, 0.3 s each
+        for n in range(20):
+            await post(f"{url}/v1/flows/ledger/messages", f"<e n='{n}'/>".encode())
+        await stack.runtime.wait_for_requests(1)
+        rounds = daemon.relay.rounds
+        _, other, _ = await post(f"{url}/v1/flows/orders/messages")  # an unordered flow behind the backlog
+        with anyio.fail_after(3):  # well before the ledger's 6 s of backlog is through
+            while not any(r.message_id == other["id"] for r in deliveries.results):
+                await deliveries.wait_for(len(deliveries.results) + 1)
+        await deliveries.wait_for(4)
+        spent = daemon.relay.rounds - rounds
+    assert spent < 50, f"the dispatcher looped {spent} times while the ordered flow was blocked"
+
+
+async def test_a_full_disk_refuses_the_batch_and_the_writer_lives_on(tmp_path: Path) -> None:
+    from senderd.spool import SpoolError
+
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        await spool.add("f", b"small", "text/plain")
+        pages = spool.db.execute("PRAGMA page_count").fetchone()[0]
+        spool.db.execute(f"PRAGMA max_page_count = {pages + 1}")  # the disk is full now
+        with pytest.raises(SpoolError, match="spool unavailable"):
+            await spool.add("f", b"x" * 200_000, "text/plain")
+        spool.db.execute("PRAGMA max_page_count = 1000000")  # space again
+        message_id, created = await spool.add("f", b"after", "text/plain")
+        group.cancel_scope.cancel()
+    assert created and message_id
+    assert spool.counts["queued"] == 2
+    with pytest.raises(SpoolError, match="spool closed"):
+        await spool.add("f", b"late", "text/plain")  # the writer has stopped: answered at once
+    await spool.close()
+
+
+async def test_a_damaged_spool_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    from senderd.errors import ConfigError
+
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "spool.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ConfigError, match=r"relay.spool_dir: cannot use .*spool.db \(file is not a database\)"):
+        await Spool(tmp_path / "spool").open()

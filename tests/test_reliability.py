@@ -247,3 +247,17 @@ async def test_sighup_reloads_and_refuses_an_invalid_config(tmp_path: Path) -> N
     assert "flows[0].path: required key is missing" in failed["error"]
     assert "senderd_config_last_reload_successful 0.0" in metrics
     assert code == 0
+
+
+async def test_a_reload_with_unusable_credentials_keeps_the_running_config(tmp_path: Path) -> None:
+    extra = '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "200ms"\nstart = "now"\n'
+    async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack, \
+            daemon_on(stack) as (daemon, _):
+        bad_ca = tmp_path / "bad-ca.pem"
+        bad_ca.write_text("not a certificate")
+        good = stack.config_path.read_text()
+        stack.config_path.write_text(good.replace('ca_file = "ca.pem"', f'ca_file = "{bad_ca}"'))
+        assert not await daemon.reload()
+        before = len(stack.runtime.stats.messages)
+        await stack.runtime.wait_for_messages(before + 2)  # still sending with the old credentials
+    assert daemon.metrics.registry.get_sample_value("senderd_config_last_reload_successful") == 0
