@@ -211,7 +211,7 @@ async def _run(args: argparse.Namespace) -> int:
 
     config = _config(args)
     if args.listen:
-        from senderd.server import parse_listen
+        from senderd.site import parse_listen
 
         parse_listen(args.listen)
         config = config.model_copy(update={"server": config.server.model_copy(update={"listen": args.listen})})

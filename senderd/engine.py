@@ -6,7 +6,6 @@ created once and reused), and gives `send(flow)`: a whole delivery with retries,
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -120,7 +119,3 @@ def _token_metrics(metrics: Metrics) -> Callable[[float, Token | None, TokenErro
 
     return observe
 
-
-def utc(timestamp: float) -> str:
-    """A Unix time as `YYYY-MM-DD HH:MM:SS UTC`."""
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

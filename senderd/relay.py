@@ -28,8 +28,7 @@ from senderd.engine import Engine
 from senderd.errors import ConfigError
 from senderd.pool import WorkerPool
 from senderd.sender import SendResult
-from senderd.server import parse_listen
-from senderd.site import Site
+from senderd.site import Site, parse_listen
 from senderd.spool import STATES, Message, Spool, SpoolError, SpoolFull, State
 
 log = structlog.get_logger(component="relay")
@@ -64,10 +63,8 @@ class Relay:
         self.engine = engine
         self.spool = spool
         self.token = config.token()
-        self.host, self.port = parse_listen(config.listen)
         self.stopping = False
         self._wake = anyio.Event()
-        self._site: Site | None = None
         self._inflight: dict[str, Message] = {}
         self._settled = anyio.Event()
         self.rounds = 0
@@ -82,12 +79,12 @@ class Relay:
                                   registry=registry)
         registry.register(SpoolCollector(spool, lambda: self._oldest))
         spool.on_change = self._wake.set
+        self.site = Site(self.app(), *parse_listen(config.listen), config_key="relay.listen")
 
     @property
     def url(self) -> str:
-        """The base URL of the relay API."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        """The base URL of the relay API (with the real port once started)."""
+        return self.site.url()
 
     # --- the HTTP API -----------------------------------------------------------------------------------
 
@@ -102,9 +99,7 @@ class Relay:
 
     async def start(self) -> None:
         """Listen on `relay.listen`."""
-        self._site = Site(self.app(), self.host, self.port, config_key="relay.listen")
-        await self._site.start()
-        self.port = self._site.port
+        await self.site.start()
 
     async def stop_accepting(self) -> None:
         """From now on, posts are answered 503 (the stop has begun)."""
@@ -112,8 +107,7 @@ class Relay:
 
     async def stop(self) -> None:
         """Close the listener."""
-        if self._site is not None:
-            await self._site.stop()
+        await self.site.stop()
 
     @web.middleware
     async def _middleware(self, request: web.Request,

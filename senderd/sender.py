@@ -8,7 +8,6 @@ neither schedules nor retries by itself: `retry.deliver` does that.
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Literal
@@ -21,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from senderd.config import FlowConfig
 from senderd.errors import TokenError
 from senderd.metrics import Metrics
-from senderd.token import Token, TokenProvider
+from senderd.token import Token, TokenProvider, parse_retry_after
 
 Outcome = Literal["success", "http_error", "check_failed", "timeout", "connection_error", "auth_error"]
 TRANSIENT_TOKEN_FAILURES = frozenset({"timeout", "unreachable", "server_error", "rate_limited"})
@@ -85,21 +84,6 @@ class SendResult:
         """The message processing log id (or another correlation id) the runtime answered with."""
         values = self.last.correlation
         return next(iter(values.values()), None)
-
-
-def _retry_after(headers: CIMultiDictProxy[str]) -> float | None:
-    value = headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        import email.utils
-
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
 
 
 class Sender:
@@ -203,7 +187,7 @@ class Sender:
             if outcome == "auth_error" and self.metrics is not None:
                 self.metrics.auth_failures.labels("runtime", "unauthorized" if status == 401 else "forbidden").inc()
             return Attempt(outcome, status, headers, body, error=f"HTTP {status}{_excerpt(body)}",
-                           retryable=retryable, retry_after=_retry_after(headers))
+                           retryable=retryable, retry_after=parse_retry_after(headers.get("Retry-After")))
         if flow.expect_body is not None:
             text = body.decode("utf-8", errors="replace")
             if re.search(flow.expect_body, text) is None:

@@ -15,15 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 
 from senderd.engine import Engine
 from senderd.errors import ConfigError
-from senderd.site import Site
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """`host:port` (IPv6 as `[::1]:9464`) → (host, port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"invalid listen address {value!r}: use host:port, e.g. 127.0.0.1:9464")
-    return host.strip("[]"), int(port)
+from senderd.site import Site, parse_listen
 
 
 class ObservabilityServer:
@@ -31,15 +23,13 @@ class ObservabilityServer:
 
     def __init__(self, engine: Engine, listen: str, *, ready: Callable[[], tuple[bool, str]] | None = None) -> None:
         self.engine = engine
-        self.host, self.port = parse_listen(listen)
         self._ready = ready or self._token_ready
-        self._site: Site | None = None
+        self.site = Site(self.app(), *parse_listen(listen), config_key="server.listen")
 
     @property
     def url(self) -> str:
         """The base URL the server listens on (with the real port once started)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return self.site.url()
 
     def app(self) -> web.Application:
         """The aiohttp application with the four routes."""
@@ -52,14 +42,11 @@ class ObservabilityServer:
 
     async def start(self) -> None:
         """Listen; the port is known afterwards even when 0 was asked for."""
-        self._site = Site(self.app(), self.host, self.port, config_key="server.listen")
-        await self._site.start()
-        self.port = self._site.port
+        await self.site.start()
 
     async def stop(self) -> None:
         """Stop listening."""
-        if self._site is not None:
-            await self._site.stop()
+        await self.site.stop()
 
     def _token_ready(self) -> tuple[bool, str]:
         tokens = self.engine.tokens

@@ -8,7 +8,18 @@ from typing import Any
 
 from aiohttp import web
 
+from senderd.config import check_listen
 from senderd.errors import ConfigError
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[::1]:9464`) → (host, port); the checks are `config.check_listen`'s."""
+    try:
+        check_listen(value)
+    except ValueError as exc:
+        raise ConfigError(f"invalid listen address: {exc}") from None
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 class Site:

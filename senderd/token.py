@@ -358,7 +358,8 @@ def _client_cert_message(host: str, exc: BaseException, sent_certificate: bool) 
     )
 
 
-def _retry_after(value: str | None) -> float | None:
+def parse_retry_after(value: str | None) -> float | None:
+    """A `Retry-After` header (seconds or an HTTP date) as seconds from now, or None."""
     if not value:
         return None
     try:
@@ -412,12 +413,12 @@ def _grant_from_response(status: int, headers: Any, body: bytes, host: str) -> T
         raise TokenError(f"token server {host}: bad request ({said}): check the service key's clientid",
                          reason="bad_request", status=status)
     if status == 429:
-        retry_after = _retry_after(headers.get("Retry-After"))
+        retry_after = parse_retry_after(headers.get("Retry-After"))
         raise TokenError(f"token server {host}: rate limited (429); retry after {retry_after or 0:g}s",
                          reason="rate_limited", status=status, retry_after=retry_after)
     if status >= 500:
         raise TokenError(f"token server {host}: server error ({said})", reason="server_error", status=status,
-                         retry_after=_retry_after(headers.get("Retry-After")))
+                         retry_after=parse_retry_after(headers.get("Retry-After")))
     raise TokenError(f"token server {host}: unexpected answer ({said})", reason="bad_response", status=status)
 
 

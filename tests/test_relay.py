@@ -368,7 +368,7 @@ async def test_no_acked_message_is_lost_across_sigkill(tmp_path: Path) -> None:
 async def test_a_slow_loris_gets_408_and_blocks_nobody(tmp_path: Path) -> None:
     async with relay_daemon(tmp_path, read_timeout="500ms") as (_, daemon, url, _d):
         assert daemon.relay is not None
-        host, port = daemon.relay.host, daemon.relay.port
+        host, port = daemon.relay.site.host, daemon.relay.site.port
         async with await anyio.connect_tcp(host, port) as slow:
             await slow.send(b"POST /v1/flows/orders/messages HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
                             b"Content-Length: 100\r\n\r\nabc")  # and then nothing more

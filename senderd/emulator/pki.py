@@ -6,9 +6,7 @@ CA and server keys are EC P-256 (fast to make); client keys are RSA 2048 by defa
 from __future__ import annotations
 
 import ipaddress
-import os
 import ssl
-import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from senderd.tls import private_pem_path
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -126,23 +126,9 @@ def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
 
 
 def _load_chain_privately(ctx: ssl.SSLContext, pem: str) -> None:
-    """load_cert_chain takes paths only: use a memory file, else a 0600 temp file deleted at once."""
-    data = pem.encode()
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("senderd-emulator-cert", 0)
-        try:
-            os.write(fd, data)
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        return
-    fd, path = tempfile.mkstemp(prefix="senderd-emulator-", suffix=".pem")  # created 0600
-    try:
-        os.write(fd, data)
-        os.close(fd)
+    """load_cert_chain takes paths only: the same private in-memory file senderd uses for its own key."""
+    with private_pem_path(pem.encode()) as path:
         ctx.load_cert_chain(path)
-    finally:
-        os.unlink(path)
 
 
 @dataclass(frozen=True)
