@@ -26,7 +26,7 @@ TARGET_FIRST_SEND_S = 1.0
 
 # What `senderd run` loads from its dependencies (the floor under any senderd code).
 DEPENDENCIES = ("ssl", "sqlite3", "aiohttp", "aiohttp.web", "anyio", "cryptography.x509",
-                "cryptography.hazmat.primitives.serialization", "structlog", "prometheus_client", "tenacity",
+                "cryptography.hazmat.primitives.serialization", "structlog", "prometheus_client",
                 "pydantic", "pydantic.main", "croniter", "multidict", "yarl")
 SENDERD_MODULES = ("senderd.cli", "senderd.daemon", "senderd.engine", "senderd.config")
 

@@ -62,7 +62,7 @@ async def child(config_path: Path, warmup_s: float, window_s: float, log_path: P
     from senderd.engine import Engine
     from senderd.logs import configure_logging
     from senderd.metrics import Metrics
-    from senderd.sender import SendResult
+    from senderd.result import SendResult
 
     records: list[tuple[float, float]] = []
     outcomes: Counter[str] = Counter()

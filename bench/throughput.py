@@ -82,7 +82,7 @@ async def senderd_child(config_path: Path, count: int, warmup: int, max_s: float
 
 async def aiohttp_child(url: str, ca: Path, token: str, count: int, warmup: int, max_s: float, out: Path) -> None:
     """The bare loop: `CONCURRENCY` tasks GET `url` with a Bearer header on one keep-alive session."""
-    from senderd.tls import trust_context
+    from senderd.auth.tls import trust_context
 
     connector = aiohttp.TCPConnector(ssl=trust_context(ca), limit=CONCURRENCY * 2)
     headers = {"Authorization": f"Bearer {token}"}

@@ -9,7 +9,7 @@ __all__ = ["Client", "SendResult", "__version__"]
 
 if TYPE_CHECKING:
     from senderd.client import Client
-    from senderd.sender import SendResult
+    from senderd.result import SendResult
 
 
 def __getattr__(name: str) -> Any:
@@ -19,7 +19,7 @@ def __getattr__(name: str) -> Any:
 
         return Client
     if name == "SendResult":
-        from senderd.sender import SendResult
+        from senderd.result import SendResult
 
         return SendResult
     raise AttributeError(name)

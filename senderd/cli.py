@@ -19,17 +19,13 @@ import anyio
 
 from senderd import __version__
 from senderd.config import CONFIG_ENV, Config, config_from_dict, load_config
-from senderd.errors import ConfigError, CredentialsError, SenderdError, TokenError
+from senderd.errors import ConfigError, CredentialsError, TokenError, UsageError
 from senderd.logs import configure_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 DAEMON_COMMANDS = ("run", "once")
-
-
-class UsageError(SenderdError):
-    """A command-line value is wrong."""
 
 
 def _common(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
@@ -121,13 +117,13 @@ def _utc(timestamp: float) -> str:
 
 
 async def _token(args: argparse.Namespace) -> int:
-    from senderd.auth import load_credentials, token_provider
-    from senderd.token import claims_of
+    from senderd.auth.servicekey import load_credentials
+    from senderd.auth.token import TokenProvider, claims_of
 
     config = _config(args)
     key = load_credentials(config.credentials, source=config.source)
     _warn(key.notes)
-    async with token_provider(key, config.credentials, config.token) as provider:
+    async with TokenProvider.open(key, config.credentials, config.token) as provider:
         token = await provider.get()
     claims = claims_of(token.value)
     scopes = claims.get("scope") or list(token.scopes)
@@ -144,7 +140,8 @@ async def _token(args: argparse.Namespace) -> int:
 
 
 async def _check(args: argparse.Namespace) -> int:
-    from senderd.auth import load_credentials, token_provider
+    from senderd.auth.servicekey import load_credentials
+    from senderd.auth.token import TokenProvider
 
     config = _config(args)
     key = load_credentials(config.credentials, source=config.source)
@@ -155,14 +152,14 @@ async def _check(args: argparse.Namespace) -> int:
     if expiry is not None:
         print(f"client certificate valid until {expiry:%Y-%m-%d %H:%M:%S} UTC")
     if args.online:
-        async with token_provider(key, config.credentials, config.token) as provider:
+        async with TokenProvider.open(key, config.credentials, config.token) as provider:
             token = await provider.get()
         print(f"token OK: valid for {token.lifetime:.0f}s")
     return EXIT_OK
 
 
 def _key_export(args: argparse.Namespace) -> int:
-    from senderd.credentials import load_service_key
+    from senderd.auth.servicekey import load_service_key
 
     passphrase = os.environ.get(args.passphrase_env) if args.passphrase_env else None
     key = load_service_key(args.service_key, key_file=args.key_file, key_passphrase=passphrase)
@@ -211,7 +208,7 @@ async def _run(args: argparse.Namespace) -> int:
 
     config = _config(args)
     if args.listen:
-        from senderd.site import parse_listen
+        from senderd.config import parse_listen
 
         parse_listen(args.listen)
         config = config.model_copy(update={"server": config.server.model_copy(update={"listen": args.listen})})
@@ -223,7 +220,6 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _once(args: argparse.Namespace) -> int:
-    from senderd.daemon import run_once
     from senderd.engine import Engine
     from senderd.metrics import Metrics
 
@@ -235,11 +231,12 @@ async def _once(args: argparse.Namespace) -> int:
     for flow in flows:
         metrics.declare_flow(flow.name, flow.every)
     async with Engine.open(config, metrics=metrics) as engine:
-        results = await run_once(engine, flows)
+        results = await engine.run_once(flows)
     gateway = args.push_gateway or config.push.gateway
     pushed_to: str | None = None
     if gateway:
-        from senderd.push import PushError, push_metrics
+        from senderd.errors import PushError
+        from senderd.push import push_metrics
 
         try:
             instance = await push_metrics(metrics.registry, gateway, job=config.push.job,

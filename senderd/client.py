@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from senderd.config import Config, FlowConfig, config_from_dict, format_validation_error
 from senderd.engine import Engine
 from senderd.errors import ConfigError
-from senderd.sender import SendResult
+from senderd.result import SendResult
 
 
 class Client:
@@ -27,7 +27,6 @@ class Client:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._refresher = anyio.CancelScope()
 
     @classmethod
     @asynccontextmanager

@@ -1,9 +1,9 @@
-"""Clocks: the system one, and a fake one tests advance by hand so that timing is tested without sleeping."""
+"""The clock protocol every component takes (monotonic time, wall time, a way to wait) and the system clock.
+
+Tests pass the fake clocks of `senderd.testing` instead, so that timing is tested without sleeping."""
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import time
 from typing import Protocol
 
@@ -37,56 +37,3 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(max(0.0, seconds))
-
-
-class FakeClock:
-    """A clock that moves only when `advance` is called; sleepers wake when their deadline is reached."""
-
-    def __init__(self, monotonic: float = 1000.0, wall: float = 1_800_000_000.0) -> None:
-        self._mono = monotonic
-        self._wall_offset = wall - monotonic
-        self._sleepers: list[tuple[float, int, anyio.Event]] = []
-        self._seq = itertools.count()
-
-    def monotonic(self) -> float:
-        return self._mono
-
-    def time(self) -> float:
-        return self._mono + self._wall_offset
-
-    async def sleep(self, seconds: float) -> None:
-        if seconds <= 0:
-            await anyio.lowlevel.checkpoint()
-            return
-        event = anyio.Event()
-        heapq.heappush(self._sleepers, (self._mono + seconds, next(self._seq), event))
-        try:
-            await event.wait()
-        finally:
-            event.set()  # a cancelled sleeper no longer counts in next_deadline
-
-    @property
-    def next_deadline(self) -> float | None:
-        """The earliest time someone sleeps until, if anyone does."""
-        live = [d for d, _, e in self._sleepers if not e.is_set()]
-        return min(live) if live else None
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward and wake every sleeper whose deadline has come."""
-        self._mono += seconds
-        while self._sleepers and self._sleepers[0][0] <= self._mono:
-            _, _, event = heapq.heappop(self._sleepers)
-            event.set()
-
-
-class StepClock(FakeClock):
-    """A fake clock whose sleeps return at once after moving time on: waits are recorded, not spent."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sleeps: list[float] = []
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.advance(max(0.0, seconds))
-        await anyio.lowlevel.checkpoint()

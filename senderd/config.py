@@ -100,7 +100,6 @@ class TokenConfig(Section):
     """The daemon's first token fetch waits a random part of this, so replicas started together spread out."""
 
 
-HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
 MODIFYING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 DEFAULT_RETRY_ON = (429, 502, 503, 504)
 
@@ -255,6 +254,16 @@ def check_listen(value: str) -> str:
     return value
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[::1]:9464`) → (host, port); ConfigError if it is not one."""
+    try:
+        check_listen(value)
+    except ValueError as exc:
+        raise ConfigError(f"invalid listen address: {exc}") from None
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 class ServerConfig(Section):
     """`[server]`: the metrics and health endpoint."""
 
@@ -349,6 +358,18 @@ class Config(BaseModel):
                 return flow
         known = ", ".join(f.name for f in self.flows) or "none configured"
         raise ConfigError(f"{self.source}: no flow named {name!r} (flows: {known})")
+
+
+class ConfigHolder:
+    """The configuration in force: every component reads `current`; a reload replaces it whole, at once."""
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
+
+    def swap(self, config: Config) -> Config:
+        """Put `config` in force; returns the one it replaces."""
+        old, self.current = self.current, config
+        return old
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")

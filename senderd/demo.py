@@ -11,7 +11,7 @@ from senderd.config import load_config
 from senderd.daemon import Daemon
 from senderd.emulator.stack import EmulatorStack
 from senderd.engine import Engine
-from senderd.sender import SendResult
+from senderd.result import SendResult
 
 DEMO_FLOWS = """
 [pool]

@@ -1,18 +1,20 @@
 """Durations as people write them in config ("500ms", "30s", "1m30s") and back again.
 
 Every duration inside senderd is a float number of seconds; this module is the one place that turns
-text into seconds (`parse_duration`) and seconds into text (`format_duration`).
+text into seconds (`parse_duration`, and `parse_retry_after` for the HTTP header) and seconds into text
+(`format_duration`).
 """
 
 from __future__ import annotations
 
+import email.utils
 import math
 import re
 from fractions import Fraction
 
 from senderd.errors import ConfigError
 
-__all__ = ["format_duration", "parse_duration"]
+__all__ = ["format_duration", "parse_duration", "parse_retry_after"]
 
 # ASCII digits only: `\d` would also accept other scripts' digits, which float() happens to understand.
 _NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
@@ -97,3 +99,23 @@ def format_duration(seconds: float) -> str:
     elif millis:
         parts.append(f"{millis}ms")
     return "".join(parts) or "0s"
+
+
+def parse_retry_after(value: str | None, *, now: float) -> float | None:
+    """A `Retry-After` header (delay-seconds or an HTTP date) as seconds from `now` (Unix time), or None.
+
+    Never negative; a value that is neither form (or not finite) is None, as if the header were absent.
+    """
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(0.0, when.timestamp() - now)

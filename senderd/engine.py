@@ -1,45 +1,59 @@
 """The sending engine: everything one send needs, built once from a config and shared by all callers.
 
 `Engine.open(config)` loads the service key, opens the token session and the runtime session (each
-created once and reused), and gives `send(flow)`: a whole delivery with retries, metrics and one log event.
+created once and reused), and gives `send(flow)`: a whole delivery with retries, metrics and one log
+event; `run_once(flows)` sends each flow once through a bounded pool (the CronJob mode).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import aiohttp
+import anyio
 import structlog
 
-from senderd.auth import load_credentials, token_provider
+from senderd.auth.servicekey import ServiceKey, load_credentials
+from senderd.auth.tls import trust_context
+from senderd.auth.token import TokenProvider
 from senderd.clock import Clock, SystemClock
-from senderd.config import Config, FlowConfig
-from senderd.credentials import ServiceKey
-from senderd.errors import ConfigError, TokenError
+from senderd.config import Config, ConfigHolder, FlowConfig
+from senderd.errors import ConfigError
 from senderd.metrics import Metrics
+from senderd.pool import WorkerPool
+from senderd.result import SendResult
 from senderd.retry import RetryPolicy, deliver
-from senderd.sender import Sender, SendResult, new_message_id
-from senderd.tls import trust_context
-from senderd.token import Token, TokenProvider
+from senderd.sender import Sender, new_message_id
 
 log = structlog.get_logger(component="sender")
 SendListener = Callable[[SendResult], None]
 
 
+def retry_policy(flow: FlowConfig) -> RetryPolicy:
+    """The retry policy that a flow's settings describe."""
+    return RetryPolicy(retries=flow.retries, backoff_initial=flow.backoff_initial, backoff_max=flow.backoff_max,
+                       retry_after_max=flow.retry_after_max, deadline=flow.deadline,
+                       retry_on=frozenset(flow.retry_on))
+
+
 @dataclass
 class Engine:
-    """Credentials, token provider, runtime session and metrics of one running senderd."""
+    """Token provider, runtime session and metrics of one running senderd, over the config in `holder`."""
 
-    config: Config
-    key: ServiceKey
+    holder: ConfigHolder
     tokens: TokenProvider
     sender: Sender
     metrics: Metrics
     clock: Clock
     listeners: list[SendListener] = field(default_factory=list)
+    _policies: dict[str, tuple[FlowConfig, RetryPolicy]] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force now (a reload swaps it in the holder)."""
+        return self.holder.current
 
     @classmethod
     @asynccontextmanager
@@ -56,43 +70,65 @@ class Engine:
         runtime_url = config.runtime.url or key.runtime_url
         if runtime_url is None:
             raise ConfigError(f"{config.source}: runtime.url: the service key has no 'url': set runtime.url")
-        listener = _token_metrics(metrics)
-        async with token_provider(key, config.credentials, config.token, clock=clock,
-                                  listeners=[listener]) as tokens:
-            context = trust_context(config.runtime.ca_file or config.credentials.ca_file)
+        context = trust_context(config.runtime.ca_file or config.credentials.ca_file)
+        async with TokenProvider.open(key, config.credentials, config.token, clock=clock,
+                                      listeners=[metrics.token_fetched]) as tokens:
             connector = aiohttp.TCPConnector(ssl=context, limit=max(10, config.pool.workers * 2))
             # unsafe=True keeps cookies from IP-address hosts too (the CSRF session must come back)
             async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
-                sender = Sender(s, tokens, runtime_url, metrics)
-                yield cls(config=config, key=key, tokens=tokens, sender=sender, metrics=metrics, clock=clock)
+                sender = Sender(s, tokens, runtime_url, metrics, clock)
+                yield cls(holder=ConfigHolder(config), tokens=tokens, sender=sender, metrics=metrics, clock=clock)
+
+    def policy(self, flow: FlowConfig) -> RetryPolicy:
+        """The flow's retry policy (built once per flow configuration)."""
+        cached = self._policies.get(flow.name)
+        if cached is None or cached[0] is not flow:  # a reload brings new flow objects
+            cached = self._policies[flow.name] = (flow, retry_policy(flow))
+        return cached[1]
 
     async def send(self, flow: FlowConfig, *, body: bytes | None = None, headers: dict[str, str] | None = None,
                    message_id: str | None = None, scheduled_at: float | None = None) -> SendResult:
         """Deliver to `flow` with its retry policy; counts, logs and tells the listeners."""
+        clock = self.clock
         if scheduled_at is not None:
-            self.metrics.schedule_lag.labels(flow.name).observe(max(0.0, self.clock.monotonic() - scheduled_at))
+            self.metrics.schedule_lag.labels(flow.name).observe(max(0.0, clock.monotonic() - scheduled_at))
         if message_id is None and flow.application_id is not None:
             message_id = new_message_id() if flow.application_id == "auto" else flow.application_id
         payload = body if body is not None else flow.body_bytes()
         self.metrics.inflight.inc()
-        deadline_at = self.clock.monotonic() + flow.deadline
+        deadline_at = clock.monotonic() + flow.deadline
         try:
             result = await deliver(
                 flow.name,
                 lambda: self.sender.attempt(flow, payload, headers, message_id,
-                                            timeout=deadline_at - self.clock.monotonic()),
-                RetryPolicy.of(flow), sleep=self.clock.sleep, monotonic=self.clock.monotonic, message_id=message_id)
+                                            timeout=deadline_at - clock.monotonic()),
+                self.policy(flow), sleep=clock.sleep, monotonic=clock.monotonic, message_id=message_id)
         finally:
             self.metrics.inflight.dec()
         self._record(flow, result)
         return result
+
+    async def run_once(self, flows: Sequence[FlowConfig]) -> list[SendResult]:
+        """Send every flow once through a pool of `pool.workers`; results in the order of `flows`."""
+        results: dict[str, SendResult] = {}
+        pool = WorkerPool(self.config.pool.workers, max(1, len(flows)))
+        async with anyio.create_task_group() as group:
+            await group.start(pool.run)
+            for flow in flows:
+
+                async def job(flow: FlowConfig = flow) -> None:
+                    results[flow.name] = await self.send(flow)
+
+                await pool.put(flow.name, job)
+            pool.close()
+        return [results[flow.name] for flow in flows]
 
     def _record(self, flow: FlowConfig, result: SendResult) -> None:
         sends, duration, last_success = self.metrics.flow_series(flow.name)
         sends[result.outcome].inc()
         duration.observe(result.duration)
         if result.ok:
-            last_success.set(time.time())
+            last_success.set(self.clock.time())
         event = log.info if result.ok else log.warning
         event("send_finished", flow=flow.name, method=flow.method, status=result.status, outcome=result.outcome,
               latency_ms=round(result.duration * 1000, 1), attempts=result.attempts,
@@ -105,17 +141,3 @@ class Engine:
 
 def _snake(header: str) -> str:
     return header.lower().replace("-", "_")
-
-
-def _token_metrics(metrics: Metrics) -> Callable[[float, Token | None, TokenError | None], None]:
-    def observe(duration: float, token: Token | None, error: TokenError | None) -> None:
-        metrics.token_fetch_duration.observe(duration)
-        if token is not None:
-            metrics.token_fetches.labels("success").inc()
-            metrics.token_expiry.set(token.expires_at_wall)
-        elif error is not None:
-            metrics.token_fetches.labels("failure").inc()
-            metrics.auth_failures.labels("token", error.reason).inc()
-
-    return observe
-

@@ -1,8 +1,9 @@
 """The one exception tree of senderd.
 
-User mistakes (`ConfigError`, `CredentialsError`) carry one clear line naming the source, the field and
-the fix; the CLI prints that line and exits 2. Transport and HTTP failures are `TokenError` (token
-server) or outcomes of a send. Anything else is a bug and is not caught.
+User mistakes (`ConfigError`, `CredentialsError`, `UsageError`) carry one clear line naming the source, the
+field and the fix; the CLI prints that line and exits 2. Failures of the outside world are `TokenError`
+(token server), `SpoolError` (the relay's store), `PushError` (the Pushgateway) or outcomes of a send.
+Anything else is a bug: logged with its traceback where it is isolated, never silently hidden.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ class ConfigError(SenderdError):
     """The configuration file or a command-line value is wrong: the message says where and how to fix it."""
 
 
+class UsageError(ConfigError):
+    """A command-line value is wrong (exit 2, like a config mistake)."""
+
+
 class CredentialsError(SenderdError):
     """The service key, certificate or private key is unusable: the message names file, field and fix."""
 
@@ -23,9 +28,8 @@ class CredentialsError(SenderdError):
 class TokenError(SenderdError):
     """The token server did not give a token.
 
-    `reason` is a short stable code used in metrics (`bad_credentials`, `client_certificate`,
-    `bad_request`, `rate_limited`, `server_error`, `unreachable`, `tls_trust`, `timeout`,
-    `bad_response`); `retry_after` is the server's Retry-After in seconds, if it sent one.
+    `reason` is a short stable code used in metrics (see `metrics.TOKEN_FAILURE_REASONS`); `retry_after`
+    is the server's Retry-After in seconds, if it sent one.
     """
 
     def __init__(self, message: str, *, reason: str, status: int | None = None,
@@ -34,3 +38,15 @@ class TokenError(SenderdError):
         self.reason = reason
         self.status = status
         self.retry_after = retry_after
+
+
+class SpoolError(SenderdError):
+    """The relay's spool cannot take the message now (the app should retry later)."""
+
+
+class SpoolFull(SpoolError):
+    """The spool holds as many messages or bytes as it may."""
+
+
+class PushError(SenderdError):
+    """The Pushgateway did not take the metrics."""

@@ -1,29 +1,75 @@
-"""senderd's Prometheus metrics, defined on an injected registry (never the global one at import).
+"""Every senderd metric and every label vocabulary, defined on an injected registry (never at import time).
 
-The metric names are a public interface: dashboards and alert rules depend on them.
+The metric names, their labels and the vocabularies below are a public interface: dashboards and alert
+rules depend on them. Series of declared flows and of every known reason exist at zero from the first
+scrape, so `rate()` and alerts work before the first failure.
 """
 
 from __future__ import annotations
 
 import platform
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from senderd import __version__
 
+if TYPE_CHECKING:
+    from senderd.auth.token import Token
+    from senderd.errors import TokenError
+
+Outcome = Literal["success", "http_error", "check_failed", "timeout", "connection_error", "auth_error"]
+"""How a send ended: `senderd_sends_total{outcome}` and the `send_finished` log event."""
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
+TokenFailureReason = Literal["bad_credentials", "client_certificate", "bad_request", "rate_limited",
+                             "server_error", "unreachable", "tls_trust", "timeout", "bad_response"]
+"""Why a token fetch failed: `senderd_auth_failures_total{stage="token",reason}`."""
+TOKEN_FAILURE_REASONS: tuple[TokenFailureReason, ...] = get_args(TokenFailureReason)
+TRANSIENT_TOKEN_FAILURES: frozenset[str] = frozenset({"timeout", "unreachable", "server_error", "rate_limited"})
+"""Token failures that the token server itself may end by the next attempt."""
+RuntimeFailureReason = Literal["unauthorized", "forbidden"]
+RUNTIME_FAILURE_REASONS: tuple[RuntimeFailureReason, ...] = get_args(RuntimeFailureReason)
+SkipReason = Literal["overlap", "queue_full", "late"]
+"""Why a scheduled tick did not run: `senderd_skipped_ticks_total{reason}`."""
+SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
+DeliveryResult = Literal["delivered", "retry", "dead"]
+"""How one relay delivery round ended: `senderd_relay_deliveries_total{result}`."""
+DELIVERY_RESULTS: tuple[DeliveryResult, ...] = get_args(DeliveryResult)
+SpoolState = Literal["queued", "in_flight", "delivered", "dead"]
+"""A relay message's state: `senderd_spool_messages{state}` and the relay's status API."""
+SPOOL_STATES: tuple[SpoolState, ...] = get_args(SpoolState)
+
 SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-TOKEN_FAILURE_REASONS = ("bad_credentials", "client_certificate", "bad_request", "rate_limited", "server_error",
-                         "unreachable", "tls_trust", "timeout", "bad_response")
-RUNTIME_FAILURE_REASONS = ("unauthorized", "forbidden")
-OUTCOMES = ("success", "http_error", "check_failed", "timeout", "connection_error", "auth_error")
+TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _SpoolCollector(Collector):
+    """`senderd_spool_messages{state}` and `senderd_spool_oldest_message_age_seconds`, read at scrape time."""
+
+    def __init__(self, counts: Callable[[], dict[SpoolState, int]], oldest_age: Callable[[], float]) -> None:
+        self.counts = counts
+        self.oldest_age = oldest_age
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        messages = GaugeMetricFamily("senderd_spool_messages", "Messages in the spool by state.", labels=["state"])
+        counts = self.counts()
+        for state in SPOOL_STATES:
+            messages.add_metric([state], counts.get(state, 0))
+        yield messages
+        yield GaugeMetricFamily("senderd_spool_oldest_message_age_seconds",
+                                "Age of the oldest message not yet delivered (0 when none waits).",
+                                value=self.oldest_age())
 
 
 class Metrics:
     """Every senderd metric, registered on `registry`."""
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # `*_created`: a third of the output, unread
         self.registry = registry if registry is not None else CollectorRegistry()
         self._flow_series: dict[str, tuple[dict[str, Any], Any, Any]] = {}
         self._attempts: dict[tuple[str, int | None], Any] = {}
@@ -39,8 +85,7 @@ class Metrics:
         self.token_fetches = Counter("senderd_token_fetches", "Token requests by result.", ["result"],
                                      registry=r)
         self.token_fetch_duration = Histogram(
-            "senderd_token_fetch_duration_seconds", "Time of one token request.",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0), registry=r)
+            "senderd_token_fetch_duration_seconds", "Time of one token request.", buckets=TOKEN_BUCKETS, registry=r)
         self.token_expiry = Gauge("senderd_token_expiry_timestamp_seconds",
                                   "Unix time at which the current token expires.", registry=r)
         self.certificate_expiry = Gauge("senderd_client_certificate_expiry_timestamp_seconds",
@@ -59,6 +104,8 @@ class Metrics:
         self.build_info = Gauge("senderd_build_info", "senderd's version and Python's.", ["version", "python"],
                                 registry=r)
         self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.relay_requests: Counter | None = None
+        self.relay_deliveries: Counter | None = None
         if process:
             ProcessCollector(registry=r)  # process_* (memory, CPU, fds, start time) on Linux
         self.config_reload_ok.set(1)
@@ -66,8 +113,10 @@ class Metrics:
             self.token_fetches.labels(result)
         for reason in TOKEN_FAILURE_REASONS:
             self.auth_failures.labels("token", reason)
-        for reason in RUNTIME_FAILURE_REASONS:
-            self.auth_failures.labels("runtime", reason)
+        for runtime_reason in RUNTIME_FAILURE_REASONS:
+            self.auth_failures.labels("runtime", runtime_reason)
+
+    # --- sends ------------------------------------------------------------------------------------------
 
     def attempt(self, flow: str, status: int | None) -> None:
         """Count one HTTP attempt (`code` = the status, or "none" without an answer)."""
@@ -89,9 +138,50 @@ class Metrics:
 
     def declare_flow(self, flow: str, every: float | None) -> None:
         """Create the flow's series at zero so that rates and absent() work from the first scrape."""
-        for outcome in OUTCOMES:
-            self.sends.labels(flow, outcome)
-        for reason in ("overlap", "queue_full"):
+        self.flow_series(flow)
+        for reason in SKIP_REASONS:
             self.skipped_ticks.labels(flow, reason)
         if every is not None:
             self.flow_interval.labels(flow).set(every)
+
+    def tick_skipped(self, flow: str, reason: SkipReason, count: int = 1) -> None:
+        """Count `count` ticks of `flow` that did not run."""
+        self.skipped_ticks.labels(flow, reason).inc(count)
+
+    def runtime_auth_failure(self, reason: RuntimeFailureReason) -> None:
+        """Count a 401 or 403 from the runtime."""
+        self.auth_failures.labels("runtime", reason).inc()
+
+    # --- tokens -----------------------------------------------------------------------------------------
+
+    def token_fetched(self, duration: float, token: Token | None, error: TokenError | None) -> None:
+        """Record one token fetch (a `TokenProvider` listener): its duration, then the new token's expiry or
+        the failure's reason."""
+        self.token_fetch_duration.observe(duration)
+        if token is not None:
+            self.token_fetches.labels("success").inc()
+            self.token_expiry.set(token.expires_at_wall)
+        elif error is not None:
+            self.token_fetches.labels("failure").inc()
+            self.auth_failures.labels("token", error.reason).inc()
+
+    # --- the relay --------------------------------------------------------------------------------------
+
+    def watch_relay(self, counts: Callable[[], dict[SpoolState, int]], oldest_age: Callable[[], float]) -> None:
+        """Register the relay's metrics; the spool gauges are read at scrape time from the two callables."""
+        r = self.registry
+        self.relay_requests = Counter("senderd_relay_requests", "Relay API requests by HTTP status.", ["code"],
+                                      registry=r)
+        self.relay_deliveries = Counter("senderd_relay_deliveries", "Relay delivery rounds by result.",
+                                        ["flow", "result"], registry=r)
+        r.register(_SpoolCollector(counts, oldest_age))
+
+    def relay_request(self, status: int) -> None:
+        """Count one answer of the relay API."""
+        if self.relay_requests is not None:
+            self.relay_requests.labels(str(status)).inc()
+
+    def relay_delivery(self, flow: str, result: DeliveryResult) -> None:
+        """Count one delivery round of a relay message."""
+        if self.relay_deliveries is not None:
+            self.relay_deliveries.labels(flow, result).inc()

@@ -28,11 +28,6 @@ class WorkerPool:
         self._closed = False
         self.running = 0
 
-    @property
-    def busy_keys(self) -> frozenset[str]:
-        """Keys queued or running now."""
-        return frozenset(self._busy)
-
     def offer(self, key: str, job: Job) -> Verdict:
         """Queue `job` unless `key` is busy, the queue is full or the pool is closed; never waits."""
         if self._closed:

@@ -8,11 +8,7 @@ import urllib.error
 import anyio
 from prometheus_client import CollectorRegistry, push_to_gateway
 
-from senderd.errors import SenderdError
-
-
-class PushError(SenderdError):
-    """The Pushgateway did not take the metrics."""
+from senderd.errors import PushError
 
 
 async def push_metrics(registry: CollectorRegistry, gateway: str, *, job: str = "senderd",

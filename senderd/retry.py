@@ -1,48 +1,67 @@
-"""The retry policy: which attempts are retried, how long to wait, when to give up (tenacity).
+"""The retry policy: which attempts are retried, how long to wait, when to give up; and the one backoff
+function that the token provider, the send retries and the relay's redelivery all use.
 
-Retryable by default: connection errors, timeouts, 429, 502, 503, 504; never other 4xx nor 500 (in Cloud
-Integration a 500 is a flow error). Waits grow exponentially with full jitter up to a cap; a
-`Retry-After` from the runtime is honoured (up to its own cap). Both the number of attempts and the total
-time are bounded.
+Retryable by default: connection errors, timeouts, 429, 502, 503, 504, and transient token-server
+failures; never other 4xx nor 500 (in Cloud Integration a 500 is a flow error), nor a runtime certificate
+that is not trusted. Waits grow exponentially with full jitter up to a cap; a `Retry-After` is honoured (up
+to its own cap). Both the number of attempts and the total time are bounded.
 """
 
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_result
-
-from senderd.config import FlowConfig
-from senderd.sender import Attempt, SendResult
+from senderd.metrics import TRANSIENT_TOKEN_FAILURES
+from senderd.result import Attempt, SendResult
 
 _RNG = random.Random()
 
 
+def backoff(failures: int, *, initial: float, maximum: float, jitter: float | None, rng: random.Random) -> float:
+    """Seconds to wait after `failures` consecutive failures (1 = the first): `initial` doubling per
+    failure, capped at `maximum`, then jittered.
+
+    `jitter=None` is full jitter (uniform between 0 and the capped value, as AWS recommends for many
+    clients retrying at once); a fraction `j` spreads the value by ±j, never past `maximum`.
+    """
+    ceiling = min(maximum, initial * 2.0 ** min(max(0, failures - 1), 64))
+    if jitter is None:
+        return rng.uniform(0, ceiling)
+    return min(maximum, ceiling * (1 + rng.uniform(-jitter, jitter)))
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounds and waits of one flow's retries; durations in seconds."""
+    """Bounds and waits of one flow's retries; durations in seconds (the defaults are the config's)."""
 
-    retries: int = 3
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
-    retry_after_max: float = 60.0
-    deadline: float = 120.0
+    retries: int
+    backoff_initial: float
+    backoff_max: float
+    retry_after_max: float
+    deadline: float
+    retry_on: frozenset[int]
 
-    @classmethod
-    def of(cls, flow: FlowConfig) -> RetryPolicy:
-        """The policy a flow's settings describe."""
-        return cls(retries=flow.retries, backoff_initial=flow.backoff_initial, backoff_max=flow.backoff_max,
-                   retry_after_max=flow.retry_after_max, deadline=flow.deadline)
+    def retryable(self, attempt: Attempt) -> bool:
+        """Whether another attempt may give a different answer."""
+        if attempt.status is not None:
+            return attempt.status in self.retry_on
+        if attempt.outcome == "auth_error":
+            return attempt.token_failure in TRANSIENT_TOKEN_FAILURES
+        if attempt.outcome == "connection_error":
+            return not attempt.certificate_problem
+        return attempt.outcome == "timeout"
 
-    def wait(self, attempt_number: int, retry_after: float | None, rng: random.Random) -> float:
-        """Seconds before attempt `attempt_number + 1`: Retry-After if given, else full-jitter backoff."""
+    def redeliverable(self, attempt: Attempt) -> bool:
+        """Whether a relay message whose send ended with `attempt` deserves another delivery round later."""
+        return self.retryable(attempt) or attempt.outcome in ("timeout", "connection_error")
+
+    def wait(self, attempts_made: int, retry_after: float | None, rng: random.Random) -> float:
+        """Seconds before the next attempt: Retry-After if given (capped), else full-jitter backoff."""
         if retry_after is not None:
             return min(retry_after, self.retry_after_max)
-        ceiling = min(self.backoff_max, self.backoff_initial * 2.0 ** min(attempt_number - 1, 64))
-        return rng.uniform(0, ceiling)
+        return backoff(attempts_made, initial=self.backoff_initial, maximum=self.backoff_max, jitter=None, rng=rng)
 
 
 async def deliver(
@@ -51,55 +70,25 @@ async def deliver(
     policy: RetryPolicy,
     *,
     sleep: Callable[[float], Awaitable[None]],
+    monotonic: Callable[[], float],
     rng: random.Random | None = None,
-    monotonic: Callable[[], float] = time.monotonic,
     message_id: str | None = None,
 ) -> SendResult:
     """Run `attempt` until it succeeds, is not retryable, or the policy's bounds are reached.
 
-    The first attempt is made directly (most sends need no other); tenacity takes over for retries.
+    Gives up when the attempts are used up or when the next wait would end past the deadline.
     """
     rng = rng or _RNG
     started = monotonic()
     codes: list[str] = []
-
-    def finished(last: Attempt) -> SendResult:
-        return SendResult(flow=flow_name, outcome=last.outcome, attempts=len(codes),
-                          duration=monotonic() - started, last=last, message_id=message_id,
-                          attempt_codes=tuple(codes))
-
-    def give_up(attempts_made: int, upcoming_sleep: float) -> bool:
-        """Out of attempts, or the next wait would end past the deadline."""
-        return attempts_made > policy.retries or monotonic() - started + upcoming_sleep > policy.deadline
-
-    async def one() -> Attempt:
-        result = await attempt()
-        codes.append(str(result.status) if result.status is not None else "none")
-        return result
-
-    first = await one()
-    if not first.retryable:
-        return finished(first)
-    delay = policy.wait(1, first.retry_after, rng)
-    if give_up(1, delay):
-        return finished(first)
-    await sleep(delay)
-
-    # tenacity counts its own attempts from 1; ours are one more (the first was made above)
-    def wait(state: RetryCallState) -> float:
-        last = state.outcome.result() if state.outcome is not None else None
-        return policy.wait(state.attempt_number + 1, last.retry_after if last is not None else None, rng)
-
-    def stop(state: RetryCallState) -> bool:
-        return give_up(state.attempt_number + 1, state.upcoming_sleep)  # tenacity computes the wait first
-
-    retrying = AsyncRetrying(
-        stop=stop,
-        wait=wait,
-        retry=retry_if_result(lambda result: result.retryable),
-        sleep=sleep,
-        retry_error_callback=lambda state: state.outcome.result() if state.outcome is not None else None,
-        reraise=True,
-    )
-    last: Attempt = await retrying(one)
-    return finished(last)
+    while True:
+        last = await attempt()
+        codes.append(str(last.status) if last.status is not None else "none")
+        if last.outcome == "success" or not policy.retryable(last) or len(codes) > policy.retries:
+            break
+        delay = policy.wait(len(codes), last.retry_after, rng)
+        if monotonic() - started + delay > policy.deadline:
+            break
+        await sleep(delay)
+    return SendResult(flow=flow_name, outcome=last.outcome, attempts=len(codes), duration=monotonic() - started,
+                      last=last, message_id=message_id, attempt_codes=tuple(codes))

@@ -1,6 +1,7 @@
 """Turns schedules into ticks: one task per scheduled flow sleeps until its next fire and offers a job.
 
-The maths is in `schedule.py` (pure functions); this module only waits on the injected clock.
+The maths is in `schedule.py` (pure functions); this module only waits on the injected clock, and tells
+`on_skip` about every tick that did not run (the daemon counts them).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from anyio.abc import TaskStatus
 
 from senderd.clock import Clock
 from senderd.config import FlowConfig
-from senderd.metrics import Metrics
+from senderd.metrics import SkipReason
 from senderd.pool import Job, WorkerPool
 from senderd.schedule import CronSchedule, IntervalSchedule, Schedule, spread_offset
 
 log = structlog.get_logger(component="scheduler")
+SkipListener = Callable[[str, SkipReason, int], None]
+"""Called with the flow's name, why its ticks did not run, and how many."""
 
 
 def schedule_of(flow: FlowConfig) -> Schedule | None:
@@ -35,7 +38,7 @@ async def run_schedules(
     make_job: Callable[[FlowConfig, float], Job],
     *,
     clock: Clock,
-    metrics: Metrics,
+    on_skip: SkipListener,
     spread: bool = True,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -44,25 +47,25 @@ async def run_schedules(
         for flow in flows:
             schedule = schedule_of(flow)
             if schedule is not None:
-                group.start_soon(_tick, flow, schedule, pool, make_job, clock, metrics, spread)
+                group.start_soon(_tick, flow, schedule, pool, make_job, clock, on_skip, spread)
         task_status.started()
 
 
 async def _tick(flow: FlowConfig, schedule: Schedule, pool: WorkerPool, make_job: Callable[[FlowConfig, float], Job],
-                clock: Clock, metrics: Metrics, spread: bool) -> None:
+                clock: Clock, on_skip: SkipListener, spread: bool) -> None:
     spread = spread and flow.start == "spread" and flow.every is not None
     offset = spread_offset(flow.name, flow.every) if spread and flow.every is not None else 0.0
     fire = schedule.first_fire(clock.monotonic(), clock.time(), offset=offset)
     while True:
         await clock.sleep(fire - clock.monotonic())
         verdict = pool.offer(flow.name, make_job(flow, fire))
-        if verdict in ("overlap", "queue_full"):
-            metrics.skipped_ticks.labels(flow.name, verdict).inc()
+        if verdict == "overlap" or verdict == "queue_full":
+            on_skip(flow.name, verdict, 1)
             log.warning("tick_skipped", flow=flow.name, reason=verdict)
         elif verdict == "closed":
             return
         following = schedule.advance(fire, clock.monotonic(), clock.time())
         if following.skipped:
-            metrics.skipped_ticks.labels(flow.name, "late").inc(following.skipped)
+            on_skip(flow.name, "late", following.skipped)
             log.warning("ticks_missed", flow=flow.name, count=following.skipped, reason="late")
         fire = following.at

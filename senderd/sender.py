@@ -1,100 +1,40 @@
 """One send to a Cloud Integration flow: Bearer token, CSRF handling, timeout, checks, classification.
 
 `Sender.attempt` makes one HTTP exchange as the runtime expects it (with at most one token refresh after a
-401 and one CSRF token refetch after `403 X-CSRF-Token: Required`), and classifies what happened. It
-neither schedules nor retries by itself: `retry.deliver` does that.
+401 and one CSRF token refetch after `403 X-CSRF-Token: Required`), and says what happened in an `Attempt`.
+It neither schedules nor retries: `retry.deliver` does that, and `retry.RetryPolicy` decides what is
+retryable.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import dataclass, field
-from typing import Literal
 from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from senderd.auth.token import Token, TokenProvider
+from senderd.clock import Clock
 from senderd.config import FlowConfig
+from senderd.durations import parse_retry_after
 from senderd.errors import TokenError
-from senderd.metrics import Metrics
-from senderd.token import Token, TokenProvider, parse_retry_after
-
-Outcome = Literal["success", "http_error", "check_failed", "timeout", "connection_error", "auth_error"]
-TRANSIENT_TOKEN_FAILURES = frozenset({"timeout", "unreachable", "server_error", "rate_limited"})
-CORRELATION_HEADERS = ("SAP_MessageProcessingLogID", "SAP_MplCorrelationId", "x-correlationid")
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """What one HTTP exchange gave."""
-
-    outcome: Outcome
-    status: int | None = None
-    headers: CIMultiDictProxy[str] | None = None
-    body: bytes = b""
-    error: str | None = None
-    retryable: bool = False
-    retry_after: float | None = None
-
-    @property
-    def correlation(self) -> dict[str, str]:
-        """The runtime's correlation headers that were present, by their canonical names."""
-        if self.headers is None:
-            return {}
-        return {name: self.headers[name] for name in CORRELATION_HEADERS if name in self.headers}
-
-
-@dataclass(frozen=True)
-class SendResult:
-    """The verdict of a whole send (all attempts)."""
-
-    flow: str
-    outcome: Outcome
-    attempts: int
-    duration: float
-    last: Attempt
-    message_id: str | None = None
-    attempt_codes: tuple[str, ...] = field(default=())
-
-    @property
-    def ok(self) -> bool:
-        """True when the send succeeded."""
-        return self.outcome == "success"
-
-    @property
-    def status(self) -> int | None:
-        """The last HTTP status, if an answer came."""
-        return self.last.status
-
-    @property
-    def body(self) -> bytes:
-        """The last answer's body."""
-        return self.last.body
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str] | None:
-        """The last answer's headers, if an answer came."""
-        return self.last.headers
-
-    @property
-    def correlation_id(self) -> str | None:
-        """The message processing log id (or another correlation id) the runtime answered with."""
-        values = self.last.correlation
-        return next(iter(values.values()), None)
+from senderd.metrics import Metrics, Outcome
+from senderd.result import Attempt
 
 
 class Sender:
     """Sends to flows on one runtime session; shared by all workers."""
 
     def __init__(self, session: aiohttp.ClientSession, tokens: TokenProvider, runtime_url: str,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics, clock: Clock) -> None:
         self.session = session
         self.tokens = tokens
         self.runtime_url = runtime_url.rstrip("/")
         self.metrics = metrics
+        self.clock = clock
         self._csrf: dict[str, str] = {}  # origin -> token (bound to the session cookies in the jar)
         self._csrf_lock: dict[str, anyio.Lock] = {}
 
@@ -111,18 +51,17 @@ class Sender:
             with anyio.fail_after(limit):
                 return await self._exchange(flow, body, extra_headers or {}, message_id)
         except TimeoutError:
-            self._count(flow, None)
-            return Attempt("timeout", error=f"no answer within {limit:g}s", retryable=True)
+            self.metrics.attempt(flow.name, None)
+            return Attempt("timeout", error=f"no answer within {limit:g}s")
         except TokenError as exc:  # counted per fetch by the token provider's listener
-            transient = exc.reason in TRANSIENT_TOKEN_FAILURES
-            return Attempt("auth_error", error=f"no token: {exc}", retryable=transient,
-                           retry_after=self.tokens.next_attempt_in if transient else None)
+            return Attempt("auth_error", error=f"no token: {exc}", token_failure=exc.reason,
+                           retry_after=self.tokens.next_attempt_in)
         except aiohttp.ClientConnectorCertificateError as exc:
-            self._count(flow, None)
-            return Attempt("connection_error", error=_certificate_problem(exc))
+            self.metrics.attempt(flow.name, None)
+            return Attempt("connection_error", error=_certificate_problem(exc), certificate_problem=True)
         except (aiohttp.ClientError, OSError) as exc:
-            self._count(flow, None)
-            return Attempt("connection_error", error=f"{type(exc).__name__}: {_short(exc)}", retryable=True)
+            self.metrics.attempt(flow.name, None)
+            return Attempt("connection_error", error=f"{type(exc).__name__}: {_short(exc)}")
 
     async def _exchange(self, flow: FlowConfig, body: bytes | None, extra: dict[str, str],
                         message_id: str | None) -> Attempt:
@@ -146,11 +85,10 @@ class Sender:
                                             headers=headers, allow_redirects=False) as response:
                 payload = await response.read()
                 status, answer = response.status, response.headers
-            self._count(flow, status)
+            self.metrics.attempt(flow.name, status)
             if status == 401 and not token_refreshed:
                 token_refreshed = True
-                if self.metrics is not None:
-                    self.metrics.auth_failures.labels("runtime", "unauthorized").inc()
+                self.metrics.runtime_auth_failure("unauthorized")
                 self.tokens.invalidate(token)
                 token = await self.tokens.get()
                 continue
@@ -182,12 +120,12 @@ class Sender:
         expected = flow.expect_status
         status_ok = status in expected if expected else 200 <= status < 300
         if not status_ok:
-            retryable = status in flow.retry_on
-            outcome: Outcome = "auth_error" if status in (401, 403) and not retryable else "http_error"
-            if outcome == "auth_error" and self.metrics is not None:
-                self.metrics.auth_failures.labels("runtime", "unauthorized" if status == 401 else "forbidden").inc()
+            outcome: Outcome = "http_error"
+            if status in (401, 403) and status not in flow.retry_on:
+                outcome = "auth_error"
+                self.metrics.runtime_auth_failure("unauthorized" if status == 401 else "forbidden")
             return Attempt(outcome, status, headers, body, error=f"HTTP {status}{_excerpt(body)}",
-                           retryable=retryable, retry_after=parse_retry_after(headers.get("Retry-After")))
+                           retry_after=parse_retry_after(headers.get("Retry-After"), now=self.clock.time()))
         if flow.expect_body is not None:
             text = body.decode("utf-8", errors="replace")
             if re.search(flow.expect_body, text) is None:
@@ -195,9 +133,6 @@ class Sender:
                                error=f"body does not match expect_body {flow.expect_body!r}{_excerpt(body)}")
         return Attempt("success", status, headers, body)
 
-    def _count(self, flow: FlowConfig, status: int | None) -> None:
-        if self.metrics is not None:
-            self.metrics.attempt(flow.name, status)
 
 
 _EXPIRED_OR_NOT_YET_VALID = frozenset({9, 10})  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED

@@ -7,15 +7,15 @@ token cached, where blackbox_exporter fetches one per probe).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
+from senderd.config import parse_listen
 from senderd.engine import Engine
 from senderd.errors import ConfigError
-from senderd.site import Site, parse_listen
+from senderd.site import Site
 
 
 class ObservabilityServer:
@@ -29,7 +29,7 @@ class ObservabilityServer:
     @property
     def url(self) -> str:
         """The base URL the server listens on (with the real port once started)."""
-        return self.site.url()
+        return self.site.url
 
     def app(self) -> web.Application:
         """The aiohttp application with the four routes."""
@@ -74,11 +74,12 @@ class ObservabilityServer:
             flow = self.engine.config.flow(name)
         except ConfigError:
             return web.Response(status=400, text=f"unknown flow {name!r}\n")
-        started = time.monotonic()
+        clock = self.engine.clock
+        started = clock.monotonic()
         result = await self.engine.send(flow)
         registry = CollectorRegistry()
         Gauge("probe_success", "1 if the flow's send succeeded.", registry=registry).set(1 if result.ok else 0)
-        Gauge("probe_duration_seconds", "How long the probe took.", registry=registry).set(time.monotonic() - started)
+        Gauge("probe_duration_seconds", "How long the probe took.", registry=registry).set(clock.monotonic() - started)
         Gauge("probe_http_status_code", "The last HTTP status (0 without an answer).",
               registry=registry).set(result.status or 0)
         Gauge("probe_attempts", "HTTP attempts the send made.", registry=registry).set(result.attempts)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from senderd.credentials import ServiceKey, load_service_key, parse_service_key
+from senderd.auth.servicekey import ServiceKey, load_service_key, parse_service_key
 from senderd.emulator.pki import IssuedCert, Pki
 from senderd.emulator.servicekey import service_key_dict
 from senderd.errors import CredentialsError

@@ -14,7 +14,6 @@ from typing import Any
 import anyio
 import pytest
 
-from senderd.clock import FakeClock
 from senderd.config import FlowConfig, load_config
 from senderd.daemon import Daemon
 from senderd.emulator.runtime import FlowSpec
@@ -22,6 +21,7 @@ from senderd.emulator.stack import EmulatorStack
 from senderd.metrics import Metrics
 from senderd.pool import Job, WorkerPool
 from senderd.scheduler import run_schedules
+from senderd.testing import FakeClock
 from tests.conftest import secrets_in
 
 pytestmark = pytest.mark.anyio
@@ -45,7 +45,7 @@ async def test_ticks_follow_the_grid_without_drift() -> None:
     async with anyio.create_task_group() as group:
         await group.start(pool.run)
         await group.start(lambda task_status: run_schedules(
-            [flow("a", "10s"), flow("b", "3s"), flow("c")], pool, make_job, clock=clock, metrics=metrics,
+            [flow("a", "10s"), flow("b", "3s"), flow("c")], pool, make_job, clock=clock, on_skip=metrics.tick_skipped,
             task_status=task_status))
         for _ in range(1000):  # 100 s in 0.1 s steps
             clock.advance(0.1)
@@ -74,7 +74,7 @@ async def test_a_flow_never_overlaps_itself_and_a_full_queue_drops() -> None:
     async with anyio.create_task_group() as group:
         await group.start(pool.run)
         await group.start(lambda task_status: run_schedules(
-            flows, pool, make_job, clock=clock, metrics=metrics, spread=False, task_status=task_status))
+            flows, pool, make_job, clock=clock, on_skip=metrics.tick_skipped, spread=False, task_status=task_status))
         for _ in range(5):
             clock.advance(1.0)
             await anyio.wait_all_tasks_blocked()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from senderd.auth.token import Token
 from senderd.client import Client
-from senderd.clock import StepClock
 from senderd.emulator.runtime import FlowSpec
 from senderd.emulator.stack import EmulatorStack
 from senderd.engine import Engine
-from senderd.token import Token
+from senderd.testing import StepClock
 from tests.tools import engine_for
 
 pytestmark = pytest.mark.anyio

@@ -23,12 +23,13 @@ import anyio.lowlevel
 import pytest
 from aiohttp import web
 
-from senderd.clock import StepClock, SystemClock
+from senderd.clock import SystemClock
 from senderd.emulator.pki import Pki
 from senderd.emulator.runtime import FlowSpec, Runtime
 from senderd.emulator.stack import EmulatorStack
 from senderd.engine import Engine
-from senderd.sender import SendResult
+from senderd.result import SendResult
+from senderd.testing import StepClock
 from tests.faultproxy import Blackhole, CloseImmediately, FaultProxy, Pass, ResetAfterResponseBytes
 from tests.tools import engine_for
 

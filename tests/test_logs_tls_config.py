@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import structlog
 
+from senderd.auth.servicekey import parse_service_key
+from senderd.auth.tls import client_context, private_pem_path
 from senderd.config import load_config
-from senderd.credentials import parse_service_key
 from senderd.emulator.pki import IssuedCert, Pki
 from senderd.emulator.servicekey import service_key_dict
 from senderd.errors import ConfigError
 from senderd.logs import REDACTED, configure_logging, register_secret
-from senderd.tls import client_context, private_pem_path
 
 
 def test_redaction_processor_scrubs_every_shape(pki: Pki) -> None:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from senderd.config import load_config
 from senderd.daemon import Daemon
 from senderd.emulator.stack import EmulatorStack
-from senderd.sender import SendResult
+from senderd.result import SendResult
 from tests.deploy_names import PUBLIC_METRICS, metric_names_in_alerts, metric_names_in_dashboard
 from tests.tools import free_port, require_tool, wait_for_port
 

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from senderd.auth.servicekey import ServiceKey, parse_service_key
 from senderd.config import (
     Config,
     CredentialsConfig,
@@ -38,7 +39,6 @@ from senderd.config import (
     config_from_dict,
     load_config,
 )
-from senderd.credentials import ServiceKey, parse_service_key
 from senderd.emulator.pki import create_pki
 from senderd.errors import ConfigError, CredentialsError
 

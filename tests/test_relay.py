@@ -19,8 +19,8 @@ from senderd.config import load_config
 from senderd.daemon import Daemon
 from senderd.emulator.runtime import FlowSpec
 from senderd.emulator.stack import EmulatorStack
-from senderd.sender import SendResult
-from senderd.spool import Spool
+from senderd.relay.spool import Spool
+from senderd.result import SendResult
 
 pytestmark = pytest.mark.anyio
 
@@ -271,7 +271,7 @@ async def test_in_flight_messages_are_queued_again_after_a_crash(tmp_path: Path)
 async def test_stopping_relay_answers_503(tmp_path: Path) -> None:
     async with relay_daemon(tmp_path) as (_, daemon, url, _d):
         assert daemon.relay is not None
-        await daemon.relay.stop_accepting()
+        daemon.relay.stop_accepting()
         status, _, headers = await post(f"{url}/v1/flows/orders/messages")
     assert status == 503
     assert headers["Retry-After"] == "5"
@@ -368,7 +368,7 @@ async def test_no_acked_message_is_lost_across_sigkill(tmp_path: Path) -> None:
 async def test_a_slow_loris_gets_408_and_blocks_nobody(tmp_path: Path) -> None:
     async with relay_daemon(tmp_path, read_timeout="500ms") as (_, daemon, url, _d):
         assert daemon.relay is not None
-        host, port = daemon.relay.site.host, daemon.relay.site.port
+        host, port = daemon.relay.api.site.host, daemon.relay.api.site.port
         async with await anyio.connect_tcp(host, port) as slow:
             await slow.send(b"POST /v1/flows/orders/messages HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
                             b"Content-Length: 100\r\n\r\nabc")  # and then nothing more
@@ -411,18 +411,18 @@ async def test_a_blocked_backlog_neither_spins_nor_starves_other_flows(tmp_path:
         for n in range(20):
             await post(f"{url}/v1/flows/ledger/messages", f"<e n='{n}'/>".encode())
         await stack.runtime.wait_for_requests(1)
-        rounds = daemon.relay.rounds
+        rounds = daemon.relay.dispatcher.rounds
         _, other, _ = await post(f"{url}/v1/flows/orders/messages")  # an unordered flow behind the backlog
         with anyio.fail_after(3):  # well before the ledger's 6 s of backlog is through
             while not any(r.message_id == other["id"] for r in deliveries.results):
                 await deliveries.wait_for(len(deliveries.results) + 1)
         await deliveries.wait_for(4)
-        spent = daemon.relay.rounds - rounds
+        spent = daemon.relay.dispatcher.rounds - rounds
     assert spent < 50, f"the dispatcher looped {spent} times while the ordered flow was blocked"
 
 
 async def test_a_full_disk_refuses_the_batch_and_the_writer_lives_on(tmp_path: Path) -> None:
-    from senderd.spool import SpoolError
+    from senderd.errors import SpoolError
 
     spool = Spool(tmp_path / "spool")
     await spool.open()

@@ -19,15 +19,14 @@ import aiohttp
 import anyio
 import pytest
 
-from senderd.auth import token_provider
-from senderd.clock import FakeClock
+from senderd.auth.servicekey import load_service_key
+from senderd.auth.token import Token, TokenProvider
 from senderd.config import CredentialsConfig, TokenConfig, load_config
-from senderd.credentials import load_service_key
 from senderd.daemon import Daemon
 from senderd.emulator.stack import EmulatorStack
 from senderd.errors import TokenError
-from senderd.sender import SendResult
-from senderd.token import Token, TokenProvider
+from senderd.result import SendResult
+from senderd.testing import FakeClock
 from tests.conftest import CapturedLogs
 
 pytestmark = pytest.mark.anyio
@@ -123,8 +122,8 @@ async def test_replicas_starting_together_do_not_stampede(tmp_path: Path) -> Non
         async with anyio.create_task_group() as group:
             for replica in range(20):
                 async def one(seed: int = replica) -> None:
-                    async with token_provider(key, config, TokenConfig(startup_jitter=5), clock=clock) as p:
-                        p._rng = random.Random(seed)
+                    async with TokenProvider.open(key, config, TokenConfig(startup_jitter=5), clock=clock,
+                                                  rng=random.Random(seed)) as p:
                         p.listeners.append(lambda *_: fetch_times.append(clock.monotonic()))
                         providers.append(p)
                         await p.run()

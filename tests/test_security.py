@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from senderd import tls
+from senderd.auth import tls
 from senderd.config import RelayConfig, config_from_dict
 from senderd.errors import ConfigError
 

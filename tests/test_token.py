@@ -17,13 +17,12 @@ import anyio
 import pytest
 from anyio.abc import TaskGroup
 
-from senderd.auth import load_credentials, token_provider
-from senderd.clock import FakeClock
+from senderd.auth.servicekey import ServiceKey, load_credentials
+from senderd.auth.token import Token, TokenProvider
 from senderd.config import CredentialsConfig, TokenConfig
-from senderd.credentials import ServiceKey
 from senderd.emulator.stack import EmulatorStack
 from senderd.errors import TokenError
-from senderd.token import Token, TokenProvider
+from senderd.testing import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -57,7 +56,7 @@ async def provider_for(
     watcher = FetchWatcher()
     config = creds(stack)
     token_config.setdefault("startup_jitter", 0)
-    async with token_provider(load_credentials(config), config, TokenConfig(**token_config), clock=clock,
+    async with TokenProvider.open(load_credentials(config), config, TokenConfig(**token_config), clock=clock,
                               listeners=[watcher]) as provider:
         yield provider, watcher
 
@@ -87,7 +86,7 @@ async def test_client_secret_key_uses_basic_auth(stack: EmulatorStack, tmp_path:
     path.write_text(json.dumps(stack.service_key(client=None, client_id="sb-secret!b1|it-rt-x!b2",
                                                  client_secret="the-client-secret")))
     config = CredentialsConfig(service_key=path, ca_file=stack.ca_path)
-    async with token_provider(load_credentials(config), config, TokenConfig()) as provider:
+    async with TokenProvider.open(load_credentials(config), config, TokenConfig()) as provider:
         token = await provider.get()
     assert stack.token_server.verify(token.value)["client_id"] == "sb-secret!b1|it-rt-x!b2"
 
@@ -201,7 +200,7 @@ async def test_invalidate_only_clears_the_current_token(stack: EmulatorStack) ->
 # --- token server answers mapped to errors that say what to check ---------------------------------------
 
 async def fetch_error(key: ServiceKey, config: CredentialsConfig) -> TokenError:
-    async with token_provider(key, config, TokenConfig(timeout=5)) as provider:
+    async with TokenProvider.open(key, config, TokenConfig(timeout=5)) as provider:
         with pytest.raises(TokenError) as info:
             await provider.get()
     return info.value
@@ -286,7 +285,7 @@ async def test_run_fetches_at_start_and_stops_on_cancel(stack: EmulatorStack) ->
 def test_backoff_stays_capped_after_thousands_of_failures() -> None:
     import random
 
-    from senderd.token import RefreshPolicy
+    from senderd.auth.token import RefreshPolicy
 
     policy = RefreshPolicy()
     rng = random.Random(1)

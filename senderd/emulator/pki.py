@@ -6,7 +6,9 @@ CA and server keys are EC P-256 (fast to make); client keys are RSA 2048 by defa
 from __future__ import annotations
 
 import ipaddress
+import os
 import ssl
+import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,8 +20,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from senderd.tls import private_pem_path
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -126,8 +126,13 @@ def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
 
 
 def _load_chain_privately(ctx: ssl.SSLContext, pem: str) -> None:
-    """load_cert_chain takes paths only: the same private in-memory file senderd uses for its own key."""
-    with private_pem_path(pem.encode()) as path:
+    """load_cert_chain takes paths only: a 0600 temporary file, removed at once. (The emulator's own way,
+    not senderd's: a test double must not share the code it tests.)"""
+    with tempfile.TemporaryDirectory(prefix="senderd-emulator-") as folder:
+        path = os.path.join(folder, "server.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(pem)
         ctx.load_cert_chain(path)
 
 

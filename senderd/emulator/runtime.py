@@ -18,9 +18,9 @@ from typing import Any, Literal
 import jwt
 from aiohttp import web
 
+from senderd.emulator.listener import TlsListener
 from senderd.emulator.pki import Pki
 from senderd.emulator.token_server import TokenServer
-from senderd.site import Site
 
 ALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 MODIFYING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -116,7 +116,7 @@ class Runtime:
         self._required_scope_suffix = required_scope_suffix
         self._sessions: dict[str, tuple[str, str]] = {}  # JSESSIONID -> (__VCAP_ID__, CSRF token)
         self._pattern_pos: collections.Counter[str] = collections.Counter()
-        self._site: Site | None = None
+        self._listener: TlsListener | None = None
         self._request_seen = asyncio.Event()
         for flow in default_flows() if flows is None else flows:
             self.add_flow(flow)
@@ -132,7 +132,7 @@ class Runtime:
             await self._request_seen.wait()
 
     def __repr__(self) -> str:
-        url = self._site.url("https") if self._site else None
+        url = self._listener.url if self._listener else None
         return f"Runtime(url={url!r}, flows={sorted(self.flows)})"
 
     def add_flow(self, flow: FlowSpec) -> None:
@@ -147,21 +147,21 @@ class Runtime:
         """Listen with TLS on host:port (0 = a free port)."""
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        site = Site(app, host, port, ssl_context=self._pki.server_ssl_context(client_ca=False), shutdown_timeout=1.0)
-        await site.start()
-        self._site = site
+        listener = TlsListener(app, self._pki.server_ssl_context(client_ca=False))
+        await listener.start(host, port)
+        self._listener = listener
 
     async def stop(self) -> None:
         """Stop listening and close connections."""
-        if self._site is not None:
-            await self._site.stop()
+        if self._listener is not None:
+            await self._listener.stop()
 
     @property
     def url(self) -> str:
         """Base URL, e.g. "https://127.0.0.1:<port>"; flows are at url + "/http/<address>"."""
-        if self._site is None:
+        if self._listener is None:
             raise RuntimeError("runtime not started")
-        return self._site.url("https")
+        return self._listener.url
 
     def _find_flow(self, path: str) -> tuple[str, FlowSpec] | None:
         if not path.lower().startswith("/http/"):

@@ -22,8 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from senderd.emulator.listener import TlsListener
 from senderd.emulator.pki import Pki
-from senderd.site import Site
 
 _FORM = "application/x-www-form-urlencoded"
 
@@ -81,10 +81,10 @@ class TokenServer:
         self._clients: dict[str, _Client] = {}
         self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self._kid = f"default-jwt-key-{secrets.randbelow(10**9)}"
-        self._site: Site | None = None
+        self._listener: TlsListener | None = None
 
     def __repr__(self) -> str:
-        url = self._site.url("https") if self._site else None
+        url = self._listener.url if self._listener else None
         return f"TokenServer(url={url!r}, clients={len(self._clients)})"
 
     def add_certificate_client(self, client_id: str, cert: x509.Certificate, scopes: Sequence[str]) -> None:
@@ -105,21 +105,21 @@ class TokenServer:
         app.router.add_get("/token_keys", self._token_keys)
         app.router.add_get("/.well-known/openid-configuration", self._openid_configuration)
         ctx = self._pki.server_ssl_context(client_ca=True, require_client_cert=self._require_client_cert)
-        site = Site(app, host, port, ssl_context=ctx, shutdown_timeout=1.0)
-        await site.start()
-        self._site = site
+        listener = TlsListener(app, ctx)
+        await listener.start(host, port)
+        self._listener = listener
 
     async def stop(self) -> None:
         """Stop listening and close connections."""
-        if self._site is not None:
-            await self._site.stop()
+        if self._listener is not None:
+            await self._listener.stop()
 
     @property
     def url(self) -> str:
         """Base URL, e.g. "https://127.0.0.1:<port>"."""
-        if self._site is None:
+        if self._listener is None:
             raise RuntimeError("token server not started")
-        return self._site.url("https")
+        return self._listener.url
 
     @property
     def token_url(self) -> str:
@@ -182,11 +182,11 @@ class TokenServer:
             "rev_sig": secrets.token_hex(4),
             "iat": iat,
             "exp": exp,
-            "iss": self.token_url if self._site else "https://emulator/oauth/token",
+            "iss": self.token_url if self._listener else "https://emulator/oauth/token",
             "zid": self._zone_id,
             "aud": list(dict.fromkeys([*audiences, client_id])),
         }
-        headers = {"jku": (self.jwks_url if self._site else ""), "kid": self._kid, "typ": "JWT"}
+        headers = {"jku": (self.jwks_url if self._listener else ""), "kid": self._kid, "typ": "JWT"}
         token = jwt.encode(claims, self._signing_key, algorithm="RS256", headers=headers)
         return token, jti, exp - now
 

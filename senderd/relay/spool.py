@@ -11,23 +11,23 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 import structlog
 from anyio import CapacityLimiter
 
-from senderd.errors import ConfigError, SenderdError
+from senderd.clock import Clock, SystemClock
+from senderd.errors import ConfigError, SpoolError, SpoolFull
+from senderd.metrics import SPOOL_STATES
+from senderd.metrics import SpoolState as State
 
 log = structlog.get_logger(component="spool")
-State = Literal["queued", "in_flight", "delivered", "dead"]
-STATES: tuple[State, ...] = ("queued", "in_flight", "delivered", "dead")
 T = TypeVar("T")
 
 _SCHEMA = """
@@ -52,14 +52,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (flow, idempo
 CREATE INDEX IF NOT EXISTS messages_due ON messages (state, next_attempt_at, seq);
 CREATE INDEX IF NOT EXISTS messages_queued ON messages (seq) WHERE state='queued';
 """
-
-
-class SpoolError(SenderdError):
-    """The spool cannot take the message now (the app should retry later)."""
-
-
-class SpoolFull(SpoolError):
-    """The spool holds as many messages or bytes as it may."""
 
 
 @dataclass(frozen=True)
@@ -114,8 +106,10 @@ class _Pending:
 class Spool:
     """The outbox at `directory/spool.db`; open with `Spool.open` in an async context."""
 
-    def __init__(self, directory: Path, *, max_messages: int = 100_000, max_bytes: int = 1 << 30) -> None:
+    def __init__(self, directory: Path, *, max_messages: int = 100_000, max_bytes: int = 1 << 30,
+                 clock: Clock | None = None) -> None:
         self.path = directory / "spool.db"
+        self.clock = clock or SystemClock()
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self._db: sqlite3.Connection | None = None
@@ -123,7 +117,7 @@ class Spool:
         self._pending: list[_Pending] = []
         self._closed = False
         self._wake = anyio.Event()
-        self.counts: dict[State, int] = dict.fromkeys(STATES, 0)
+        self.counts: dict[State, int] = dict.fromkeys(SPOOL_STATES, 0)
         self.bytes = 0
         self.commits = 0
         self.on_change: Callable[[], None] | None = None
@@ -234,7 +228,7 @@ class Spool:
 
     def _insert_sync(self, batch: list[_Pending]) -> list[tuple[str, bool] | BaseException]:
         db = self.db
-        now = time.time()
+        now = self.clock.time()
         results: list[tuple[str, bool] | BaseException] = []
         added_count = added_bytes = 0
         db.execute("BEGIN IMMEDIATE")
@@ -322,7 +316,7 @@ class Spool:
             cursor = self.db.execute(
                 "UPDATE messages SET state=?, attempts=attempts+1, last_error=?, correlation_id=?, status=?, "
                 "updated_at=?, next_attempt_at=? WHERE id=? AND state='in_flight'",
-                (state, error, correlation_id, status, time.time(), retry_at, message.id))
+                (state, error, correlation_id, status, self.clock.time(), retry_at, message.id))
             if cursor.rowcount:
                 self.counts["in_flight"] -= 1
                 self.counts[state] += 1
@@ -338,7 +332,7 @@ class Spool:
         def update() -> None:
             cursor = self.db.execute(
                 "UPDATE messages SET state='queued', updated_at=? WHERE id=? AND state='in_flight'",
-                (time.time(), message.id))
+                (self.clock.time(), message.id))
             if cursor.rowcount:
                 self.counts["in_flight"] -= 1
                 self.counts["queued"] += 1
@@ -357,7 +351,7 @@ class Spool:
         def update() -> bool:
             cursor = self.db.execute(
                 "UPDATE messages SET state='queued', next_attempt_at=0, updated_at=? WHERE id=? AND state='dead'",
-                (time.time(), message_id))
+                (self.clock.time(), message_id))
             if cursor.rowcount:
                 self.counts["dead"] -= 1
                 self.counts["queued"] += 1

@@ -4,7 +4,8 @@ Accepts the nested (`"oauth": {...}`) and flat layouts, `tokenurl` or `certurl`,
 ClientSecret and External Certificate (private key from a separate PEM or PKCS#12 file), PEM text with
 literal `\\n` escapes, CRLF or stray whitespace, PKCS#1/PKCS#8, RSA/EC keys and chains in any order.
 Everything wrong is a `CredentialsError` whose one line names the source, the field and the fix.
-No network here; key material never appears in a repr, str or message.
+No network here; key material never appears in a repr, str or message. `load_credentials` reads the key
+that a `[credentials]` table names.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
@@ -24,7 +25,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from senderd.errors import CredentialsError
+from senderd.errors import ConfigError, CredentialsError
+from senderd.logs import register_secret
+
+if TYPE_CHECKING:
+    from senderd.config import CredentialsConfig
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 KeyType = Literal["certificate", "clientsecret", "external-certificate"]
@@ -107,6 +112,29 @@ class ServiceKey:
         )
 
     __str__ = __repr__
+
+
+def load_credentials(config: CredentialsConfig, *, now: dt.datetime | None = None,
+                     source: str | None = None) -> ServiceKey:
+    """The service key that `[credentials]` names, validated; its secret is registered for redaction.
+
+    `source` (the config file) prefixes errors about the configuration itself.
+    """
+    where = f"{source}: " if source and source != "<defaults>" else ""
+    if config.service_key is None and config.service_key_env is None:
+        raise ConfigError(
+            f"{where}credentials.service_key: no service key configured: set it in the config file, "
+            "or pass --service-key"
+        )
+    try:
+        passphrase = config.key_passphrase()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+    key = load_service_key(config.service_key, env=config.service_key_env, key_file=config.key_file,
+                           key_passphrase=passphrase, now=now)
+    if key.client_secret is not None:
+        register_secret(key.client_secret.reveal())
+    return key
 
 
 def load_service_key(

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from senderd.credentials import ServiceKey
+from senderd.auth.servicekey import ServiceKey
 from senderd.errors import CredentialsError
 
 

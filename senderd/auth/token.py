@@ -10,25 +10,30 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import email.utils
 import errno
 import json
 import math
 import random
 import ssl
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
 import structlog
 
+from senderd.auth.servicekey import ServiceKey
+from senderd.auth.tls import client_context
 from senderd.clock import Clock, SystemClock
-from senderd.credentials import ServiceKey
+from senderd.durations import parse_retry_after
 from senderd.errors import TokenError
+from senderd.retry import backoff
+
+if TYPE_CHECKING:
+    from senderd.config import CredentialsConfig, TokenConfig
 
 log = structlog.get_logger(component="token")
 
@@ -92,16 +97,31 @@ class RefreshPolicy:
         return max(0.0, lifetime - left)
 
     def backoff(self, failures: int, retry_after: float | None, rng: random.Random) -> float:
-        """Delay before the next attempt after `failures` consecutive failures (1 = the first)."""
-        base = min(self.backoff_max, self.backoff_initial * 2.0 ** min(max(0, failures - 1), 64))
-        delay = min(self.backoff_max, base * (1 + rng.uniform(-self.jitter, self.jitter)))
+        """Delay before the next attempt after `failures` consecutive failures (1 = the first); at least
+        the server's Retry-After (capped by `retry_after_max`)."""
+        delay = backoff(failures, initial=self.backoff_initial, maximum=self.backoff_max, jitter=self.jitter, rng=rng)
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.retry_after_max))
         return delay
 
+    @classmethod
+    def of(cls, config: TokenConfig) -> RefreshPolicy:
+        """The policy that a `[token]` table describes."""
+        return cls(refresh_left=config.refresh_left, jitter=config.refresh_jitter,
+                   backoff_initial=config.backoff_initial, backoff_max=config.backoff_max,
+                   startup_jitter=config.startup_jitter)
+
 
 FetchListener = Callable[[float, Token | None, TokenError | None], None]
 """Called after every fetch with its duration and either the token or the error (for metrics)."""
+
+
+class TokenFetcher(Protocol):
+    """One token request; `aclose` releases what it holds (its HTTP session)."""
+
+    async def __call__(self) -> TokenGrant: ...
+
+    async def aclose(self) -> None: ...
 
 
 class TokenProvider:
@@ -109,7 +129,7 @@ class TokenProvider:
 
     def __init__(
         self,
-        fetch: Callable[[], Awaitable[TokenGrant]],
+        fetch: TokenFetcher | Callable[[], Awaitable[TokenGrant]],
         *,
         clock: Clock | None = None,
         policy: RefreshPolicy | None = None,
@@ -130,6 +150,43 @@ class TokenProvider:
         self._wake = anyio.Event()
         self.fetches = 0
 
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, key: ServiceKey, credentials: CredentialsConfig, token: TokenConfig, *,
+                   clock: Clock | None = None, listeners: list[FetchListener] | None = None,
+                   rng: random.Random | None = None) -> AsyncIterator[TokenProvider]:
+        """A provider fetching over HTTP for `key`; its session closes on exit (start `run()` to refresh ahead).
+
+        Raises CredentialsError when the TLS context cannot be built (e.g. an unreadable `ca_file`).
+        """
+        clock = clock or SystemClock()
+        provider = cls(HttpTokenFetcher.create(key, credentials, timeout=token.timeout, clock=clock), clock=clock,
+                       policy=RefreshPolicy.of(token), listeners=listeners, rng=rng)
+        try:
+            yield provider
+        finally:
+            with anyio.CancelScope(shield=True):
+                await provider.aclose()
+
+    async def replace_fetcher(self, fetch: TokenFetcher) -> None:
+        """Fetch with `fetch` from now on (new credentials); the old fetcher is closed once a fetch it has
+        under way has finished. The cached token keeps serving until the next refresh."""
+        old, self._fetch = self._fetch, fetch
+        try:
+            while self.fetching:
+                await self.wait_fetch()
+        finally:
+            closer = getattr(old, "aclose", None)
+            if closer is not None:
+                with anyio.CancelScope(shield=True):
+                    await closer()
+
+    async def aclose(self) -> None:
+        """Close the current fetcher (its HTTP session)."""
+        closer = getattr(self._fetch, "aclose", None)
+        if closer is not None:
+            await closer()
+
     @property
     def current(self) -> Token | None:
         """The cached token, valid or not."""
@@ -141,19 +198,14 @@ class TokenProvider:
         return self._last_error
 
     @property
-    def fetcher(self) -> Callable[[], Awaitable[TokenGrant]]:
-        """What fetches tokens (an `HttpTokenFetcher` in production)."""
-        return self._fetch
+    def fetching(self) -> bool:
+        """True while a fetch is under way."""
+        return self._inflight is not None
 
     async def wait_fetch(self) -> None:
         """Return when the fetch under way (if any) has finished."""
         if self._inflight is not None:
             await self._inflight.wait()
-
-    @property
-    def fetching(self) -> bool:
-        """True while a fetch is under way."""
-        return self._inflight is not None
 
     @property
     def next_attempt_in(self) -> float | None:
@@ -279,12 +331,25 @@ class TokenProvider:
 
 
 class HttpTokenFetcher:
-    """One client-credentials request to the service key's token URL over the given session."""
+    """One client-credentials request to the service key's token URL over its own session."""
 
-    def __init__(self, key: ServiceKey, session: aiohttp.ClientSession, *, timeout: float = 10.0) -> None:
+    def __init__(self, key: ServiceKey, session: aiohttp.ClientSession, *, timeout: float = 10.0,
+                 clock: Clock | None = None) -> None:
         self.key = key
         self.session = session
         self.timeout = timeout
+        self.clock = clock or SystemClock()
+
+    @classmethod
+    def create(cls, key: ServiceKey, credentials: CredentialsConfig, *, timeout: float,
+               clock: Clock | None = None) -> HttpTokenFetcher:
+        """A fetcher with a new session: our client certificate when the key has one, `ca_file` trusted."""
+        connector = aiohttp.TCPConnector(ssl=client_context(key, credentials.ca_file), limit=4)
+        return cls(key, aiohttp.ClientSession(connector=connector), timeout=timeout, clock=clock)
+
+    async def aclose(self) -> None:
+        """Close the session."""
+        await self.session.close()
 
     async def __call__(self) -> TokenGrant:
         key = self.key
@@ -300,7 +365,7 @@ class HttpTokenFetcher:
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as response:
                 body = await response.read()
-                return _grant_from_response(response.status, response.headers, body, host)
+                return _grant_from_response(response.status, response.headers, body, host, self.clock.time())
         except TokenError:
             raise
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -358,21 +423,6 @@ def _client_cert_message(host: str, exc: BaseException, sent_certificate: bool) 
     )
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """A `Retry-After` header (seconds or an HTTP date) as seconds from now, or None."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def _error_detail(body: bytes) -> str:
     try:
         data = json.loads(body)
@@ -384,7 +434,7 @@ def _error_detail(body: bytes) -> str:
     return ": ".join(parts)
 
 
-def _grant_from_response(status: int, headers: Any, body: bytes, host: str) -> TokenGrant:
+def _grant_from_response(status: int, headers: Any, body: bytes, host: str, now: float) -> TokenGrant:
     if status == 200:
         try:
             data = json.loads(body)
@@ -413,12 +463,12 @@ def _grant_from_response(status: int, headers: Any, body: bytes, host: str) -> T
         raise TokenError(f"token server {host}: bad request ({said}): check the service key's clientid",
                          reason="bad_request", status=status)
     if status == 429:
-        retry_after = parse_retry_after(headers.get("Retry-After"))
+        retry_after = parse_retry_after(headers.get("Retry-After"), now=now)
         raise TokenError(f"token server {host}: rate limited (429); retry after {retry_after or 0:g}s",
                          reason="rate_limited", status=status, retry_after=retry_after)
     if status >= 500:
         raise TokenError(f"token server {host}: server error ({said})", reason="server_error", status=status,
-                         retry_after=parse_retry_after(headers.get("Retry-After")))
+                         retry_after=parse_retry_after(headers.get("Retry-After"), now=now))
     raise TokenError(f"token server {host}: unexpected answer ({said})", reason="bad_response", status=status)
 
 

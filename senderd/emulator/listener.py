@@ -1,0 +1,48 @@
+"""An aiohttp application served over TLS on one address: the emulator's servers (its own, not senderd's)."""
+
+from __future__ import annotations
+
+import ssl
+
+from aiohttp import web
+
+
+class TlsListener:
+    """`app` with TLS on `host:port` (port 0: any free port, known after `start`)."""
+
+    def __init__(self, app: web.Application, ssl_context: ssl.SSLContext) -> None:
+        self.app = app
+        self.ssl_context = ssl_context
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen; nothing stays open when that fails."""
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, ssl_context=self.ssl_context).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.host = host
+        self.port = int(runner.addresses[0][1]) if runner.addresses else port
+
+    async def stop(self) -> None:
+        """Stop listening and close connections."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    @property
+    def running(self) -> bool:
+        """True between `start` and `stop`."""
+        return self._runner is not None
+
+    @property
+    def url(self) -> str:
+        """`https://host:port`."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"

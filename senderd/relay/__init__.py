@@ -1,0 +1,70 @@
+"""The sidecar relay: the ingest API (`api`), the durable spool (`spool`) and the dispatcher that delivers
+what was spooled (`dispatcher`), started and stopped together by `Relay`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from anyio.abc import TaskStatus
+
+from senderd.config import RelayConfig
+from senderd.engine import Engine
+from senderd.relay.api import RelayApi
+from senderd.relay.dispatcher import Dispatcher
+from senderd.relay.spool import Spool
+
+
+class Relay:
+    """The spool, the API listening on `relay.listen`, and the dispatcher, over one engine."""
+
+    def __init__(self, config: RelayConfig, engine: Engine, spool: Spool) -> None:
+        self.config = config
+        self.spool = spool
+        self.api = RelayApi(config, engine.holder, spool, engine.metrics)
+        self.dispatcher = Dispatcher(config, engine, spool)
+        engine.metrics.watch_relay(lambda: spool.counts, self.dispatcher.oldest_age)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: RelayConfig, engine: Engine) -> AsyncIterator[Relay]:
+        """Open the spool and listen; both are closed on exit. Raises ConfigError (spool, address)."""
+        spool = Spool(config.spool_dir, max_messages=config.max_spool_messages, max_bytes=config.max_spool_bytes,
+                      clock=engine.clock)
+        await spool.open()
+        try:
+            relay = cls(config, engine, spool)
+            await relay.api.start()
+            try:
+                yield relay
+            finally:
+                await relay.api.stop()
+        finally:
+            await spool.close()
+
+    @property
+    def url(self) -> str:
+        """The base URL of the relay API."""
+        return self.api.url
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The spool's writer and the dispatcher, until cancelled."""
+        async with anyio.create_task_group() as group:
+            await group.start(self.spool.run_writer)
+            await group.start(self.dispatcher.run)
+            task_status.started()
+
+    def stop_accepting(self) -> None:
+        """Answer new posts 503 and claim no more messages; deliveries in flight go on."""
+        self.api.stop_accepting()
+        self.dispatcher.stop_claiming()
+
+    async def wait_idle(self) -> None:
+        """Return once no delivery is in flight."""
+        await self.dispatcher.wait_idle()
+
+    @property
+    def inflight(self) -> int:
+        """Deliveries under way now."""
+        return self.dispatcher.inflight

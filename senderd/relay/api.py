@@ -1,0 +1,141 @@
+"""The relay's HTTP API: the app hands messages to senderd on localhost, acknowledged once durable.
+
+`POST /v1/flows/{flow}/messages` answers 202 only once the message is committed to the spool; `GET
+/v1/messages/{id}` tells its state; `GET /v1/dead` lists dead letters and `POST /v1/dead/{id}/retry`
+re-drives one. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import sqlite3
+from collections.abc import Awaitable, Callable
+
+import anyio
+import structlog
+from aiohttp import web
+
+from senderd.config import ConfigHolder, RelayConfig, parse_listen
+from senderd.errors import SpoolError, SpoolFull
+from senderd.metrics import Metrics
+from senderd.relay.spool import Spool
+from senderd.site import Site
+
+log = structlog.get_logger(component="relay")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+class RelayApi:
+    """The ingest and status API over one spool."""
+
+    def __init__(self, config: RelayConfig, holder: ConfigHolder, spool: Spool, metrics: Metrics) -> None:
+        self.config = config
+        self.holder = holder
+        self.spool = spool
+        self.metrics = metrics
+        self.token = config.token()
+        self.stopping = False
+        self.site = Site(self.app(), *parse_listen(config.listen), config_key="relay.listen")
+
+    @property
+    def url(self) -> str:
+        """The base URL of the relay API (with the real port once started)."""
+        return self.site.url
+
+    def app(self) -> web.Application:
+        """The relay's aiohttp application."""
+        app = web.Application(client_max_size=self.config.max_message_bytes, middlewares=[self._middleware])
+        app.router.add_post("/v1/flows/{flow}/messages", self._post)
+        app.router.add_get("/v1/messages/{id}", self._status)
+        app.router.add_get("/v1/dead", self._dead)
+        app.router.add_post("/v1/dead/{id}/retry", self._redrive)
+        return app
+
+    async def start(self) -> None:
+        """Listen on `relay.listen`."""
+        await self.site.start()
+
+    def stop_accepting(self) -> None:
+        """From now on, posts are answered 503 (the stop has begun)."""
+        self.stopping = True
+
+    async def stop(self) -> None:
+        """Close the listener."""
+        await self.site.stop()
+
+    @web.middleware
+    async def _middleware(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        try:
+            if self.token is not None and not self._authorised(request):
+                response: web.StreamResponse = _error(401, "unauthorized: send 'Authorization: Bearer <token>'",
+                                                      headers={"WWW-Authenticate": "Bearer"})
+            else:
+                response = await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            response = _error(413, f"message larger than relay.max_message_bytes ({self.config.max_message_bytes})")
+        except web.HTTPException as exc:
+            response = _error(exc.status, exc.reason)
+        except sqlite3.Error as exc:  # the spool's disk failed under a status query
+            log.error("spool_read_failed", error=str(exc))
+            response = _error(503, "spool unavailable: retry later", headers={"Retry-After": "5"})
+        self.metrics.relay_request(response.status)
+        return response
+
+    def _authorised(self, request: web.Request) -> bool:
+        assert self.token is not None
+        given = request.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode())
+
+    async def _post(self, request: web.Request) -> web.Response:
+        if self.stopping:
+            return _error(503, "senderd is stopping", headers={"Retry-After": "5"})
+        name = request.match_info["flow"]
+        if not any(flow.name == name for flow in self.holder.current.flows):
+            return _error(404, f"unknown flow {name!r}")
+        if request.content_length is not None and request.content_length > self.config.max_message_bytes:
+            return _error(413, f"message larger than relay.max_message_bytes ({self.config.max_message_bytes})")
+        content_type = request.headers.get("Content-Type")
+        if not content_type:
+            return _error(415, "Content-Type is missing: send the payload's media type (e.g. application/xml)")
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not _IDEMPOTENCY_KEY.match(key):
+            return _error(400, "Idempotency-Key must be 1-255 visible ASCII characters")
+        body: bytes | None = None
+        with anyio.move_on_after(self.config.read_timeout):
+            body = await request.read()
+        if body is None:
+            return _error(408, f"the body did not arrive within relay.read_timeout ({self.config.read_timeout:g}s)",
+                          headers={"Connection": "close"})
+        try:
+            message_id, created = await self.spool.add(name, body, content_type, key)
+        except SpoolFull:
+            return _error(503, "spool full: retry later", headers={"Retry-After": "10"})
+        except SpoolError as exc:
+            return _error(503, f"{exc}: retry later", headers={"Retry-After": "5"})
+        if created:
+            return web.json_response({"id": message_id, "status": "queued"}, status=202)
+        existing = await self.spool.get(message_id)
+        state = existing.state if existing is not None else "queued"
+        return web.json_response({"id": message_id, "status": state, "duplicate": True}, status=200)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        message = await self.spool.get(request.match_info["id"])
+        if message is None:
+            return _error(404, "no such message")
+        return web.json_response(message.summary())
+
+    async def _dead(self, _request: web.Request) -> web.Response:
+        return web.json_response({"messages": [m.summary() for m in await self.spool.dead()]})
+
+    async def _redrive(self, request: web.Request) -> web.Response:
+        message_id = request.match_info["id"]
+        if not await self.spool.redrive(message_id):
+            return _error(404, "no dead message with that id")
+        log.info("message_redriven", id=message_id)
+        return web.json_response({"id": message_id, "status": "queued"}, status=202)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)

@@ -1,0 +1,166 @@
+"""The relay's dispatcher: delivers spooled messages through the flow's sender (token, CSRF, retries),
+with the message id as `SAP_ApplicationID`, at least once.
+
+Ordered flows have one message in flight at a time, in order; other flows are delivered concurrently. A
+message whose send failed in a way another round may fix is queued again with a growing delay; one whose
+rounds are used up (or that the flow refused) is `dead`, kept for re-drive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sqlite3
+from collections.abc import Awaitable, Callable
+
+import anyio
+import structlog
+
+from senderd.config import RelayConfig
+from senderd.engine import Engine
+from senderd.errors import ConfigError
+from senderd.metrics import DeliveryResult
+from senderd.metrics import SpoolState as State
+from senderd.pool import WorkerPool
+from senderd.relay.spool import Message, Spool
+from senderd.result import SendResult
+from senderd.retry import backoff
+
+log = structlog.get_logger(component="relay")
+_RESULTS: dict[State, DeliveryResult] = {"delivered": "delivered", "queued": "retry", "dead": "dead"}
+
+
+class Dispatcher:
+    """Claims due messages from the spool and delivers them."""
+
+    def __init__(self, config: RelayConfig, engine: Engine, spool: Spool) -> None:
+        self.config = config
+        self.engine = engine
+        self.spool = spool
+        self.clock = engine.clock
+        self.stopping = False
+        self._wake = anyio.Event()
+        self._inflight: dict[str, Message] = {}
+        self._settled = anyio.Event()
+        self.rounds = 0
+        """Loop iterations (a test can tell waiting from spinning)."""
+        self._oldest: float | None = None
+        self._oldest_checked = float("-inf")
+        self._rng = random.Random()
+        spool.on_change = self._wake.set
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest message still waiting for delivery was accepted (0 when none waits)."""
+        return max(0.0, self.clock.time() - self._oldest) if self._oldest is not None else 0.0
+
+    @property
+    def inflight(self) -> int:
+        """Deliveries under way now."""
+        return len(self._inflight)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Deliver due messages until cancelled; ordered flows one at a time, in order."""
+        workers = self.engine.config.pool.workers  # the pool's size is fixed until a restart
+        pool = WorkerPool(workers, workers)
+        async with anyio.create_task_group() as group:
+            await group.start(pool.run)
+            task_status.started()
+            while True:
+                self.rounds += 1
+                self._wake = anyio.Event()  # before looking, so that no change in between is missed
+                self.spool.on_change = self._wake.set
+                ordered = [flow.name for flow in self.engine.config.flows if flow.ordered]  # a reload may change it
+                free = workers * 2 - len(self._inflight)
+                claimed: list[Message] = []
+                try:
+                    await self._refresh_oldest()
+                    if free > 0 and not self.stopping:
+                        busy_ordered = [m.flow for m in self._inflight.values() if m.flow in ordered]
+                        claimed = await self.spool.due(self.clock.time(), free, exclude_flows=busy_ordered,
+                                                       ordered_flows=ordered)
+                except sqlite3.Error as exc:  # the spool's disk is failing: say so, try again shortly
+                    log.error("spool_read_failed", error=str(exc))
+                for message in claimed:
+                    self._inflight[message.id] = message
+                    await pool.put(message.id, self._job(message))
+                if not claimed:
+                    await self._wait_for_work(can_claim=free > 0 and not self.stopping)
+
+    def stop_claiming(self) -> None:
+        """Claim nothing more (the stop has begun); deliveries in flight go on."""
+        self.stopping = True
+
+    async def wait_idle(self) -> None:
+        """Return once no delivery is in flight (used by the drain on stop)."""
+        while self._inflight:
+            self._settled = anyio.Event()
+            await self._settled.wait()
+
+    async def _wait_for_work(self, *, can_claim: bool) -> None:
+        """Sleep until a post, a finished delivery or a re-drive (`_wake`), or until a queued message that
+        is not due yet becomes due; never less than a moment, so that nothing spins."""
+        delay = 1.0
+        if can_claim:
+            with contextlib.suppress(sqlite3.Error):
+                now = self.clock.time()
+                next_due = await self.spool.next_due_at(after=now)
+                if next_due is not None:
+                    delay = min(1.0, max(0.01, next_due - now))
+        with anyio.move_on_after(delay):
+            await self._wake.wait()
+
+    async def _refresh_oldest(self) -> None:
+        now = self.clock.monotonic()
+        if now - self._oldest_checked >= 1.0:
+            self._oldest_checked = now
+            self._oldest = await self.spool.oldest_queued_at()
+
+    def _job(self, message: Message) -> Callable[[], Awaitable[None]]:
+        async def deliver() -> None:
+            try:
+                await self._deliver(message)
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True):
+                    await self.spool.requeue(message)  # interrupted by a stop: delivered after restart
+                raise
+            finally:
+                self._inflight.pop(message.id, None)
+                self._wake.set()
+                self._settled.set()
+
+        return deliver
+
+    async def _deliver(self, message: Message) -> None:
+        try:
+            flow = self.engine.config.flow(message.flow)
+        except ConfigError:
+            await self._finish(message, None, "dead", error=f"flow {message.flow!r} is no longer configured")
+            return
+        headers = {self.config.application_id_header: message.id}
+        if message.content_type:
+            headers["Content-Type"] = message.content_type
+        result = await self.engine.send(flow, body=message.body, headers=headers, message_id=message.id)
+        if result.ok:
+            await self._finish(message, result, "delivered")
+            return
+        rounds = message.attempts + 1
+        if self.engine.policy(flow).redeliverable(result.last) and rounds < self.config.max_deliveries:
+            delay = backoff(rounds, initial=self.config.redelivery_initial, maximum=self.config.redelivery_max,
+                            jitter=0.1, rng=self._rng)
+            await self._finish(message, result, "queued", retry_at=self.clock.time() + delay)
+        else:
+            await self._finish(message, result, "dead")
+
+    async def _finish(self, message: Message, result: SendResult | None, state: State, *, error: str | None = None,
+                      retry_at: float = 0.0) -> None:
+        if result is not None:
+            error = result.last.error
+        with anyio.CancelScope(shield=True):
+            await self.spool.finish(message, state, error=error, retry_at=retry_at,
+                                    correlation_id=result.correlation_id if result else None,
+                                    status=result.status if result else None)
+        outcome = _RESULTS[state]
+        self.engine.metrics.relay_delivery(message.flow, outcome)
+        if state != "delivered":
+            log.warning("relay_delivery_failed", id=message.id, flow=message.flow, result=outcome,
+                        attempts=message.attempts + 1, error=error)

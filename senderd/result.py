@@ -1,0 +1,75 @@
+"""What a send gives: one `Attempt` per HTTP exchange, and the `SendResult` of the whole send."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from multidict import CIMultiDictProxy
+
+from senderd.metrics import Outcome
+
+CORRELATION_HEADERS = ("SAP_MessageProcessingLogID", "SAP_MplCorrelationId", "x-correlationid")
+"""The runtime's answer headers that find a message in Cloud Integration monitoring."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one HTTP exchange gave: the facts; whether to retry is `retry.RetryPolicy`'s decision."""
+
+    outcome: Outcome
+    status: int | None = None
+    headers: CIMultiDictProxy[str] | None = None
+    body: bytes = b""
+    error: str | None = None
+    retry_after: float | None = None
+    """Seconds the runtime (Retry-After) or the token provider (its backoff) asked to wait."""
+    token_failure: str | None = None
+    """Why no token was available (a `TokenError` reason), for an `auth_error` without an answer."""
+    certificate_problem: bool = False
+    """The runtime's TLS certificate was refused: no retry helps until someone fixes it."""
+
+    @property
+    def correlation(self) -> dict[str, str]:
+        """The runtime's correlation headers that were present, by their canonical names."""
+        if self.headers is None:
+            return {}
+        return {name: self.headers[name] for name in CORRELATION_HEADERS if name in self.headers}
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """The verdict of a whole send (all attempts)."""
+
+    flow: str
+    outcome: Outcome
+    attempts: int
+    duration: float
+    last: Attempt
+    message_id: str | None = None
+    attempt_codes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when the send succeeded."""
+        return self.outcome == "success"
+
+    @property
+    def status(self) -> int | None:
+        """The last HTTP status, if an answer came."""
+        return self.last.status
+
+    @property
+    def body(self) -> bytes:
+        """The last answer's body."""
+        return self.last.body
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str] | None:
+        """The last answer's headers, if an answer came."""
+        return self.last.headers
+
+    @property
+    def correlation_id(self) -> str | None:
+        """The message processing log id (or another correlation id) the runtime answered with."""
+        values = self.last.correlation
+        return next(iter(values.values()), None)
