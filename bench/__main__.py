@@ -57,31 +57,50 @@ class Target:
         return value <= self.bound if self.at_most else value >= self.bound
 
 
-TARGETS = {target.key: target for target in (
-    Target("throughput.ratio_vs_aiohttp", throughput.TARGET_RATIO, at_most=False),
-    Target("token.fetches_per_lifetime", tokens.TARGET_FETCHES_PER_LIFETIME, at_most=True),
-    Target("token.expired_sends", 0, at_most=True),
-    Target("schedule.p99_lateness_ms", schedule.TARGET_P99_MS, at_most=True),
-    Target("schedule.missed_ticks", 0, at_most=True),
-    Target("footprint.idle_rss_mb", footprint.TARGET_IDLE_RSS_MB, at_most=True),
-    Target("footprint.once_first_send_s", footprint.TARGET_FIRST_SEND_S, at_most=True),
-    Target("relay.accept_rps", relay.TARGET_RPS, at_most=False),
-    Target("relay.p99_ack_ms", relay.TARGET_P99_MS, at_most=True),
-)}
+TARGETS = {
+    target.key: target
+    for target in (
+        Target("throughput.ratio_vs_aiohttp", throughput.TARGET_RATIO, at_most=False),
+        Target("token.fetches_per_lifetime", tokens.TARGET_FETCHES_PER_LIFETIME, at_most=True),
+        Target("token.expired_sends", 0, at_most=True),
+        Target("schedule.p99_lateness_ms", schedule.TARGET_P99_MS, at_most=True),
+        Target("schedule.missed_ticks", 0, at_most=True),
+        Target("footprint.idle_rss_mb", footprint.TARGET_IDLE_RSS_MB, at_most=True),
+        Target("footprint.once_first_send_s", footprint.TARGET_FIRST_SEND_S, at_most=True),
+        Target("relay.accept_rps", relay.TARGET_RPS, at_most=False),
+        Target("relay.p99_ack_ms", relay.TARGET_P99_MS, at_most=True),
+    )
+}
 
 # The rows of the table, in order (the JSON holds more).
 TABLE = (
-    ("throughput.senderd_rps", "sends/s"), ("throughput.aiohttp_rps", "req/s"), ("throughput.wrk_rps", "req/s"),
-    ("throughput.ratio_vs_aiohttp", "×"), ("throughput.senderd_cpu_ms_per_1k", "CPU ms"),
+    ("throughput.senderd_rps", "sends/s"),
+    ("throughput.aiohttp_rps", "req/s"),
+    ("throughput.wrk_rps", "req/s"),
+    ("throughput.ratio_vs_aiohttp", "×"),
+    ("throughput.senderd_cpu_ms_per_1k", "CPU ms"),
     ("throughput.aiohttp_cpu_ms_per_1k", "CPU ms"),
-    ("token.fetches", ""), ("token.lifetimes", ""), ("token.fetches_per_lifetime", ""),
-    ("token.expired_sends", ""), ("token.blackbox_fetches_per_1k_probes", ""),
-    ("schedule.flows", ""), ("schedule.p50_lateness_ms", "ms"), ("schedule.p99_lateness_ms", "ms"),
-    ("schedule.missed_ticks", ""), ("schedule.cpu_pct", "% of a core"),
-    ("footprint.idle_rss_mb", "MB"), ("footprint.import_floor_mb", "MB"), ("footprint.rss_1000_flows_mb", "MB"),
-    ("footprint.once_first_send_s", "s"), ("footprint.import_s", "s"),
-    ("newman.senderd_s", "s"), ("newman.newman_s", "s"), ("newman.speedup", "×"), ("newman.rss_ratio", "×"),
-    ("relay.accept_rps", "msgs/s"), ("relay.p99_ack_ms", "ms"),
+    ("token.fetches", ""),
+    ("token.lifetimes", ""),
+    ("token.fetches_per_lifetime", ""),
+    ("token.expired_sends", ""),
+    ("token.blackbox_fetches_per_1k_probes", ""),
+    ("schedule.flows", ""),
+    ("schedule.p50_lateness_ms", "ms"),
+    ("schedule.p99_lateness_ms", "ms"),
+    ("schedule.missed_ticks", ""),
+    ("schedule.cpu_pct", "% of a core"),
+    ("footprint.idle_rss_mb", "MB"),
+    ("footprint.import_floor_mb", "MB"),
+    ("footprint.rss_1000_flows_mb", "MB"),
+    ("footprint.once_first_send_s", "s"),
+    ("footprint.import_s", "s"),
+    ("newman.senderd_s", "s"),
+    ("newman.newman_s", "s"),
+    ("newman.speedup", "×"),
+    ("newman.rss_ratio", "×"),
+    ("relay.accept_rps", "msgs/s"),
+    ("relay.p99_ack_ms", "ms"),
 )
 
 
@@ -117,8 +136,12 @@ def peer_versions() -> dict[str, str | None]:
 
 async def run(mode: Mode, names: list[str]) -> dict[str, Any]:
     """Run the chosen measurements in order; a failing one is reported and its section left empty."""
-    results: dict[str, Any] = {"mode": mode.name, "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                               "machine": machine(), "errors": {}}
+    results: dict[str, Any] = {
+        "mode": mode.name,
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "errors": {},
+    }
     results["machine"]["peers"] = peer_versions()
     began = time.monotonic()
     for name in names:
@@ -140,14 +163,21 @@ async def run(mode: Mode, names: list[str]) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--quick", action="store_true", help="smaller sizes: under 2 minutes in all")
-    parser.add_argument("--only", action="append", choices=sorted(MEASUREMENTS), metavar="NAME",
-                        help=f"run only this measurement (repeatable): {', '.join(MEASUREMENTS)}")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(MEASUREMENTS),
+        metavar="NAME",
+        help=f"run only this measurement (repeatable): {', '.join(MEASUREMENTS)}",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where to write the JSON (default {RESULTS})")
     args = parser.parse_args()
     mode = Mode(quick=args.quick)
     names = args.only or list(MEASUREMENTS)
-    say(f"{mode.name} run: {', '.join(names)}; peers install with: "
-        + "; ".join(f"{command}" for command in dict.fromkeys(INSTALL.values())))
+    say(
+        f"{mode.name} run: {', '.join(names)}; peers install with: "
+        + "; ".join(f"{command}" for command in dict.fromkeys(INSTALL.values()))
+    )
     results = anyio.run(run, mode, names)
     write_json(args.out, results)
     print(table(results))

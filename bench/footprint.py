@@ -25,9 +25,22 @@ TARGET_IDLE_RSS_MB = 60.0
 TARGET_FIRST_SEND_S = 1.0
 
 # What `senderd run` loads from its dependencies (the floor under any senderd code).
-DEPENDENCIES = ("ssl", "sqlite3", "aiohttp", "aiohttp.web", "anyio", "cryptography.x509",
-                "cryptography.hazmat.primitives.serialization", "structlog", "prometheus_client",
-                "pydantic", "pydantic.main", "croniter", "multidict", "yarl")
+DEPENDENCIES = (
+    "ssl",
+    "sqlite3",
+    "aiohttp",
+    "aiohttp.web",
+    "anyio",
+    "cryptography.x509",
+    "cryptography.hazmat.primitives.serialization",
+    "structlog",
+    "prometheus_client",
+    "pydantic",
+    "pydantic.main",
+    "croniter",
+    "multidict",
+    "yarl",
+)
 SENDERD_MODULES = ("senderd.cli", "senderd.daemon", "senderd.engine", "senderd.config")
 
 _MEASURE_IMPORT = """
@@ -42,18 +55,25 @@ print(json.dumps({{"seconds": seconds, "rss_kb": rss}}))
 
 
 def _import_figures(modules: tuple[str, ...]) -> dict[str, float]:
-    result = subprocess.run([sys.executable, "-c", _MEASURE_IMPORT.format(modules=modules)], capture_output=True,
-                            timeout=60, check=True, env=child_env())
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE_IMPORT.format(modules=modules)],
+        capture_output=True,
+        timeout=60,
+        check=True,
+        env=child_env(),
+    )
     figures: dict[str, float] = json.loads(result.stdout)
     return figures
 
 
-async def _idle_rss(config: Path, runtime_messages: Any, wait_sends: int, settle_s: float, log: Path) -> tuple[
-        float, float]:
+async def _idle_rss(
+    config: Path, runtime_messages: Any, wait_sends: int, settle_s: float, log: Path
+) -> tuple[float, float]:
     """(VmRSS, VmHWM) in MB of `senderd run` after `wait_sends` sends reached the runtime and `settle_s` more."""
     with log.open("wb") as output:
-        child = Child(senderd_argv("run", "-c", str(config), "--log-level", "info"), env=child_env(),
-                      stdout=output, stderr=output)
+        child = Child(
+            senderd_argv("run", "-c", str(config), "--log-level", "info"), env=child_env(), stdout=output, stderr=output
+        )
         try:
             await poll_until(lambda: len(runtime_messages) >= wait_sends or not child.running, 30)
             if not child.running or len(runtime_messages) < wait_sends:
@@ -90,18 +110,22 @@ async def measure(mode: Mode, workdir: Path) -> Section:
     async with EmulatorStack.started(workdir / "emulator", config_extra=one_flow) as stack:
         messages = stack.runtime.stats.messages
         say("footprint: senderd once, start to first send")
-        firsts = [await _first_send(stack.config_path, messages, workdir / f"once-{index}.log")
-                  for index in range(repeats)]
+        firsts = [
+            await _first_send(stack.config_path, messages, workdir / f"once-{index}.log") for index in range(repeats)
+        ]
         say("footprint: senderd run, idle with one flow")
-        idle_rss, idle_hwm = await _idle_rss(stack.config_path, messages, len(messages) + 2, mode.pick(3, 10),
-                                             workdir / "run-one.log")
+        idle_rss, idle_hwm = await _idle_rss(
+            stack.config_path, messages, len(messages) + 2, mode.pick(3, 10), workdir / "run-one.log"
+        )
         many = 1000
         every = 5
-        stack.write_files("".join(flow_toml(f"flow-{index:04d}", "/http/GetTimestamp", every=f"{every}s")
-                                  for index in range(many)))
+        stack.write_files(
+            "".join(flow_toml(f"flow-{index:04d}", "/http/GetTimestamp", every=f"{every}s") for index in range(many))
+        )
         say(f"footprint: senderd run with {many} flows every {every}s")
-        many_rss, many_hwm = await _idle_rss(stack.config_path, messages, len(messages) + 1, every + 1.0,
-                                             workdir / "run-many.log")
+        many_rss, many_hwm = await _idle_rss(
+            stack.config_path, messages, len(messages) + 1, every + 1.0, workdir / "run-many.log"
+        )
     return {
         "idle_rss_mb": rounded(idle_rss),
         "idle_peak_rss_mb": rounded(idle_hwm),

@@ -103,8 +103,7 @@ async def started_nginx(nginx: str, pki: Pki, prefix: Path) -> AsyncIterator[Ngi
     port = free_port()
     conf = write_nginx_files(prefix, pki, port)
     log = (prefix / "stderr.log").open("wb")
-    child = Child([nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)],
-                  stdout=log, stderr=log)
+    child = Child([nginx, "-p", str(prefix), "-e", str(prefix / "error.log"), "-c", str(conf)], stdout=log, stderr=log)
     try:
         try:
             await wait_for_port(port, 10, alive=lambda: child.running)

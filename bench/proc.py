@@ -71,13 +71,25 @@ class ChildTimeout(Exception):
 class Child:
     """A subprocess whose memory and CPU are watched; reaped with `wait4` to get its own peak RSS."""
 
-    def __init__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None,
-                 stdout: IO[bytes] | int | None = subprocess.DEVNULL,
-                 stderr: IO[bytes] | int | None = subprocess.DEVNULL) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        stdout: IO[bytes] | int | None = subprocess.DEVNULL,
+        stderr: IO[bytes] | int | None = subprocess.DEVNULL,
+    ) -> None:
         self.argv = list(argv)
         self.started = time.perf_counter()
-        self._popen = subprocess.Popen(self.argv, env=dict(env) if env is not None else None, cwd=cwd,
-                                       stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+        self._popen = subprocess.Popen(
+            self.argv,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+        )
         self.pid = self._popen.pid
         self.peak_kb = 0
         self.usage: Usage | None = None
@@ -109,8 +121,12 @@ class Child:
         code = os.waitstatus_to_exitcode(status)
         self._popen.returncode = code  # reaped here: keep Popen from waiting for it again
         peak_kb = max(self.peak_kb, int(rusage.ru_maxrss))  # kB on Linux
-        self.usage = Usage(returncode=code, wall_s=time.perf_counter() - self.started,
-                           cpu_s=rusage.ru_utime + rusage.ru_stime, peak_rss_mb=peak_kb / 1024)
+        self.usage = Usage(
+            returncode=code,
+            wall_s=time.perf_counter() - self.started,
+            cpu_s=rusage.ru_utime + rusage.ru_stime,
+            peak_rss_mb=peak_kb / 1024,
+        )
         return self.usage
 
     @property

@@ -79,11 +79,15 @@ class _Connection:
 async def loadgen(url: str, count: int, warmup: int, concurrency: int, max_s: float, out: Path) -> None:
     """`concurrency` clients post `warmup` then `count` 1 KiB messages; latencies of the timed ones to `out`."""
     parts = urlsplit(url)
-    body = (b"<Message>" + b"x" * MESSAGE_BYTES)[:MESSAGE_BYTES - len(b"</Message>")] + b"</Message>"
-    request = (f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/xml\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    connections = [_Connection(await anyio.connect_tcp(parts.hostname or LOOPBACK, parts.port or 80), request)
-                   for _ in range(concurrency)]
+    body = (b"<Message>" + b"x" * MESSAGE_BYTES)[: MESSAGE_BYTES - len(b"</Message>")] + b"</Message>"
+    request = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/xml\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    connections = [
+        _Connection(await anyio.connect_tcp(parts.hostname or LOOPBACK, parts.port or 80), request)
+        for _ in range(concurrency)
+    ]
 
     async def burst(n: int) -> tuple[list[float], Counter[int], float]:
         left = n
@@ -117,8 +121,9 @@ async def loadgen(url: str, count: int, warmup: int, concurrency: int, max_s: fl
     finally:
         for connection in connections:
             await connection.stream.aclose()
-    await anyio.Path(out).write_text(json.dumps({"latencies": latencies, "wall_s": wall,
-                                                 "statuses": {str(k): v for k, v in statuses.items()}}))
+    await anyio.Path(out).write_text(
+        json.dumps({"latencies": latencies, "wall_s": wall, "statuses": {str(k): v for k, v in statuses.items()}})
+    )
 
 
 # --- the parent --------------------------------------------------------------------------------------------
@@ -151,8 +156,9 @@ async def _with_wrk(mode: Mode, workdir: Path, url: str, concurrency: int) -> Se
     await anyio.Path(script).write_text(WRK_SCRIPT.format(size=MESSAGE_BYTES))
     seconds = mode.pick(3, 8)
     say(f"relay: wrk -c{concurrency} posting for {seconds:g}s")
-    result = await anyio.run_process([wrk, "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency", "-s",
-                                      str(script), url], check=False)
+    result = await anyio.run_process(
+        [wrk, "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency", "-s", str(script), url], check=False
+    )
     parsed = _parse_wrk(result.stdout.decode(errors="replace"))
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", result.stdout.decode(errors="replace"))
     if parsed is None or non_2xx is not None:
@@ -172,20 +178,42 @@ async def measure(mode: Mode, workdir: Path, *, count: int | None = None, concur
     spool = workdir / "spool"
     relay = f'[relay]\nlisten = "{LOOPBACK}:{port}"\nspool_dir = "{spool}"\n'
     flows = flow_toml("ingest", "/http/Ingest", method="POST", csrf=False)
-    async with EmulatorStack.started(workdir / "emulator", config_extra=relay + flows,
-                                     flows=[FlowSpec("/Ingest", methods=frozenset({"POST"}), body="ok")]) as stack:
+    async with EmulatorStack.started(
+        workdir / "emulator",
+        config_extra=relay + flows,
+        flows=[FlowSpec("/Ingest", methods=frozenset({"POST"}), body="ok")],
+    ) as stack:
         log = (workdir / "relay-daemon.log").open("wb")
-        daemon = Child(senderd_argv("run", "-c", str(stack.config_path), "--log-level", "info"), env=child_env(),
-                       stdout=log, stderr=log)
+        daemon = Child(
+            senderd_argv("run", "-c", str(stack.config_path), "--log-level", "info"),
+            env=child_env(),
+            stdout=log,
+            stderr=log,
+        )
         try:
             await wait_for_port(port, 20, alive=lambda: daemon.running)
             say(f"relay: {concurrency} clients post {count} messages of {MESSAGE_BYTES} bytes (after {warmup})")
             out = workdir / "loadgen.json"
             cpu_before = daemon.cpu_s()
-            generator = Child(python_argv("-m", "bench.relay", "--loadgen", f"http://{LOOPBACK}:{port}/v1/flows/"
-                                          "ingest/messages", "--count", str(count), "--warmup", str(warmup),
-                                          "--concurrency", str(concurrency), "--out", str(out)),
-                              env=child_env(), stdout=log, stderr=log)
+            generator = Child(
+                python_argv(
+                    "-m",
+                    "bench.relay",
+                    "--loadgen",
+                    f"http://{LOOPBACK}:{port}/v1/flows/ingest/messages",
+                    "--count",
+                    str(count),
+                    "--warmup",
+                    str(warmup),
+                    "--concurrency",
+                    str(concurrency),
+                    "--out",
+                    str(out),
+                ),
+                env=child_env(),
+                stdout=log,
+                stderr=log,
+            )
             usage = await generator.wait_async(mode.pick(90, 240))
             cpu_during = daemon.cpu_s() - cpu_before
             if usage.returncode != 0 or not await anyio.Path(out).exists():
@@ -196,8 +224,9 @@ async def measure(mode: Mode, workdir: Path, *, count: int | None = None, concur
             await poll_until(lambda: len(stack.runtime.stats.messages) >= posted, mode.pick(10, 30), 0.1)
             delivered = len(stack.runtime.stats.messages)
             rss = daemon.rss_mb()
-            wrk_figures = await _with_wrk(mode, workdir, f"http://{LOOPBACK}:{port}/v1/flows/ingest/messages",
-                                          concurrency)
+            wrk_figures = await _with_wrk(
+                mode, workdir, f"http://{LOOPBACK}:{port}/v1/flows/ingest/messages", concurrency
+            )
         finally:
             await daemon.stop(15)
             log.close()
@@ -238,15 +267,16 @@ def main() -> None:
 
     async def alone() -> Section:
         with tempfile.TemporaryDirectory(prefix="senderd-bench-relay-") as scratch:
-            return await measure(Mode(quick=args.quick), Path(scratch), count=args.count,
-                                 concurrency=args.concurrency)
+            return await measure(Mode(quick=args.quick), Path(scratch), count=args.count, concurrency=args.concurrency)
 
     section = anyio.run(alone)
     rps, p99 = section["accept_rps"], section["p99_ack_ms"]
     verdict = "met" if rps >= TARGET_RPS and p99 <= TARGET_P99_MS else "MISSED"
     print(json.dumps(section, indent=2))
-    print(f"relay: {rps:.0f} msgs/s accepted, p99 ack {p99:.1f} ms "
-          f"(targets: >= {TARGET_RPS:.0f} msg/s, <= {TARGET_P99_MS:.0f} ms: {verdict})")
+    print(
+        f"relay: {rps:.0f} msgs/s accepted, p99 ack {p99:.1f} ms "
+        f"(targets: >= {TARGET_RPS:.0f} msg/s, <= {TARGET_P99_MS:.0f} ms: {verdict})"
+    )
 
 
 if __name__ == "__main__":

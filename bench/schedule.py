@@ -99,10 +99,17 @@ async def child(config_path: Path, warmup_s: float, window_s: float, log_path: P
             for sample in family.samples:
                 if sample.name.endswith("_total"):
                     skipped[sample.labels["reason"]] += sample.value
-    await anyio.Path(out).write_text(json.dumps({
-        "ticks": len(lags), "lags": lags, "skipped": skipped, "outcomes": dict(outcomes),
-        "cpu_s": window.get("cpu_end", time.process_time()) - window.get("cpu_start", 0.0),
-    }))
+    await anyio.Path(out).write_text(
+        json.dumps(
+            {
+                "ticks": len(lags),
+                "lags": lags,
+                "skipped": skipped,
+                "outcomes": dict(outcomes),
+                "cpu_s": window.get("cpu_end", time.process_time()) - window.get("cpu_start", 0.0),
+            }
+        )
+    )
 
 
 # --- the parent --------------------------------------------------------------------------------------------
@@ -117,15 +124,32 @@ async def measure(mode: Mode, workdir: Path) -> Section:
     window_s = mode.count(15, 60)
     warmup_s = 3.0
     tables = f"[pool]\nworkers = {WORKERS}\n" + "".join(
-        flow_toml(f"tick-{index:04d}", "/http/Tick", every="1s") for index in range(flows))
-    async with EmulatorStack.started(workdir / "emulator", config_extra=tables,
-                                     flows=[FlowSpec("/Tick", body="ok")]) as stack:
+        flow_toml(f"tick-{index:04d}", "/http/Tick", every="1s") for index in range(flows)
+    )
+    async with EmulatorStack.started(
+        workdir / "emulator", config_extra=tables, flows=[FlowSpec("/Tick", body="ok")]
+    ) as stack:
         out = workdir / "schedule.json"
         log = (workdir / "schedule-child.log").open("wb")
         say(f"schedule: {flows} flows every 1s, {window_s}s window after {warmup_s:g}s warm-up")
-        process = Child(python_argv("-m", "bench.schedule", str(stack.config_path), "--warmup-s", str(warmup_s),
-                                    "--window-s", str(window_s), "--log", str(workdir / "schedule-senderd.log"),
-                                    "--out", str(out)), env=child_env(), stdout=log, stderr=log)
+        process = Child(
+            python_argv(
+                "-m",
+                "bench.schedule",
+                str(stack.config_path),
+                "--warmup-s",
+                str(warmup_s),
+                "--window-s",
+                str(window_s),
+                "--log",
+                str(workdir / "schedule-senderd.log"),
+                "--out",
+                str(out),
+            ),
+            env=child_env(),
+            stdout=log,
+            stderr=log,
+        )
         stats = stack.runtime.stats
         gc.collect()
         gc.freeze()  # the emulator shares this machine: keep its collector's pauses out of the figures

@@ -136,8 +136,17 @@ def _rps(figures: dict[str, Any]) -> float:
 
 
 def _wrk(wrk: str, url: str, token: str, seconds: float) -> float | None:
-    argv = [wrk, "-t2", f"-c{CONCURRENCY}", f"-d{seconds:g}s", "--timeout", "5s",
-            "-H", f"Authorization: Bearer {token}", url]
+    argv = [
+        wrk,
+        "-t2",
+        f"-c{CONCURRENCY}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "5s",
+        "-H",
+        f"Authorization: Bearer {token}",
+        url,
+    ]
     result = subprocess.run(argv, capture_output=True, timeout=seconds + 30, check=False)
     text = result.stdout.decode(errors="replace")
     found = re.search(r"Requests/sec:\s*([0-9.]+)", text)
@@ -154,8 +163,14 @@ async def measure(mode: Mode, workdir: Path) -> Section:
     """throughput.senderd_rps, aiohttp_rps, wrk_rps, ratio_vs_aiohttp, senderd_cpu_ms_per_1k, ..."""
     from senderd.emulator.stack import EmulatorStack
 
-    section: Section = {"senderd_rps": None, "aiohttp_rps": None, "wrk_rps": None, "ratio_vs_aiohttp": None,
-                        "senderd_cpu_ms_per_1k": None, "concurrency": CONCURRENCY}
+    section: Section = {
+        "senderd_rps": None,
+        "aiohttp_rps": None,
+        "wrk_rps": None,
+        "ratio_vs_aiohttp": None,
+        "senderd_cpu_ms_per_1k": None,
+        "concurrency": CONCURRENCY,
+    }
     nginx = find_tool("nginx", needed_for="throughput (all of it: nginx is the target)")
     if nginx is None:
         return section
@@ -163,12 +178,15 @@ async def measure(mode: Mode, workdir: Path) -> Section:
     warmup = mode.count(300, 1000)
     rounds = mode.count(1, 2)
     max_s = mode.pick(30, 90)
-    async with EmulatorStack.started(workdir / "emulator") as stack, \
-            started_nginx(nginx, stack.pki, workdir / "nginx") as server:
+    async with (
+        EmulatorStack.started(workdir / "emulator") as stack,
+        started_nginx(nginx, stack.pki, workdir / "nginx") as server,
+    ):
         url = f"{server.url}/http/bench"
         stack.write_files(
             f'[runtime]\nurl = "{server.url}"\n[pool]\nworkers = {CONCURRENCY}\nqueue = {CONCURRENCY * 2}\n'
-            + flow_toml("bench", "/http/bench"))
+            + flow_toml("bench", "/http/bench")
+        )
         token = stack.token_server.mint(stack.client_id, lifetime=3600)
         token_file = workdir / "token.txt"
         token_file.touch(mode=0o600)
@@ -177,14 +195,37 @@ async def measure(mode: Mode, workdir: Path) -> Section:
         best: dict[str, dict[str, Any]] = {}
         for index in range(rounds):
             say(f"throughput: round {index + 1}/{rounds}: bare aiohttp, {count} requests")
-            bare = await _run_child(python_argv("-m", "bench.throughput", "aiohttp", url, "--ca", str(stack.ca_path),
-                                                "--token-file", str(token_file), *common,
-                                                "--out", str(workdir / "aiohttp.json")),
-                                    workdir / "aiohttp.json", max_s * 2 + 30)
+            bare = await _run_child(
+                python_argv(
+                    "-m",
+                    "bench.throughput",
+                    "aiohttp",
+                    url,
+                    "--ca",
+                    str(stack.ca_path),
+                    "--token-file",
+                    str(token_file),
+                    *common,
+                    "--out",
+                    str(workdir / "aiohttp.json"),
+                ),
+                workdir / "aiohttp.json",
+                max_s * 2 + 30,
+            )
             say(f"throughput: round {index + 1}/{rounds}: senderd Engine + WorkerPool, {count} sends")
-            ours = await _run_child(python_argv("-m", "bench.throughput", "senderd", str(stack.config_path), *common,
-                                                "--out", str(workdir / "senderd.json")),
-                                    workdir / "senderd.json", max_s * 2 + 30)
+            ours = await _run_child(
+                python_argv(
+                    "-m",
+                    "bench.throughput",
+                    "senderd",
+                    str(stack.config_path),
+                    *common,
+                    "--out",
+                    str(workdir / "senderd.json"),
+                ),
+                workdir / "senderd.json",
+                max_s * 2 + 30,
+            )
             for name, figures in (("aiohttp", bare), ("senderd", ours)):
                 if name not in best or _rps(figures) > _rps(best[name]):
                     best[name] = figures
@@ -197,18 +238,20 @@ async def measure(mode: Mode, workdir: Path) -> Section:
         nginx_rss = server.child.rss_mb()
     ours, bare = best["senderd"], best["aiohttp"]
     senderd_rps, aiohttp_rps = _rps(ours), _rps(bare)
-    section.update({
-        "senderd_rps": rounded(senderd_rps),
-        "aiohttp_rps": rounded(aiohttp_rps),
-        "wrk_rps": rounded(wrk_rps),
-        "ratio_vs_aiohttp": rounded(senderd_rps / aiohttp_rps, 3) if aiohttp_rps else None,
-        "senderd_cpu_ms_per_1k": rounded(ours["cpu_s"] * 1e6 / max(1, ours["sends"])),
-        "aiohttp_cpu_ms_per_1k": rounded(bare["cpu_s"] * 1e6 / max(1, bare["sends"])),
-        "sends": ours["sends"],
-        "senderd_failed": ours["sends"] - ours["ok"],
-        "aiohttp_failed": bare["sends"] - bare["ok"],
-        "nginx_rss_mb": rounded(nginx_rss),
-    })
+    section.update(
+        {
+            "senderd_rps": rounded(senderd_rps),
+            "aiohttp_rps": rounded(aiohttp_rps),
+            "wrk_rps": rounded(wrk_rps),
+            "ratio_vs_aiohttp": rounded(senderd_rps / aiohttp_rps, 3) if aiohttp_rps else None,
+            "senderd_cpu_ms_per_1k": rounded(ours["cpu_s"] * 1e6 / max(1, ours["sends"])),
+            "aiohttp_cpu_ms_per_1k": rounded(bare["cpu_s"] * 1e6 / max(1, bare["sends"])),
+            "sends": ours["sends"],
+            "senderd_failed": ours["sends"] - ours["ok"],
+            "aiohttp_failed": bare["sends"] - bare["ok"],
+            "nginx_rss_mb": rounded(nginx_rss),
+        }
+    )
     return section
 
 

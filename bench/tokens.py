@@ -61,16 +61,20 @@ async def _senderd_over_lifetimes(mode: Mode, workdir: Path) -> Section:
     from senderd.emulator.stack import EmulatorStack
 
     lifetimes = mode.count(4, 12)
-    flows = flow_toml("timestamp", "/http/GetTimestamp", every=SEND_EVERY, start="now",
-                      expect_body="Current time") + flow_toml("timestamp-2", "/http/GetTimestamp",
-                                                              every=SEND_EVERY, expect_body="Current time")
+    flows = flow_toml(
+        "timestamp", "/http/GetTimestamp", every=SEND_EVERY, start="now", expect_body="Current time"
+    ) + flow_toml("timestamp-2", "/http/GetTimestamp", every=SEND_EVERY, expect_body="Current time")
     async with EmulatorStack.started(workdir / "emulator", token_lifetime=TOKEN_LIFETIME, config_extra=flows) as stack:
         runtime, token_server = stack.runtime, stack.token_server
         log = (workdir / "senderd-run.log").open("wb")
         say(f"tokens: senderd run, 2 flows every {SEND_EVERY}, {TOKEN_LIFETIME:g}s tokens, {lifetimes} lifetimes")
         started = time.monotonic()
-        child = Child(senderd_argv("run", "-c", str(stack.config_path), "--log-level", "info"), env=child_env(),
-                      stdout=log, stderr=log)
+        child = Child(
+            senderd_argv("run", "-c", str(stack.config_path), "--log-level", "info"),
+            env=child_env(),
+            stdout=log,
+            stderr=log,
+        )
         try:
             await poll_until(lambda: not child.running, lifetimes * TOKEN_LIFETIME, 0.1)
             if not child.running:
@@ -83,8 +87,10 @@ async def _senderd_over_lifetimes(mode: Mode, workdir: Path) -> Section:
             await child.stop(10)
             log.close()
         messages = len(runtime.stats.messages)
-        intervals = [later - earlier for earlier, later in zip(token_server.stats.issued_at,
-                                                               token_server.stats.issued_at[1:], strict=False)]
+        intervals = [
+            later - earlier
+            for earlier, later in zip(token_server.stats.issued_at, token_server.stats.issued_at[1:], strict=False)
+        ]
     used = covered / TOKEN_LIFETIME
     return {
         "fetches": fetches,
@@ -131,12 +137,16 @@ async def _blackbox(mode: Mode, workdir: Path) -> Section:
         client_id, secret = "sb-blackbox!b1|it-rt-emulator!b1", "bench-" + stack.client_id[-12:].replace("|", "x")
         stack.token_server.add_secret_client(client_id, secret, stack.scopes)
         config = workdir / "blackbox.yml"
-        config.write_text(BLACKBOX_CONFIG.format(ca=stack.ca_path, client_id=client_id, secret=secret,
-                                                 token_url=stack.token_server.token_url))
+        config.write_text(
+            BLACKBOX_CONFIG.format(
+                ca=stack.ca_path, client_id=client_id, secret=secret, token_url=stack.token_server.token_url
+            )
+        )
         port = free_port()
         log = (workdir / "blackbox.log").open("wb")
-        child = Child([exporter, f"--config.file={config}", f"--web.listen-address={LOOPBACK}:{port}"],
-                      stdout=log, stderr=log)
+        child = Child(
+            [exporter, f"--config.file={config}", f"--web.listen-address={LOOPBACK}:{port}"], stdout=log, stderr=log
+        )
         try:
             await wait_for_http(f"http://{LOOPBACK}:{port}/-/healthy", 10, alive=lambda: child.running)
             target = f"{stack.runtime.url}/http/GetTimestamp"
@@ -151,12 +161,14 @@ async def _blackbox(mode: Mode, workdir: Path) -> Section:
             log.close()
     if succeeded < done:
         say(f"tokens: {done - succeeded} of {done} blackbox probes failed (see {workdir / 'blackbox.log'})")
-    section.update({
-        "blackbox_fetches_per_1k_probes": rounded(fetches * 1000 / done) if done else None,
-        "blackbox_probes": done,
-        "blackbox_probe_success": succeeded,
-        "blackbox_rss_mb": rounded(rss),
-    })
+    section.update(
+        {
+            "blackbox_fetches_per_1k_probes": rounded(fetches * 1000 / done) if done else None,
+            "blackbox_probes": done,
+            "blackbox_probe_success": succeeded,
+            "blackbox_rss_mb": rounded(rss),
+        }
+    )
     return section
 
 

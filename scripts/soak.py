@@ -87,11 +87,17 @@ async def soak(minutes: float, every: str, posts_per_s: float, max_growth_mb: fl
                             if time.monotonic() >= next_sample:
                                 sample = (time.monotonic() - started, rss_kb(process.pid), fds(process.pid))
                                 samples.append(sample)
-                                print(f"t={sample[0]:6.0f}s  rss={sample[1] / 1024:6.1f} MB  fds={sample[2]:3d}  "
-                                      f"sends={len(stack.runtime.stats.messages):6d}  posted={posted}", flush=True)
+                                print(
+                                    f"t={sample[0]:6.0f}s  rss={sample[1] / 1024:6.1f} MB  fds={sample[2]:3d}  "
+                                    f"sends={len(stack.runtime.stats.messages):6d}  posted={posted}",
+                                    flush=True,
+                                )
                                 next_sample += max(5.0, minutes * 60 / 40)
-                            async with session.post(f"{relay_url}/v1/flows/orders/messages", data=b"<o/>" * 256,
-                                                    headers={"Content-Type": "application/xml"}) as response:
+                            async with session.post(
+                                f"{relay_url}/v1/flows/orders/messages",
+                                data=b"<o/>" * 256,
+                                headers={"Content-Type": "application/xml"},
+                            ) as response:
                                 posted += response.status == 202
                             await anyio.sleep(1 / posts_per_s)
                 finally:
@@ -102,11 +108,23 @@ async def soak(minutes: float, every: str, posts_per_s: float, max_growth_mb: fl
         growth_mb = (last[1] - warm[1]) / 1024
         fd_growth = last[2] - warm[2]
         sends = len(stack.runtime.stats.messages)
-        print(f"\nsoak {minutes:g} min: {sends} deliveries, {stack.runtime.stats.expired_tokens} expired tokens, "
-              f"RSS {warm[1] / 1024:.1f} -> {last[1] / 1024:.1f} MB after warm-up ({growth_mb:+.1f} MB), "
-              f"fds {warm[2]} -> {last[2]} ({fd_growth:+d})")
-        print(json.dumps({"minutes": minutes, "deliveries": sends, "rss_warm_mb": round(warm[1] / 1024, 1),
-                          "rss_end_mb": round(last[1] / 1024, 1), "fds_warm": warm[2], "fds_end": last[2]}))
+        print(
+            f"\nsoak {minutes:g} min: {sends} deliveries, {stack.runtime.stats.expired_tokens} expired tokens, "
+            f"RSS {warm[1] / 1024:.1f} -> {last[1] / 1024:.1f} MB after warm-up ({growth_mb:+.1f} MB), "
+            f"fds {warm[2]} -> {last[2]} ({fd_growth:+d})"
+        )
+        print(
+            json.dumps(
+                {
+                    "minutes": minutes,
+                    "deliveries": sends,
+                    "rss_warm_mb": round(warm[1] / 1024, 1),
+                    "rss_end_mb": round(last[1] / 1024, 1),
+                    "fds_warm": warm[2],
+                    "fds_end": last[2],
+                }
+            )
+        )
         ok = growth_mb <= max_growth_mb and fd_growth <= 2 and stack.runtime.stats.expired_tokens == 0
         print("verdict: flat" if ok else "verdict: GROWING")
         return 0 if ok else 1

@@ -34,8 +34,12 @@ def _common(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
         parser.add_argument("--service-key", type=Path, help="service key JSON file (overrides the config)")
         parser.add_argument("--key-file", type=Path, help="private key file for an External Certificate key")
         parser.add_argument("--ca-file", type=Path, help="extra CA bundle (PEM) to trust")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default=None,
-                        help="default: info for run/once/demo, error for the one-shot tools")
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=None,
+        help="default: info for run/once/demo, error for the one-shot tools",
+    )
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
 
 
@@ -94,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> Config:
     config = load_config(args.config)
-    overrides = {name: getattr(args, name) for name in ("service_key", "key_file", "ca_file")
-                 if getattr(args, name, None) is not None}
+    overrides = {
+        name: getattr(args, name)
+        for name in ("service_key", "key_file", "ca_file")
+        if getattr(args, name, None) is not None
+    }
     if overrides:
         data = config.model_dump(exclude={"source"})
         credentials = {k: v for k, v in data["credentials"].items() if v is not None}
@@ -165,8 +172,10 @@ def _key_export(args: argparse.Namespace) -> int:
     key = load_service_key(args.service_key, key_file=args.key_file, key_passphrase=passphrase)
     _warn(key.notes)
     if not key.uses_certificate:
-        raise UsageError(f"{key.source}: a ClientSecret key has no certificate: use clientid and clientsecret "
-                         "with HTTP Basic instead")
+        raise UsageError(
+            f"{key.source}: a ClientSecret key has no certificate: use clientid and clientsecret "
+            "with HTTP Basic instead"
+        )
     out: Path = args.out
     cert_path, key_path = out / "client.crt", out / "client.key"
     try:
@@ -182,17 +191,20 @@ def _key_export(args: argparse.Namespace) -> int:
     print(f"wrote {cert_path} (certificate chain, leaf first)")
     print(f"wrote {key_path} (private key, mode 0600)")
     print("get a token with:")
-    print(f"  curl --cert {shlex.quote(str(cert_path))} --key {shlex.quote(str(key_path))} \\\n"
-          f"    -d grant_type=client_credentials --data-urlencode {shlex.quote('client_id=' + key.client_id)} \\\n"
-          f"    {shlex.quote(key.token_url)}")
+    print(
+        f"  curl --cert {shlex.quote(str(cert_path))} --key {shlex.quote(str(key_path))} \\\n"
+        f"    -d grant_type=client_credentials --data-urlencode {shlex.quote('client_id=' + key.client_id)} \\\n"
+        f"    {shlex.quote(key.token_url)}"
+    )
     return EXIT_OK
 
 
 async def _emulator(args: argparse.Namespace) -> int:
     from senderd.emulator.stack import EmulatorStack
 
-    async with EmulatorStack.started(args.dir, token_lifetime=args.token_lifetime,
-                                     token_port=args.token_port, runtime_port=args.runtime_port) as stack:
+    async with EmulatorStack.started(
+        args.dir, token_lifetime=args.token_lifetime, token_port=args.token_port, runtime_port=args.runtime_port
+    ) as stack:
         print(f"token server:  {stack.token_server.token_url}")
         print(f"runtime:       {stack.runtime.url}")
         print(f"service key:   {stack.service_key_path}")
@@ -239,16 +251,23 @@ async def _once(args: argparse.Namespace) -> int:
         from senderd.push import push_metrics
 
         try:
-            instance = await push_metrics(metrics.registry, gateway, job=config.push.job,
-                                          instance=config.push.instance)
+            instance = await push_metrics(metrics.registry, gateway, job=config.push.job, instance=config.push.instance)
             pushed_to = f"pushed metrics to {gateway} (job {config.push.job}, instance {instance})"
         except PushError as exc:
             print(f"senderd: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
     rows = [("flow", "outcome", "status", "attempts", "latency", "correlation id")]
     for result in results:
-        rows.append((result.flow, result.outcome, str(result.status or "-"), str(result.attempts),
-                     f"{result.duration * 1000:.0f} ms", result.correlation_id or "-"))
+        rows.append(
+            (
+                result.flow,
+                result.outcome,
+                str(result.status or "-"),
+                str(result.attempts),
+                f"{result.duration * 1000:.0f} ms",
+                result.correlation_id or "-",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
@@ -282,8 +301,10 @@ async def _send(args: argparse.Namespace) -> int:
     body = _body_argument(args.body)
     async with Engine.open(config) as engine:
         result = await engine.send(flow, body=body)
-    print(f"status: {result.status if result.status is not None else '-'} ({result.outcome}, "
-          f"{result.attempts} attempt{'s' if result.attempts != 1 else ''}, {result.duration * 1000:.0f} ms)")
+    print(
+        f"status: {result.status if result.status is not None else '-'} ({result.outcome}, "
+        f"{result.attempts} attempt{'s' if result.attempts != 1 else ''}, {result.duration * 1000:.0f} ms)"
+    )
     for name, value in result.last.correlation.items():
         print(f"{name}: {value}")
     if result.last.error and not result.ok:
@@ -298,8 +319,7 @@ async def _send(args: argparse.Namespace) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     from senderd.demo import run_demo
 
-    return await run_demo(args.dir, token_lifetime=args.token_lifetime, every=args.every,
-                          stop_after=args.duration)
+    return await run_demo(args.dir, token_lifetime=args.token_lifetime, every=args.every, stop_after=args.duration)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {

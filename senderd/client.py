@@ -30,9 +30,15 @@ class Client:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, service_key: str | Path, *, ca_file: str | Path | None = None,
-                      runtime_url: str | None = None, key_file: str | Path | None = None,
-                      **defaults: Any) -> AsyncIterator[Client]:
+    async def connect(
+        cls,
+        service_key: str | Path,
+        *,
+        ca_file: str | Path | None = None,
+        runtime_url: str | None = None,
+        key_file: str | Path | None = None,
+        **defaults: Any,
+    ) -> AsyncIterator[Client]:
         """Load the service key, start the background token refresher, and yield a client.
 
         `defaults` are flow settings applied to every send (e.g. `retries=5`, `timeout="30s"`).
@@ -58,17 +64,23 @@ class Client:
         if error is not None:
             raise error
 
-    async def send(self, path: str, *, method: str = "POST", body: bytes | str | None = None,
-                   headers: dict[str, str] | None = None, message_id: str | None = None,
-                   **settings: Any) -> SendResult:
+    async def send(
+        self,
+        path: str,
+        *,
+        method: str = "POST",
+        body: bytes | str | None = None,
+        headers: dict[str, str] | None = None,
+        message_id: str | None = None,
+        **settings: Any,
+    ) -> SendResult:
         """Send to `path` (e.g. "/http/Orders") and return status, headers, body and correlation id.
 
         `settings` are any flow settings (`csrf`, `expect_status`, `retries`, `timeout`, `query`, ...).
         """
         defaults = self.engine.config.defaults.model_dump(exclude_unset=True)
         try:
-            flow = FlowConfig.model_validate({**defaults, **settings, "name": "client", "path": path,
-                                              "method": method})
+            flow = FlowConfig.model_validate({**defaults, **settings, "name": "client", "path": path, "method": method})
         except ValidationError as exc:
             raise ConfigError(format_validation_error("Client.send", exc)) from None
         payload = body.encode() if isinstance(body, str) else body

@@ -288,6 +288,7 @@ class PushConfig(Section):
         if value is not None and not _is_url(value, ("http", "https")):
             raise ValueError(f"must be an http:// or https:// URL, found {value!r}")
         return value
+
     instance: str | None = None
 
 

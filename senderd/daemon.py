@@ -69,12 +69,25 @@ class Daemon:
         self._drained = anyio.Event()
 
     @classmethod
-    def create(cls, config: Config, *, metrics: Metrics | None = None, clock: Clock | None = None,
-               on_start: StartHook | None = None, handle_signals: bool = True,
-               config_path: Path | None = None) -> Daemon:
+    def create(
+        cls,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        clock: Clock | None = None,
+        on_start: StartHook | None = None,
+        handle_signals: bool = True,
+        config_path: Path | None = None,
+    ) -> Daemon:
         """A daemon for `config` (not started); `config_path` is what SIGHUP re-reads."""
-        return cls(config=config, metrics=metrics or Metrics(), clock=clock or SystemClock(), on_start=on_start,
-                   handle_signals=handle_signals, config_path=config_path)
+        return cls(
+            config=config,
+            metrics=metrics or Metrics(),
+            clock=clock or SystemClock(),
+            on_start=on_start,
+            handle_signals=handle_signals,
+            config_path=config_path,
+        )
 
     def stop(self) -> None:
         """Ask for a graceful stop; a second call forces it."""
@@ -107,8 +120,13 @@ class Daemon:
             from senderd.relay import Relay  # sqlite3 and the relay only when a relay is configured
 
             relay = self.relay = await resources.enter_async_context(Relay.open(config.relay, engine))
-            log.info("relay_listening", url=relay.url, spool=str(relay.spool.path),
-                     queued=relay.spool.counts["queued"], dead=relay.spool.counts["dead"])
+            log.info(
+                "relay_listening",
+                url=relay.url,
+                spool=str(relay.spool.path),
+                queued=relay.spool.counts["queued"],
+                dead=relay.spool.counts["dead"],
+            )
         if config.server.enabled:
             server = self.server = ObservabilityServer(engine, config.server.listen)
             await server.start()
@@ -152,8 +170,9 @@ class Daemon:
         log.info("started", flows=len(self.config.flows), workers=self.config.pool.workers)
         self.started.set()
 
-    async def _run_schedules(self, engine: Engine, pool: WorkerPool, *,
-                             task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def _run_schedules(
+        self, engine: Engine, pool: WorkerPool, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         def make_job(flow: FlowConfig, scheduled_at: float) -> Job:
             async def job() -> None:
                 await engine.send(flow, scheduled_at=scheduled_at)
@@ -163,8 +182,14 @@ class Daemon:
         status = task_status
         while not self._stop.is_set():  # a reload cancels one round; the next takes the new flows
             with anyio.CancelScope() as self._schedules:
-                await run_schedules(engine.config.flows, pool, make_job, clock=self.clock,
-                                    on_skip=self.metrics.tick_skipped, task_status=status)
+                await run_schedules(
+                    engine.config.flows,
+                    pool,
+                    make_job,
+                    clock=self.clock,
+                    on_skip=self.metrics.tick_skipped,
+                    task_status=status,
+                )
                 status = anyio.TASK_STATUS_IGNORED
                 await anyio.sleep_forever()  # no scheduled flow: wait for a reload or the stop
             status = anyio.TASK_STATUS_IGNORED
@@ -198,8 +223,11 @@ class Daemon:
             self.metrics.declare_flow(flow.name, flow.every)
         self._schedules.cancel()  # the scheduling loop starts again with the new flows
         self.metrics.config_reload_ok.set(1)
-        log.info("config_reloaded", flows=[f.name for f in new.flows],
-                 **({"restart_needed_for": restart_needed} if restart_needed else {}))
+        log.info(
+            "config_reloaded",
+            flows=[f.name for f in new.flows],
+            **({"restart_needed_for": restart_needed} if restart_needed else {}),
+        )
         return True
 
     def _reload_failed(self, error: str) -> bool:

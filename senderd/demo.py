@@ -45,13 +45,15 @@ def show(result: SendResult) -> None:
     print(f"[{result.flow}] {status} {result.outcome}: {detail}{mpl}", flush=True)
 
 
-async def run_demo(directory: Path | None = None, *, token_lifetime: float = 30.0, every: str = "5s",
-                   stop_after: float | None = None) -> int:
+async def run_demo(
+    directory: Path | None = None, *, token_lifetime: float = 30.0, every: str = "5s", stop_after: float | None = None
+) -> int:
     """Start the emulator, then the daemon with two flows; print every answer until Ctrl-C (or `stop_after`)."""
     with tempfile.TemporaryDirectory(prefix="senderd-demo-") as scratch:
         folder = directory or Path(scratch)
-        async with EmulatorStack.started(folder, token_lifetime=token_lifetime,
-                                         config_extra=DEMO_FLOWS.format(every=every)) as stack:
+        async with EmulatorStack.started(
+            folder, token_lifetime=token_lifetime, config_extra=DEMO_FLOWS.format(every=every)
+        ) as stack:
             print(f"emulator: token server {stack.token_server.token_url}, runtime {stack.runtime.url}")
             print(f"config:   {stack.config_path}", flush=True)
             daemon = Daemon.create(load_config(stack.config_path))
@@ -59,8 +61,10 @@ async def run_demo(directory: Path | None = None, *, token_lifetime: float = 30.
             async def started(engine: Engine, _group: object) -> None:
                 engine.listeners.append(show)
                 if daemon.server is not None:
-                    print(f"metrics:  {daemon.server.url}/metrics  (also /healthz, /readyz, /probe?flow=timestamp)",
-                          flush=True)
+                    print(
+                        f"metrics:  {daemon.server.url}/metrics  (also /healthz, /readyz, /probe?flow=timestamp)",
+                        flush=True,
+                    )
 
             daemon.on_start = started
             async with anyio.create_task_group() as group:

@@ -33,9 +33,14 @@ SendListener = Callable[[SendResult], None]
 
 def retry_policy(flow: FlowConfig) -> RetryPolicy:
     """The retry policy that a flow's settings describe."""
-    return RetryPolicy(retries=flow.retries, backoff_initial=flow.backoff_initial, backoff_max=flow.backoff_max,
-                       retry_after_max=flow.retry_after_max, deadline=flow.deadline,
-                       retry_on=frozenset(flow.retry_on))
+    return RetryPolicy(
+        retries=flow.retries,
+        backoff_initial=flow.backoff_initial,
+        backoff_max=flow.backoff_max,
+        retry_after_max=flow.retry_after_max,
+        deadline=flow.deadline,
+        retry_on=frozenset(flow.retry_on),
+    )
 
 
 @dataclass
@@ -57,8 +62,14 @@ class Engine:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, config: Config, *, metrics: Metrics | None = None, clock: Clock | None = None,
-                   key: ServiceKey | None = None) -> AsyncIterator[Engine]:
+    async def open(
+        cls,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        clock: Clock | None = None,
+        key: ServiceKey | None = None,
+    ) -> AsyncIterator[Engine]:
         """Build the engine from `config`; sessions close on exit. Raises ConfigError/CredentialsError."""
         clock = clock or SystemClock()
         metrics = metrics or Metrics()
@@ -71,8 +82,9 @@ class Engine:
         if runtime_url is None:
             raise ConfigError(f"{config.source}: runtime.url: the service key has no 'url': set runtime.url")
         context = trust_context(config.runtime.ca_file or config.credentials.ca_file)
-        async with TokenProvider.open(key, config.credentials, config.token, clock=clock,
-                                      listeners=[metrics.token_fetched]) as tokens:
+        async with TokenProvider.open(
+            key, config.credentials, config.token, clock=clock, listeners=[metrics.token_fetched]
+        ) as tokens:
             connector = aiohttp.TCPConnector(ssl=context, limit=max(10, config.pool.workers * 2))
             # unsafe=True keeps cookies from IP-address hosts too (the CSRF session must come back)
             async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
@@ -86,8 +98,15 @@ class Engine:
             cached = self._policies[flow.name] = (flow, retry_policy(flow))
         return cached[1]
 
-    async def send(self, flow: FlowConfig, *, body: bytes | None = None, headers: dict[str, str] | None = None,
-                   message_id: str | None = None, scheduled_at: float | None = None) -> SendResult:
+    async def send(
+        self,
+        flow: FlowConfig,
+        *,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        message_id: str | None = None,
+        scheduled_at: float | None = None,
+    ) -> SendResult:
         """Deliver to `flow` with its retry policy; counts, logs and tells the listeners."""
         clock = self.clock
         if scheduled_at is not None:
@@ -100,9 +119,14 @@ class Engine:
         try:
             result = await deliver(
                 flow.name,
-                lambda: self.sender.attempt(flow, payload, headers, message_id,
-                                            timeout=deadline_at - clock.monotonic()),
-                self.policy(flow), sleep=clock.sleep, monotonic=clock.monotonic, message_id=message_id)
+                lambda: self.sender.attempt(
+                    flow, payload, headers, message_id, timeout=deadline_at - clock.monotonic()
+                ),
+                self.policy(flow),
+                sleep=clock.sleep,
+                monotonic=clock.monotonic,
+                message_id=message_id,
+            )
         finally:
             self.metrics.inflight.dec()
         self._record(flow, result)
@@ -130,11 +154,18 @@ class Engine:
         if result.ok:
             last_success.set(self.clock.time())
         event = log.info if result.ok else log.warning
-        event("send_finished", flow=flow.name, method=flow.method, status=result.status, outcome=result.outcome,
-              latency_ms=round(result.duration * 1000, 1), attempts=result.attempts,
-              **{_snake(k): v for k, v in result.last.correlation.items()},
-              **({"error": result.last.error} if result.last.error else {}),
-              **({"message_id": result.message_id} if result.message_id else {}))
+        event(
+            "send_finished",
+            flow=flow.name,
+            method=flow.method,
+            status=result.status,
+            outcome=result.outcome,
+            latency_ms=round(result.duration * 1000, 1),
+            attempts=result.attempts,
+            **{_snake(k): v for k, v in result.last.correlation.items()},
+            **({"error": result.last.error} if result.last.error else {}),
+            **({"message_id": result.message_id} if result.message_id else {}),
+        )
         for listener in self.listeners:
             listener(result)
 

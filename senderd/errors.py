@@ -32,8 +32,9 @@ class TokenError(SenderdError):
     is the server's Retry-After in seconds, if it sent one.
     """
 
-    def __init__(self, message: str, *, reason: str, status: int | None = None,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, reason: str, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.status = status

@@ -18,8 +18,9 @@ import structlog
 REDACTED = "[REDACTED]"
 LogFormat = Literal["json", "console", "auto"]
 
-_SECRET_KEYS = re.compile(r"(secret|password|passphrase|private_?key|access_?token|authorization|^token$)",
-                          re.IGNORECASE)
+_SECRET_KEYS = re.compile(
+    r"(secret|password|passphrase|private_?key|access_?token|authorization|^token$)", re.IGNORECASE
+)
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
 _PEM_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.DOTALL)
 _BEARER = re.compile(r"(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
@@ -58,8 +59,23 @@ def _redact_value(key: str, value: Any) -> Any:
     return redact_text(repr(value))
 
 
-_SAFE_KEYS = frozenset({"exc_info", "event", "level", "timestamp", "component", "flow", "method", "outcome",
-                        "status", "latency_ms", "attempts", "reason", "result"})
+_SAFE_KEYS = frozenset(
+    {
+        "exc_info",
+        "event",
+        "level",
+        "timestamp",
+        "component",
+        "flow",
+        "method",
+        "outcome",
+        "status",
+        "latency_ms",
+        "attempts",
+        "reason",
+        "result",
+    }
+)
 """Keys whose values senderd itself sets from its own vocabulary (names, codes, numbers): not scanned."""
 
 
@@ -84,7 +100,8 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto", stream: Text
         fmt = "console" if stream.isatty() else "json"
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=stream.isatty())
-        if fmt == "console" else structlog.processors.JSONRenderer()
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[

@@ -24,8 +24,17 @@ if TYPE_CHECKING:
 Outcome = Literal["success", "http_error", "check_failed", "timeout", "connection_error", "auth_error"]
 """How a send ended: `senderd_sends_total{outcome}` and the `send_finished` log event."""
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
-TokenFailureReason = Literal["bad_credentials", "client_certificate", "bad_request", "rate_limited",
-                             "server_error", "unreachable", "tls_trust", "timeout", "bad_response"]
+TokenFailureReason = Literal[
+    "bad_credentials",
+    "client_certificate",
+    "bad_request",
+    "rate_limited",
+    "server_error",
+    "unreachable",
+    "tls_trust",
+    "timeout",
+    "bad_response",
+]
 """Why a token fetch failed: `senderd_auth_failures_total{stage="token",reason}`."""
 TOKEN_FAILURE_REASONS: tuple[TokenFailureReason, ...] = get_args(TokenFailureReason)
 TRANSIENT_TOKEN_FAILURES: frozenset[str] = frozenset({"timeout", "unreachable", "server_error", "rate_limited"})
@@ -60,9 +69,11 @@ class _SpoolCollector(Collector):
         for state in SPOOL_STATES:
             messages.add_metric([state], counts.get(state, 0))
         yield messages
-        yield GaugeMetricFamily("senderd_spool_oldest_message_age_seconds",
-                                "Age of the oldest message not yet delivered (0 when none waits).",
-                                value=self.oldest_age())
+        yield GaugeMetricFamily(
+            "senderd_spool_oldest_message_age_seconds",
+            "Age of the oldest message not yet delivered (0 when none waits).",
+            value=self.oldest_age(),
+        )
 
 
 class Metrics:
@@ -75,34 +86,60 @@ class Metrics:
         self._attempts: dict[tuple[str, int | None], Any] = {}
         r = self.registry
         self.send_duration = Histogram(
-            "senderd_send_duration_seconds", "Time of a whole send, retries included.", ["flow"],
-            buckets=SEND_BUCKETS, registry=r)
+            "senderd_send_duration_seconds",
+            "Time of a whole send, retries included.",
+            ["flow"],
+            buckets=SEND_BUCKETS,
+            registry=r,
+        )
         self.sends = Counter("senderd_sends", "Finished sends by outcome.", ["flow", "outcome"], registry=r)
-        self.attempts = Counter("senderd_send_attempts", "HTTP attempts, retries included, by status code.",
-                                ["flow", "code"], registry=r)
-        self.auth_failures = Counter("senderd_auth_failures", "Authentication failures by stage and reason.",
-                                     ["stage", "reason"], registry=r)
-        self.token_fetches = Counter("senderd_token_fetches", "Token requests by result.", ["result"],
-                                     registry=r)
+        self.attempts = Counter(
+            "senderd_send_attempts", "HTTP attempts, retries included, by status code.", ["flow", "code"], registry=r
+        )
+        self.auth_failures = Counter(
+            "senderd_auth_failures", "Authentication failures by stage and reason.", ["stage", "reason"], registry=r
+        )
+        self.token_fetches = Counter("senderd_token_fetches", "Token requests by result.", ["result"], registry=r)
         self.token_fetch_duration = Histogram(
-            "senderd_token_fetch_duration_seconds", "Time of one token request.", buckets=TOKEN_BUCKETS, registry=r)
-        self.token_expiry = Gauge("senderd_token_expiry_timestamp_seconds",
-                                  "Unix time at which the current token expires.", registry=r)
-        self.certificate_expiry = Gauge("senderd_client_certificate_expiry_timestamp_seconds",
-                                        "Unix time at which the client certificate expires.", registry=r)
-        self.last_success = Gauge("senderd_last_success_timestamp_seconds",
-                                  "Unix time of the flow's last successful send.", ["flow"], registry=r)
+            "senderd_token_fetch_duration_seconds", "Time of one token request.", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.token_expiry = Gauge(
+            "senderd_token_expiry_timestamp_seconds", "Unix time at which the current token expires.", registry=r
+        )
+        self.certificate_expiry = Gauge(
+            "senderd_client_certificate_expiry_timestamp_seconds",
+            "Unix time at which the client certificate expires.",
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "senderd_last_success_timestamp_seconds",
+            "Unix time of the flow's last successful send.",
+            ["flow"],
+            registry=r,
+        )
         self.inflight = Gauge("senderd_inflight_sends", "Sends under way now.", registry=r)
-        self.schedule_lag = Histogram("senderd_schedule_lag_seconds", "Start time minus scheduled time.",
-                                      ["flow"], buckets=LAG_BUCKETS, registry=r)
-        self.skipped_ticks = Counter("senderd_skipped_ticks", "Scheduled ticks not run, by reason.",
-                                     ["flow", "reason"], registry=r)
-        self.flow_interval = Gauge("senderd_flow_interval_seconds",
-                                   "Configured interval of a flow scheduled with `every`.", ["flow"], registry=r)
-        self.config_reload_ok = Gauge("senderd_config_last_reload_successful",
-                                      "1 if the last configuration (re)load succeeded.", registry=r)
-        self.build_info = Gauge("senderd_build_info", "senderd's version and Python's.", ["version", "python"],
-                                registry=r)
+        self.schedule_lag = Histogram(
+            "senderd_schedule_lag_seconds",
+            "Start time minus scheduled time.",
+            ["flow"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.skipped_ticks = Counter(
+            "senderd_skipped_ticks", "Scheduled ticks not run, by reason.", ["flow", "reason"], registry=r
+        )
+        self.flow_interval = Gauge(
+            "senderd_flow_interval_seconds",
+            "Configured interval of a flow scheduled with `every`.",
+            ["flow"],
+            registry=r,
+        )
+        self.config_reload_ok = Gauge(
+            "senderd_config_last_reload_successful", "1 if the last configuration (re)load succeeded.", registry=r
+        )
+        self.build_info = Gauge(
+            "senderd_build_info", "senderd's version and Python's.", ["version", "python"], registry=r
+        )
         self.build_info.labels(__version__, platform.python_version()).set(1)
         self.relay_requests: Counter | None = None
         self.relay_deliveries: Counter | None = None
@@ -131,8 +168,11 @@ class Metrics:
         label lookups are a measurable part of a send)."""
         series = self._flow_series.get(flow)
         if series is None:
-            series = ({outcome: self.sends.labels(flow, outcome) for outcome in OUTCOMES},
-                      self.send_duration.labels(flow), self.last_success.labels(flow))
+            series = (
+                {outcome: self.sends.labels(flow, outcome) for outcome in OUTCOMES},
+                self.send_duration.labels(flow),
+                self.last_success.labels(flow),
+            )
             self._flow_series[flow] = series
         return series
 
@@ -170,10 +210,12 @@ class Metrics:
     def watch_relay(self, counts: Callable[[], dict[SpoolState, int]], oldest_age: Callable[[], float]) -> None:
         """Register the relay's metrics; the spool gauges are read at scrape time from the two callables."""
         r = self.registry
-        self.relay_requests = Counter("senderd_relay_requests", "Relay API requests by HTTP status.", ["code"],
-                                      registry=r)
-        self.relay_deliveries = Counter("senderd_relay_deliveries", "Relay delivery rounds by result.",
-                                        ["flow", "result"], registry=r)
+        self.relay_requests = Counter(
+            "senderd_relay_requests", "Relay API requests by HTTP status.", ["code"], registry=r
+        )
+        self.relay_deliveries = Counter(
+            "senderd_relay_deliveries", "Relay delivery rounds by result.", ["flow", "result"], registry=r
+        )
         r.register(_SpoolCollector(counts, oldest_age))
 
     def relay_request(self, status: int) -> None:

@@ -11,8 +11,14 @@ from prometheus_client import CollectorRegistry, push_to_gateway
 from senderd.errors import PushError
 
 
-async def push_metrics(registry: CollectorRegistry, gateway: str, *, job: str = "senderd",
-                       instance: str | None = None, timeout: float = 10.0) -> str:
+async def push_metrics(
+    registry: CollectorRegistry,
+    gateway: str,
+    *,
+    job: str = "senderd",
+    instance: str | None = None,
+    timeout: float = 10.0,
+) -> str:
     """Replace this job/instance group on the gateway with `registry`'s metrics; returns the instance."""
     instance = instance or socket.gethostname()
 

@@ -90,5 +90,12 @@ async def deliver(
         if monotonic() - started + delay > policy.deadline:
             break
         await sleep(delay)
-    return SendResult(flow=flow_name, outcome=last.outcome, attempts=len(codes), duration=monotonic() - started,
-                      last=last, message_id=message_id, attempt_codes=tuple(codes))
+    return SendResult(
+        flow=flow_name,
+        outcome=last.outcome,
+        attempts=len(codes),
+        duration=monotonic() - started,
+        last=last,
+        message_id=message_id,
+        attempt_codes=tuple(codes),
+    )

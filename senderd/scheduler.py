@@ -51,8 +51,15 @@ async def run_schedules(
         task_status.started()
 
 
-async def _tick(flow: FlowConfig, schedule: Schedule, pool: WorkerPool, make_job: Callable[[FlowConfig, float], Job],
-                clock: Clock, on_skip: SkipListener, spread: bool) -> None:
+async def _tick(
+    flow: FlowConfig,
+    schedule: Schedule,
+    pool: WorkerPool,
+    make_job: Callable[[FlowConfig, float], Job],
+    clock: Clock,
+    on_skip: SkipListener,
+    spread: bool,
+) -> None:
     spread = spread and flow.start == "spread" and flow.every is not None
     offset = spread_offset(flow.name, flow.every) if spread and flow.every is not None else 0.0
     fire = schedule.first_fire(clock.monotonic(), clock.time(), offset=offset)

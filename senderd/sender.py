@@ -28,8 +28,9 @@ from senderd.result import Attempt
 class Sender:
     """Sends to flows on one runtime session; shared by all workers."""
 
-    def __init__(self, session: aiohttp.ClientSession, tokens: TokenProvider, runtime_url: str,
-                 metrics: Metrics, clock: Clock) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, tokens: TokenProvider, runtime_url: str, metrics: Metrics, clock: Clock
+    ) -> None:
         self.session = session
         self.tokens = tokens
         self.runtime_url = runtime_url.rstrip("/")
@@ -42,9 +43,14 @@ class Sender:
         """The absolute URL of the flow's endpoint."""
         return flow.path if flow.path.startswith("https://") else self.runtime_url + flow.path
 
-    async def attempt(self, flow: FlowConfig, body: bytes | None = None,
-                      extra_headers: dict[str, str] | None = None, message_id: str | None = None,
-                      timeout: float | None = None) -> Attempt:
+    async def attempt(
+        self,
+        flow: FlowConfig,
+        body: bytes | None = None,
+        extra_headers: dict[str, str] | None = None,
+        message_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Attempt:
         """One exchange under the flow's timeout (or `timeout`, if shorter: what is left of a deadline)."""
         limit = flow.timeout if timeout is None else max(0.001, min(flow.timeout, timeout))
         try:
@@ -54,8 +60,12 @@ class Sender:
             self.metrics.attempt(flow.name, None)
             return Attempt("timeout", error=f"no answer within {limit:g}s")
         except TokenError as exc:  # counted per fetch by the token provider's listener
-            return Attempt("auth_error", error=f"no token: {exc}", token_failure=exc.reason,
-                           retry_after=self.tokens.next_attempt_in)
+            return Attempt(
+                "auth_error",
+                error=f"no token: {exc}",
+                token_failure=exc.reason,
+                retry_after=self.tokens.next_attempt_in,
+            )
         except aiohttp.ClientConnectorCertificateError as exc:
             self.metrics.attempt(flow.name, None)
             return Attempt("connection_error", error=_certificate_problem(exc), certificate_problem=True)
@@ -63,8 +73,9 @@ class Sender:
             self.metrics.attempt(flow.name, None)
             return Attempt("connection_error", error=f"{type(exc).__name__}: {_short(exc)}")
 
-    async def _exchange(self, flow: FlowConfig, body: bytes | None, extra: dict[str, str],
-                        message_id: str | None) -> Attempt:
+    async def _exchange(
+        self, flow: FlowConfig, body: bytes | None, extra: dict[str, str], message_id: str | None
+    ) -> Attempt:
         url = self.url_of(flow)
         origin = _origin(url)
         token = await self.tokens.get()
@@ -81,8 +92,9 @@ class Sender:
                 headers["SAP_ApplicationID"] = message_id
             if flow.modifying and origin in self._csrf:
                 headers["X-CSRF-Token"] = self._csrf[origin]
-            async with self.session.request(flow.method, url, params=flow.query or None, data=body,
-                                            headers=headers, allow_redirects=False) as response:
+            async with self.session.request(
+                flow.method, url, params=flow.query or None, data=body, headers=headers, allow_redirects=False
+            ) as response:
                 payload = await response.read()
                 status, answer = response.status, response.headers
             self.metrics.attempt(flow.name, status)
@@ -92,23 +104,30 @@ class Sender:
                 self.tokens.invalidate(token)
                 token = await self.tokens.get()
                 continue
-            if (status == 403 and answer.get("X-CSRF-Token", "").lower() == "required"
-                    and flow.csrf is not False and flow.modifying and not csrf_refetched):
+            if (
+                status == 403
+                and answer.get("X-CSRF-Token", "").lower() == "required"
+                and flow.csrf is not False
+                and flow.modifying
+                and not csrf_refetched
+            ):
                 csrf_refetched = True
                 await self._fetch_csrf(flow, url, origin, token, stale=self._csrf.get(origin))
                 continue
             return self._classify(flow, status, answer, payload)
 
-    async def _fetch_csrf(self, flow: FlowConfig, url: str, origin: str, token: Token,
-                          stale: str | None = None) -> None:
+    async def _fetch_csrf(
+        self, flow: FlowConfig, url: str, origin: str, token: Token, stale: str | None = None
+    ) -> None:
         """GET with `X-CSRF-Token: Fetch`; one fetch per origin at a time, shared by concurrent senders."""
         lock = self._csrf_lock.setdefault(origin, anyio.Lock())
         async with lock:
             if self._csrf.get(origin) not in (None, stale):
                 return  # another sender refreshed it while we waited
             headers = {"Authorization": f"Bearer {token.value}", "X-CSRF-Token": "Fetch"}
-            async with self.session.get(url, headers=headers, params=flow.query or None,
-                                        allow_redirects=False) as response:
+            async with self.session.get(
+                url, headers=headers, params=flow.query or None, allow_redirects=False
+            ) as response:
                 await response.read()
                 value = response.headers.get("X-CSRF-Token")
             if value and value.lower() != "required":
@@ -124,15 +143,25 @@ class Sender:
             if status in (401, 403) and status not in flow.retry_on:
                 outcome = "auth_error"
                 self.metrics.runtime_auth_failure("unauthorized" if status == 401 else "forbidden")
-            return Attempt(outcome, status, headers, body, error=f"HTTP {status}{_excerpt(body)}",
-                           retry_after=parse_retry_after(headers.get("Retry-After"), now=self.clock.time()))
+            return Attempt(
+                outcome,
+                status,
+                headers,
+                body,
+                error=f"HTTP {status}{_excerpt(body)}",
+                retry_after=parse_retry_after(headers.get("Retry-After"), now=self.clock.time()),
+            )
         if flow.expect_body is not None:
             text = body.decode("utf-8", errors="replace")
             if re.search(flow.expect_body, text) is None:
-                return Attempt("check_failed", status, headers, body,
-                               error=f"body does not match expect_body {flow.expect_body!r}{_excerpt(body)}")
+                return Attempt(
+                    "check_failed",
+                    status,
+                    headers,
+                    body,
+                    error=f"body does not match expect_body {flow.expect_body!r}{_excerpt(body)}",
+                )
         return Attempt("success", status, headers, body)
-
 
 
 _EXPIRED_OR_NOT_YET_VALID = frozenset({9, 10})  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED

@@ -80,7 +80,8 @@ class ObservabilityServer:
         registry = CollectorRegistry()
         Gauge("probe_success", "1 if the flow's send succeeded.", registry=registry).set(1 if result.ok else 0)
         Gauge("probe_duration_seconds", "How long the probe took.", registry=registry).set(clock.monotonic() - started)
-        Gauge("probe_http_status_code", "The last HTTP status (0 without an answer).",
-              registry=registry).set(result.status or 0)
+        Gauge("probe_http_status_code", "The last HTTP status (0 without an answer).", registry=registry).set(
+            result.status or 0
+        )
         Gauge("probe_attempts", "HTTP attempts the send made.", registry=registry).set(result.attempts)
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

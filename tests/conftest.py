@@ -36,8 +36,14 @@ _SECRET_SHAPES = [
     re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\."),  # a JWT
     re.compile(r"PRIVATE KEY-----"),
 ]
-TEST_SECRETS = ("the-client-secret", "secret-value-123", "s3cr3t-value-xyz", "app-to-sidecar-token",
-                "not-a-cert-secret", "hunter2-client-secret")
+TEST_SECRETS = (
+    "the-client-secret",
+    "secret-value-123",
+    "s3cr3t-value-xyz",
+    "app-to-sidecar-token",
+    "not-a-cert-secret",
+    "hunter2-client-secret",
+)
 """Client secrets and tokens the tests use: none may appear in any output."""
 
 

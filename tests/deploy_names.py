@@ -19,23 +19,25 @@ ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "senderd-dashboard.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 
-PUBLIC_METRICS: frozenset[str] = frozenset({
-    "senderd_send_duration_seconds",
-    "senderd_sends_total",
-    "senderd_send_attempts_total",
-    "senderd_auth_failures_total",
-    "senderd_token_fetches_total",
-    "senderd_token_fetch_duration_seconds",
-    "senderd_token_expiry_timestamp_seconds",
-    "senderd_client_certificate_expiry_timestamp_seconds",
-    "senderd_last_success_timestamp_seconds",
-    "senderd_inflight_sends",
-    "senderd_schedule_lag_seconds",
-    "senderd_skipped_ticks_total",
-    "senderd_build_info",
-    "senderd_flow_interval_seconds",
-    "senderd_config_last_reload_successful",
-})
+PUBLIC_METRICS: frozenset[str] = frozenset(
+    {
+        "senderd_send_duration_seconds",
+        "senderd_sends_total",
+        "senderd_send_attempts_total",
+        "senderd_auth_failures_total",
+        "senderd_token_fetches_total",
+        "senderd_token_fetch_duration_seconds",
+        "senderd_token_expiry_timestamp_seconds",
+        "senderd_client_certificate_expiry_timestamp_seconds",
+        "senderd_last_success_timestamp_seconds",
+        "senderd_inflight_sends",
+        "senderd_schedule_lag_seconds",
+        "senderd_skipped_ticks_total",
+        "senderd_build_info",
+        "senderd_flow_interval_seconds",
+        "senderd_config_last_reload_successful",
+    }
+)
 """Every senderd metric family (without the histogram suffixes) that dashboards and alerts may use."""
 
 _NAME = re.compile(r"(?<![A-Za-z0-9_:])senderd_[a-z_]+")
@@ -70,8 +72,12 @@ def load_dashboard() -> dict[str, Any]:
 def dashboard_expressions() -> list[str]:
     """Every PromQL expression of the dashboard: panel targets and template variable queries."""
     dashboard = load_dashboard()
-    expressions = [target["expr"] for panel in _panels(dashboard.get("panels", []))
-                   for target in panel.get("targets", []) if target.get("expr")]
+    expressions = [
+        target["expr"]
+        for panel in _panels(dashboard.get("panels", []))
+        for target in panel.get("targets", [])
+        if target.get("expr")
+    ]
     for variable in dashboard.get("templating", {}).get("list", []):
         if variable.get("type") != "query":
             continue

@@ -73,8 +73,15 @@ class Connection:
 class FaultProxy:
     """Forwards 127.0.0.1:<port> to target_host:target_port, injecting the configured faults."""
 
-    def __init__(self, target_host: str, target_port: int, mode: Mode | None = None, *,
-                 max_connections: int = 256, max_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        mode: Mode | None = None,
+        *,
+        max_connections: int = 256,
+        max_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.target_host = target_host
         self.target_port = target_port
         self.mode: Mode = mode if mode is not None else Pass()
@@ -86,8 +93,9 @@ class FaultProxy:
 
     @classmethod
     @asynccontextmanager
-    async def running(cls, target_host: str, target_port: int, mode: Mode | None = None,
-                      **options: int) -> AsyncIterator[FaultProxy]:
+    async def running(
+        cls, target_host: str, target_port: int, mode: Mode | None = None, **options: int
+    ) -> AsyncIterator[FaultProxy]:
         """Listen on a free port of 127.0.0.1; every connection is closed when the block is left."""
         proxy = cls(target_host, target_port, mode, **options)
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
@@ -144,8 +152,9 @@ class FaultProxy:
             except _GONE:
                 return
 
-    async def _forward_request(self, client: anyio.abc.SocketStream, upstream: anyio.abc.SocketStream,
-                               record: Connection) -> None:
+    async def _forward_request(
+        self, client: anyio.abc.SocketStream, upstream: anyio.abc.SocketStream, record: Connection
+    ) -> None:
         while record.request_bytes < self.max_bytes:
             try:
                 data = await client.receive(CHUNK)
@@ -157,8 +166,9 @@ class FaultProxy:
                 return
             record.request_bytes += len(data)
 
-    async def _forward_response(self, upstream: anyio.abc.SocketStream, client: anyio.abc.SocketStream,
-                                record: Connection, mode: Mode) -> None:
+    async def _forward_response(
+        self, upstream: anyio.abc.SocketStream, client: anyio.abc.SocketStream, record: Connection, mode: Mode
+    ) -> None:
         """Upstream to client until the upstream is done (or the fault strikes); then the connection ends."""
         limit = mode.n if isinstance(mode, ResetAfterResponseBytes) else self.max_bytes
         while record.response_bytes < limit:

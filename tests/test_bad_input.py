@@ -45,8 +45,9 @@ def _case_files() -> list[str]:
 def _cases() -> list[Any]:
     messages, xfail = _index()
     return [
-        pytest.param(name, message, id=name,
-                     marks=[pytest.mark.xfail(strict=True, reason=xfail[name])] if name in xfail else [])
+        pytest.param(
+            name, message, id=name, marks=[pytest.mark.xfail(strict=True, reason=xfail[name])] if name in xfail else []
+        )
         for name, message in sorted(messages.items())
     ]
 
@@ -106,20 +107,22 @@ def make_fixtures(folder: Path) -> None:
     other = _client(pki, datetime(2020, 1, 1, tzinfo=UTC), datetime(2120, 1, 1, tzinfo=UTC))
     expired = _client(pki, datetime(2000, 1, 1, tzinfo=UTC), datetime(2001, 1, 1, tzinfo=UTC))
     future = _client(pki, datetime(2090, 1, 1, tzinfo=UTC), datetime(2190, 1, 1, tzinfo=UTC))
-    ed_key = ed25519.Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
+    ed_key = (
+        ed25519.Ed25519PrivateKey.generate()
+        .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        .decode()
+    )
     files = {
         "support/external-key.json": _service_key(certificate=valid.cert_pem()),
         "support/client.key": valid.key_pem_pkcs8(),
         "support/client-encrypted.key": valid.key_pem_pkcs8(PASSPHRASE),
         "key-certificate-key-mismatch.json": _service_key(certificate=valid.cert_pem(), key=other.key_pem_pkcs1()),
         "key-certificate-expired.json": _service_key(certificate=expired.cert_pem(), key=expired.key_pem_pkcs1()),
-        "key-certificate-not-yet-valid.json": _service_key(certificate=future.cert_pem(),
-                                                           key=future.key_pem_pkcs1()),
+        "key-certificate-not-yet-valid.json": _service_key(certificate=future.cert_pem(), key=future.key_pem_pkcs1()),
         "key-external-without-key-file.json": _service_key(certificate=valid.cert_pem()),
-        "key-private-key-encrypted.json": _service_key(certificate=valid.cert_pem(),
-                                                       key=valid.key_pem_pkcs8(PASSPHRASE)),
+        "key-private-key-encrypted.json": _service_key(
+            certificate=valid.cert_pem(), key=valid.key_pem_pkcs8(PASSPHRASE)
+        ),
         "key-private-key-ed25519.json": _service_key(certificate=valid.cert_pem(), key=ed_key),
         "key-private-key-garbage.json": _service_key(
             certificate=valid.cert_pem(),

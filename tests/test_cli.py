@@ -20,8 +20,9 @@ pytestmark = pytest.mark.anyio
 
 async def senderd(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run `python -m senderd ARGS`; return exit code, stdout, stderr."""
-    result = await anyio.run_process([sys.executable, "-m", "senderd", *args], check=False,
-                                     env={**os.environ, **(env or {})})
+    result = await anyio.run_process(
+        [sys.executable, "-m", "senderd", *args], check=False, env={**os.environ, **(env or {})}
+    )
     out, err = result.stdout.decode(), result.stderr.decode()
     assert not secrets_in(err), f"a secret in senderd's stderr: {secrets_in(err)}"
     if "--raw" not in args:  # the one way to see a token on purpose
@@ -43,8 +44,9 @@ async def test_token_prints_claims_not_the_token(stack: EmulatorStack) -> None:
 
 
 async def test_token_with_flags_and_no_config(stack: EmulatorStack) -> None:
-    code, out, err = await senderd("token", "--service-key", str(stack.service_key_path),
-                                   "--ca-file", str(stack.ca_path))
+    code, out, err = await senderd(
+        "token", "--service-key", str(stack.service_key_path), "--ca-file", str(stack.ca_path)
+    )
     assert code == 0, err
     assert "client_id:" in out
 
@@ -68,12 +70,15 @@ async def test_token_server_failure_exits_1_with_one_line(stack: EmulatorStack) 
     assert "server error (503" in err
 
 
-@pytest.mark.parametrize(("config", "message"), [
-    ('[credentials]\nservice_key = "nope.json"\n', "nope.json: service key file not found: check the path"),
-    ("[credentials]\nservcie_key = 'x'\n", "credentials.servcie_key: unknown key: remove it or check its spelling"),
-    ("[credentials\n", "not valid TOML"),
-    ("[token]\ntimeout = 'soon'\n", "token.timeout: invalid duration 'soon'"),
-])
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ('[credentials]\nservice_key = "nope.json"\n', "nope.json: service key file not found: check the path"),
+        ("[credentials]\nservcie_key = 'x'\n", "credentials.servcie_key: unknown key: remove it or check its spelling"),
+        ("[credentials\n", "not valid TOML"),
+        ("[token]\ntimeout = 'soon'\n", "token.timeout: invalid duration 'soon'"),
+    ],
+)
 async def test_user_mistakes_exit_2_without_traceback(tmp_path: Path, config: str, message: str) -> None:
     path = tmp_path / "senderd.toml"
     path.write_text(config)
@@ -95,8 +100,13 @@ async def test_key_export_writes_cert_and_private_key(stack: EmulatorStack, tmp_
     assert "BEGIN PRIVATE KEY" in key.read_text()
     assert "curl --cert" in out and "client_id=" in out and stack.token_server.token_url in out
     # the exported pair really authenticates: build a service key from the files and fetch a token
-    flat = {"clientid": stack.client_id, "certificate": crt.read_text(), "key": key.read_text(),
-            "tokenurl": stack.token_server.token_url, "url": stack.runtime.url}
+    flat = {
+        "clientid": stack.client_id,
+        "certificate": crt.read_text(),
+        "key": key.read_text(),
+        "tokenurl": stack.token_server.token_url,
+        "url": stack.runtime.url,
+    }
     key_json = tmp_path / "from-export.json"
     key_json.write_text(json.dumps(flat))
     code, _, err = await senderd("token", "--service-key", str(key_json), "--ca-file", str(stack.ca_path))

@@ -28,8 +28,9 @@ def client(pki: Pki) -> IssuedCert:
 
 def key_dict(pki: Pki, client: IssuedCert | None, **kw: Any) -> dict[str, Any]:
     kw.setdefault("chain", [pki.intermediate.cert])
-    return service_key_dict(client_id=CLIENT_ID, token_url=kw.pop("token_url", TOKEN_URL),
-                            runtime_url=RUNTIME_URL, client=client, **kw)
+    return service_key_dict(
+        client_id=CLIENT_ID, token_url=kw.pop("token_url", TOKEN_URL), runtime_url=RUNTIME_URL, client=client, **kw
+    )
 
 
 def parse(data: dict[str, Any] | str, **kw: Any) -> ServiceKey:
@@ -57,12 +58,15 @@ def test_flat_layout_and_certurl_base(pki: Pki, client: IssuedCert) -> None:
     assert key.token_url == TOKEN_URL
 
 
-@pytest.mark.parametrize("mangle", [
-    pytest.param(lambda s: s.replace("\n", "\\n"), id="literal-backslash-n"),
-    pytest.param(lambda s: s.replace("\n", "\r\n"), id="crlf"),
-    pytest.param(lambda s: "  " + s.replace("\n", "\n   ") + "  ", id="indented"),
-    pytest.param(lambda s: s.replace("\n", " "), id="one-line-with-spaces"),
-])
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        pytest.param(lambda s: s.replace("\n", "\\n"), id="literal-backslash-n"),
+        pytest.param(lambda s: s.replace("\n", "\r\n"), id="crlf"),
+        pytest.param(lambda s: "  " + s.replace("\n", "\n   ") + "  ", id="indented"),
+        pytest.param(lambda s: s.replace("\n", " "), id="one-line-with-spaces"),
+    ],
+)
 def test_pem_as_pasted(pki: Pki, client: IssuedCert, mangle: Any) -> None:
     data = key_dict(pki, client)
     data["oauth"]["certificate"] = mangle(data["oauth"]["certificate"])
@@ -131,8 +135,7 @@ def test_repr_shows_no_key_material(pki: Pki, client: IssuedCert) -> None:
         assert "ServiceKey(" in text
 
 
-def test_from_env_and_file(pki: Pki, client: IssuedCert, tmp_path: Path,
-                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_from_env_and_file(pki: Pki, client: IssuedCert, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = json.dumps(key_dict(pki, client))
     monkeypatch.setenv("SERVICE_KEY_JSON", text)
     assert load_service_key(env="SERVICE_KEY_JSON").source == "$SERVICE_KEY_JSON"
@@ -142,6 +145,7 @@ def test_from_env_and_file(pki: Pki, client: IssuedCert, tmp_path: Path,
 
 
 # --- rejections: each with its exact message ----------------------------------------------------------
+
 
 def _without(data: dict[str, Any], name: str) -> dict[str, Any]:
     del data["oauth"][name]
@@ -167,39 +171,73 @@ def _mismatch(pki: Pki, client: IssuedCert) -> dict[str, Any]:
 
 
 REJECTIONS: list[tuple[str, Any, str]] = [
-    ("malformed-json", lambda pki, c: '{"oauth": {"clientid": "x",}}',
-     "key.json: not valid JSON at line 1 column 28 (Expecting property name enclosed in double quotes): "
-     "paste the service key exactly as the cockpit shows it"),
+    (
+        "malformed-json",
+        lambda pki, c: '{"oauth": {"clientid": "x",}}',
+        "key.json: not valid JSON at line 1 column 28 (Expecting property name enclosed in double quotes): "
+        "paste the service key exactly as the cockpit shows it",
+    ),
     ("not-an-object", lambda pki, c: "[1, 2]", "key.json: a service key is a JSON object, found list"),
-    ("no-clientid", lambda pki, c: _without(key_dict(pki, c), "clientid"),
-     "key.json: field 'oauth.clientid' is missing: download the service key again from the BTP cockpit "
-     "(Process Integration Runtime, plan integration-flow)"),
-    ("no-tokenurl", lambda pki, c: _without(key_dict(pki, c), "tokenurl"),
-     "key.json: field 'oauth.tokenurl' is missing: the service key must name its token URL"),
-    ("http-tokenurl", lambda pki, c: key_dict(pki, c, token_url="http://x.example/oauth/token"),
-     "key.json: field 'oauth.tokenurl' must be an https:// URL, found 'http://x.example/oauth/token'"),
-    ("neither", lambda pki, c: _without(_without(key_dict(pki, c), "certificate"), "key"),
-     "key.json: neither 'oauth.clientsecret' nor 'oauth.certificate' is present: create the service key "
-     "with key type ClientId/Secret, Certificate or External Certificate"),
-    ("mismatch", _mismatch,
-     "key.json: field 'oauth.certificate': no certificate matches the private key: "
-     "use the certificate and key of the same service key"),
-    ("expired", lambda pki, c: _expired(pki),
-     "key.json: field 'oauth.certificate': the client certificate expired on .*: "
-     "create a new service key in the BTP cockpit"),
-    ("not-yet-valid", lambda pki, c: _future(pki),
-     "key.json: field 'oauth.certificate': the client certificate is not valid before .*: "
-     "check the system clock or wait"),
-    ("external-without-key", lambda pki, c: key_dict(pki, c, include_key=False),
-     "key.json: field 'oauth.key' is missing (External Certificate key): give the private key file with "
-     "credentials.key_file or --key-file"),
-    ("garbage-certificate", lambda pki, c: {"clientid": "x", "tokenurl": TOKEN_URL, "certificate": "abc",
-                                            "key": "def"},
-     "key.json: field 'certificate' holds no PEM certificate: copy it from the service key unchanged"),
-    ("garbage-key", lambda pki, c: {**key_dict(pki, c, layout="flat"),
-                                    "key": "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----"},
-     "key.json: field 'key' is not a readable PEM private key (PKCS#1 or PKCS#8): "
-     "copy it from the service key unchanged"),
+    (
+        "no-clientid",
+        lambda pki, c: _without(key_dict(pki, c), "clientid"),
+        "key.json: field 'oauth.clientid' is missing: download the service key again from the BTP cockpit "
+        "(Process Integration Runtime, plan integration-flow)",
+    ),
+    (
+        "no-tokenurl",
+        lambda pki, c: _without(key_dict(pki, c), "tokenurl"),
+        "key.json: field 'oauth.tokenurl' is missing: the service key must name its token URL",
+    ),
+    (
+        "http-tokenurl",
+        lambda pki, c: key_dict(pki, c, token_url="http://x.example/oauth/token"),
+        "key.json: field 'oauth.tokenurl' must be an https:// URL, found 'http://x.example/oauth/token'",
+    ),
+    (
+        "neither",
+        lambda pki, c: _without(_without(key_dict(pki, c), "certificate"), "key"),
+        "key.json: neither 'oauth.clientsecret' nor 'oauth.certificate' is present: create the service key "
+        "with key type ClientId/Secret, Certificate or External Certificate",
+    ),
+    (
+        "mismatch",
+        _mismatch,
+        "key.json: field 'oauth.certificate': no certificate matches the private key: "
+        "use the certificate and key of the same service key",
+    ),
+    (
+        "expired",
+        lambda pki, c: _expired(pki),
+        "key.json: field 'oauth.certificate': the client certificate expired on .*: "
+        "create a new service key in the BTP cockpit",
+    ),
+    (
+        "not-yet-valid",
+        lambda pki, c: _future(pki),
+        "key.json: field 'oauth.certificate': the client certificate is not valid before .*: "
+        "check the system clock or wait",
+    ),
+    (
+        "external-without-key",
+        lambda pki, c: key_dict(pki, c, include_key=False),
+        "key.json: field 'oauth.key' is missing (External Certificate key): give the private key file with "
+        "credentials.key_file or --key-file",
+    ),
+    (
+        "garbage-certificate",
+        lambda pki, c: {"clientid": "x", "tokenurl": TOKEN_URL, "certificate": "abc", "key": "def"},
+        "key.json: field 'certificate' holds no PEM certificate: copy it from the service key unchanged",
+    ),
+    (
+        "garbage-key",
+        lambda pki, c: {
+            **key_dict(pki, c, layout="flat"),
+            "key": "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----",
+        },
+        "key.json: field 'key' is not a readable PEM private key (PKCS#1 or PKCS#8): "
+        "copy it from the service key unchanged",
+    ),
 ]
 
 
@@ -217,8 +255,10 @@ def test_encrypted_key_without_passphrase(pki: Pki, client: IssuedCert) -> None:
     pem = client.key_pem_pkcs8(passphrase=b"pw").encode()
     with pytest.raises(CredentialsError) as info:
         parse(data, key_file_data=pem, key_file_name="client.key")
-    assert str(info.value) == ("client.key: field 'private key' is an encrypted private key: set "
-                               "credentials.key_passphrase_env to the variable holding its passphrase")
+    assert str(info.value) == (
+        "client.key: field 'private key' is an encrypted private key: set "
+        "credentials.key_passphrase_env to the variable holding its passphrase"
+    )
     with pytest.raises(CredentialsError) as info:
         parse(data, key_file_data=pem, key_file_name="client.key", key_passphrase="wrong")
     assert str(info.value) == "client.key: field 'private key': cannot decrypt the private key: check the passphrase"

@@ -39,14 +39,22 @@ async def test_ticks_follow_the_grid_without_drift() -> None:
     def make_job(f: FlowConfig, scheduled: float) -> Job:
         async def job() -> None:
             fired[f.name].append(scheduled)
+
         return job
 
     start = clock.monotonic()
     async with anyio.create_task_group() as group:
         await group.start(pool.run)
-        await group.start(lambda task_status: run_schedules(
-            [flow("a", "10s"), flow("b", "3s"), flow("c")], pool, make_job, clock=clock, on_skip=metrics.tick_skipped,
-            task_status=task_status))
+        await group.start(
+            lambda task_status: run_schedules(
+                [flow("a", "10s"), flow("b", "3s"), flow("c")],
+                pool,
+                make_job,
+                clock=clock,
+                on_skip=metrics.tick_skipped,
+                task_status=task_status,
+            )
+        )
         for _ in range(1000):  # 100 s in 0.1 s steps
             clock.advance(0.1)
             await anyio.wait_all_tasks_blocked()
@@ -68,13 +76,17 @@ async def test_a_flow_never_overlaps_itself_and_a_full_queue_drops() -> None:
         async def job() -> None:
             started.append(f.name)
             await release.wait()
+
         return job
 
     flows = [flow("slow", "1s"), flow("other", "1s"), flow("third", "1s")]
     async with anyio.create_task_group() as group:
         await group.start(pool.run)
-        await group.start(lambda task_status: run_schedules(
-            flows, pool, make_job, clock=clock, on_skip=metrics.tick_skipped, spread=False, task_status=task_status))
+        await group.start(
+            lambda task_status: run_schedules(
+                flows, pool, make_job, clock=clock, on_skip=metrics.tick_skipped, spread=False, task_status=task_status
+            )
+        )
         for _ in range(5):
             clock.advance(1.0)
             await anyio.wait_all_tasks_blocked()
@@ -82,8 +94,7 @@ async def test_a_flow_never_overlaps_itself_and_a_full_queue_drops() -> None:
         group.cancel_scope.cancel()
 
     def skipped(name: str, reason: str) -> float:
-        return metrics.registry.get_sample_value("senderd_skipped_ticks_total",
-                                                 {"flow": name, "reason": reason}) or 0.0
+        return metrics.registry.get_sample_value("senderd_skipped_ticks_total", {"flow": name, "reason": reason}) or 0.0
 
     assert started == ["slow"]  # one worker, blocked: the rest waited in (or never got into) the queue
     total_overlap = sum(skipped(f.name, "overlap") for f in flows)
@@ -103,8 +114,10 @@ async def test_three_second_tokens_over_20_seconds_never_expire_at_the_runtime(t
             await anyio.sleep(20)  # the duration under test, not a synchronisation
             daemon.stop()
     stats = stack.runtime.stats
-    print(f"\n20 s with 3 s tokens: {len(stats.messages)} sends, {stack.token_server.stats.issued} tokens, "
-          f"{stats.expired_tokens} expired, {stats.by_status.get(401, 0)} x 401")
+    print(
+        f"\n20 s with 3 s tokens: {len(stats.messages)} sends, {stack.token_server.stats.issued} tokens, "
+        f"{stats.expired_tokens} expired, {stats.by_status.get(401, 0)} x 401"
+    )
     assert len(stats.messages) >= 90
     assert stats.expired_tokens == 0
     assert stats.by_status.get(401, 0) == 0
@@ -120,16 +133,17 @@ async def senderd(*args: str) -> tuple[int, str, str]:
 
 
 async def test_once_exit_codes_and_summary(tmp_path: Path) -> None:
-    extra = ('[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nexpect_body = "Current time"\n'
-             '[[flows]]\nname = "failing"\npath = "/http/Failing"\n'
-             '[[flows]]\nname = "orders"\npath = "/http/Orders"\nmethod = "POST"\ncsrf = true\nbody = "<o/>"\n')
+    extra = (
+        '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nexpect_body = "Current time"\n'
+        '[[flows]]\nname = "failing"\npath = "/http/Failing"\n'
+        '[[flows]]\nname = "orders"\npath = "/http/Orders"\nmethod = "POST"\ncsrf = true\nbody = "<o/>"\n'
+    )
     async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
         config = str(stack.config_path)
         code, out, err = await senderd("once", "-c", config, "--flow", "ts", "--flow", "orders")
         assert code == 0, err
         assert "2 passed, 0 failed" in out
-        assert out.splitlines()[0].split() == ["flow", "outcome", "status", "attempts", "latency", "correlation",
-                                               "id"]
+        assert out.splitlines()[0].split() == ["flow", "outcome", "status", "attempts", "latency", "correlation", "id"]
         code, out, err = await senderd("once", "-c", config)
         assert code == 1
         assert "2 passed, 1 failed" in out
@@ -174,8 +188,10 @@ class Output:
 
 
 async def test_sigterm_drains_the_send_in_flight(tmp_path: Path) -> None:
-    extra = ('[pool]\ndrain_timeout = "20s"\n'
-             '[[flows]]\nname = "slow"\npath = "/http/Slow"\nevery = "1h"\nstart = "now"\ntimeout = "30s"\n')
+    extra = (
+        '[pool]\ndrain_timeout = "20s"\n'
+        '[[flows]]\nname = "slow"\npath = "/http/Slow"\nevery = "1h"\nstart = "now"\ntimeout = "30s"\n'
+    )
     async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
         stack.runtime.add_flow(FlowSpec("/Slow", latency=1.5, body="done"))
         process = await anyio.open_process([sys.executable, "-m", "senderd", "run", "-c", str(stack.config_path)])
@@ -196,8 +212,10 @@ async def test_sigterm_drains_the_send_in_flight(tmp_path: Path) -> None:
 
 
 async def test_a_second_sigterm_forces_the_stop(tmp_path: Path) -> None:
-    extra = ('[pool]\ndrain_timeout = "60s"\n'
-             '[[flows]]\nname = "slow"\npath = "/http/Slow"\nevery = "1h"\nstart = "now"\ntimeout = "60s"\n')
+    extra = (
+        '[pool]\ndrain_timeout = "60s"\n'
+        '[[flows]]\nname = "slow"\npath = "/http/Slow"\nevery = "1h"\nstart = "now"\ntimeout = "60s"\n'
+    )
     async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
         stack.runtime.add_flow(FlowSpec("/Slow", latency=30, body="done"))
         process = await anyio.open_process([sys.executable, "-m", "senderd", "run", "-c", str(stack.config_path)])
@@ -216,8 +234,7 @@ async def test_a_second_sigterm_forces_the_stop(tmp_path: Path) -> None:
     assert stack.runtime.stats.by_status.get(200, 0) == 0
 
 
-async def test_a_daemon_without_scheduled_flows_does_not_spin(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_daemon_without_scheduled_flows_does_not_spin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import senderd.scheduler
 
     rounds = 0

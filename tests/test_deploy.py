@@ -44,10 +44,12 @@ CONFIG_PATH = "/etc/senderd/senderd.toml"
 SPOOL_DIR = "/var/lib/senderd/spool"
 OLDEST_KUBERNETES = "1.29.0"  # native sidecars (init containers with restartPolicy: Always)
 
+
 def run(*args: str | Path, cwd: Path = ROOT, timeout: float = 30) -> str:
     """Run a command, assert it succeeded, return its stdout and stderr together."""
-    result = subprocess.run([str(arg) for arg in args], cwd=cwd, capture_output=True, text=True,
-                            timeout=timeout, check=False)
+    result = subprocess.run(
+        [str(arg) for arg in args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(map(str, args))} exited {result.returncode}:\n{output}"
     return output
@@ -113,10 +115,13 @@ def test_flow_down_compares_time_since_success_with_three_intervals() -> None:
 
 # --- metric names --------------------------------------------------------------------------------------
 
+
 def test_metric_names_strip_histogram_suffixes() -> None:
-    expr = ('histogram_quantile(0.99, rate(senderd_send_duration_seconds_bucket[5m])) '
-            '+ senderd_token_fetch_duration_seconds_sum / senderd_token_fetch_duration_seconds_count '
-            '+ on() xsenderd_not_ours')
+    expr = (
+        "histogram_quantile(0.99, rate(senderd_send_duration_seconds_bucket[5m])) "
+        "+ senderd_token_fetch_duration_seconds_sum / senderd_token_fetch_duration_seconds_count "
+        "+ on() xsenderd_not_ours"
+    )
     assert metric_names(expr) == {"senderd_send_duration_seconds", "senderd_token_fetch_duration_seconds"}
 
 
@@ -124,10 +129,16 @@ def test_dashboard_uses_only_public_metric_names() -> None:
     names = metric_names_in_dashboard()
     assert names - PUBLIC_METRICS == set()
     needed = {
-        "senderd_sends_total", "senderd_last_success_timestamp_seconds", "senderd_send_duration_seconds",
-        "senderd_send_attempts_total", "senderd_auth_failures_total", "senderd_token_expiry_timestamp_seconds",
-        "senderd_client_certificate_expiry_timestamp_seconds", "senderd_schedule_lag_seconds",
-        "senderd_skipped_ticks_total", "senderd_inflight_sends",
+        "senderd_sends_total",
+        "senderd_last_success_timestamp_seconds",
+        "senderd_send_duration_seconds",
+        "senderd_send_attempts_total",
+        "senderd_auth_failures_total",
+        "senderd_token_expiry_timestamp_seconds",
+        "senderd_client_certificate_expiry_timestamp_seconds",
+        "senderd_schedule_lag_seconds",
+        "senderd_skipped_ticks_total",
+        "senderd_inflight_sends",
     }
     assert needed - names == set(), "panels missing from the dashboard"
 
@@ -135,8 +146,11 @@ def test_dashboard_uses_only_public_metric_names() -> None:
 def test_alerts_use_only_public_metric_names() -> None:
     names = metric_names_in_alerts()
     assert names - PUBLIC_METRICS == set()
-    assert {"senderd_last_success_timestamp_seconds", "senderd_flow_interval_seconds",
-            "senderd_client_certificate_expiry_timestamp_seconds"} <= names
+    assert {
+        "senderd_last_success_timestamp_seconds",
+        "senderd_flow_interval_seconds",
+        "senderd_client_certificate_expiry_timestamp_seconds",
+    } <= names
     prose = " ".join(str(text) for rule in load_alert_rules() for text in rule.get("annotations", {}).values())
     assert metric_names(prose) - PUBLIC_METRICS == set(), "annotations name metrics that do not exist"
 
@@ -175,15 +189,20 @@ def test_dashboard_structure() -> None:
             assert target["datasource"] == DATASOURCE, title
         grid = panel["gridPos"]
         assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, title
-        cells = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
-                 for y in range(grid["y"], grid["y"] + grid["h"])}
+        cells = {
+            (x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])
+        }
         assert not cells & occupied, f"{title} overlaps another panel"
         occupied |= cells
 
 
 FLOW_METRICS = {
-    "senderd_send_duration_seconds", "senderd_sends_total", "senderd_send_attempts_total",
-    "senderd_last_success_timestamp_seconds", "senderd_schedule_lag_seconds", "senderd_skipped_ticks_total",
+    "senderd_send_duration_seconds",
+    "senderd_sends_total",
+    "senderd_send_attempts_total",
+    "senderd_last_success_timestamp_seconds",
+    "senderd_schedule_lag_seconds",
+    "senderd_skipped_ticks_total",
     "senderd_flow_interval_seconds",
 }
 
@@ -200,8 +219,7 @@ def test_dashboard_queries_of_flow_metrics_follow_the_flow_variable() -> None:
 def test_dashboard_promql_parses(tmp_path: Path) -> None:
     """promtool parses every panel query (with Grafana's variables replaced by plausible values)."""
     promtool = require_tool("promtool")
-    substitutions = {"$__rate_interval": "2m", "$__interval": "1m", "$__range": "6h", "${flow}": ".*",
-                     "$flow": ".*"}
+    substitutions = {"$__rate_interval": "2m", "$__interval": "1m", "$__range": "6h", "${flow}": ".*", "$flow": ".*"}
     rules = []
     for panel in load_dashboard()["panels"]:
         for target in panel["targets"]:
@@ -217,6 +235,7 @@ def test_dashboard_promql_parses(tmp_path: Path) -> None:
 
 
 # --- Kubernetes ------------------------------------------------------------------------------------------
+
 
 def k8s_documents(name: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all((K8S / name).read_text(encoding="utf-8")) if doc]
@@ -281,8 +300,7 @@ def test_strict_validation_rejects_unknown_fields(tmp_path: Path) -> None:
     deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRot"] = True
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(deployment), encoding="utf-8")
-    result = subprocess.run([validate, "--strict", str(path)], capture_output=True, text=True, timeout=30,
-                            check=False)
+    result = subprocess.run([validate, "--strict", str(path)], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode != 0
     assert "runAsNonRot" in result.stdout + result.stderr
 
@@ -297,10 +315,21 @@ def test_pod_monitor_scrapes_the_sidecars_metrics_port() -> None:
     pod_labels = deployment_pod()["metadata"]["labels"]
     selector = spec["selector"]["matchLabels"]
     assert selector and selector.items() <= pod_labels.items(), "the selector does not match the pods"
-    endpoint_keys = {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels", "relabelings",
-                     "metricRelabelings"}
-    ports = {port["name"]: port["containerPort"]
-             for container in containers(deployment_pod()["spec"]) for port in container.get("ports", [])}
+    endpoint_keys = {
+        "port",
+        "path",
+        "interval",
+        "scrapeTimeout",
+        "scheme",
+        "honorLabels",
+        "relabelings",
+        "metricRelabelings",
+    }
+    ports = {
+        port["name"]: port["containerPort"]
+        for container in containers(deployment_pod()["spec"])
+        for port in container.get("ports", [])
+    }
     for endpoint in spec["podMetricsEndpoints"]:
         assert set(endpoint) <= endpoint_keys, f"unknown PodMetricsEndpoint fields: {set(endpoint) - endpoint_keys}"
         assert endpoint["port"] == "metrics"
@@ -377,6 +406,7 @@ def test_configmap_config_matches_the_mounts() -> None:
 
 # --- Dockerfile -----------------------------------------------------------------------------------------
 
+
 @dataclass
 class Stage:
     """One build stage: its base image, its name, and its instructions as (INSTRUCTION, arguments)."""
@@ -450,8 +480,10 @@ def test_dockerfile_builds_a_wheel_and_installs_only_that_as_a_non_root_user() -
 
 
 def test_dockerfile_parser_reads_continuations_and_stages() -> None:
-    stages = parse_dockerfile("# syntax=docker/dockerfile:1\nFROM a:1 AS b\nRUN x \\\n  # note\n  && y\n"
-                              "FROM --platform=$BUILDPLATFORM c:2\nUSER 1\n")
+    stages = parse_dockerfile(
+        "# syntax=docker/dockerfile:1\nFROM a:1 AS b\nRUN x \\\n  # note\n  && y\n"
+        "FROM --platform=$BUILDPLATFORM c:2\nUSER 1\n"
+    )
     assert [(stage.base, stage.name) for stage in stages] == [("a:1", "b"), ("c:2", None)]
     assert stages[0].instructions == [("RUN", "x && y")]
     assert stages[1].args("USER") == ["1"]
@@ -478,7 +510,7 @@ def _ignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
                 regex, i = regex + "[^/]", i + 1
             elif glob[i] == "[":
                 end = glob.index("]", i)
-                regex, i = regex + glob[i:end + 1], end + 1
+                regex, i = regex + glob[i : end + 1], end + 1
             else:
                 regex, i = regex + re.escape(glob[i]), i + 1
         patterns.append((negate, re.compile(regex)))
@@ -502,8 +534,12 @@ def docker_context() -> list[str]:
     for folder, dirs, names in os.walk(ROOT):
         base = Path(folder).relative_to(ROOT).as_posix()
         relative_dirs = {name: name if base == "." else f"{base}/{name}" for name in dirs}
-        dirs[:] = [name for name, relative in relative_dirs.items() if not excluded(relative)
-                   or any(regex.pattern.startswith(re.escape(relative)) for negate, regex in patterns if negate)]
+        dirs[:] = [
+            name
+            for name, relative in relative_dirs.items()
+            if not excluded(relative)
+            or any(regex.pattern.startswith(re.escape(relative)) for negate, regex in patterns if negate)
+        ]
         for name in names:
             relative = name if base == "." else f"{base}/{name}"
             if not excluded(relative):
@@ -532,8 +568,7 @@ def test_wheel_builds_from_the_docker_context(tmp_path: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / relative, target)
     dist = tmp_path / "dist"
-    run(sys.executable, "-m", "pip", "wheel", "--no-cache-dir", "--no-deps", "-w", dist, ".",
-        cwd=source, timeout=220)
+    run(sys.executable, "-m", "pip", "wheel", "--no-cache-dir", "--no-deps", "-w", dist, ".", cwd=source, timeout=220)
     wheels = list(dist.glob("*.whl"))
     assert [wheel.name for wheel in wheels] == [f"senderd-{VERSION}-py3-none-any.whl"]
     with zipfile.ZipFile(wheels[0]) as wheel:

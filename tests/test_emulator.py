@@ -83,9 +83,7 @@ async def session(ctx: ssl.SSLContext) -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-async def fetch_token(
-    s: aiohttp.ClientSession, server: TokenServer, client_id: str
-) -> aiohttp.ClientResponse:
+async def fetch_token(s: aiohttp.ClientSession, server: TokenServer, client_id: str) -> aiohttp.ClientResponse:
     """POST a client_credentials request the way SAP documents it; the body is read before returning."""
     form = {"grant_type": "client_credentials", "client_id": client_id}
     response = await s.post(server.token_url, data=form, headers={"Accept": "application/json"})
@@ -122,8 +120,7 @@ def test_issued_cert_formats_and_repr(pki: Pki, client: IssuedCert) -> None:
 
 
 def test_service_key_layouts(pki: Pki, client: IssuedCert, client_id: str) -> None:
-    common: dict[str, Any] = {"client_id": client_id, "token_url": "https://t/oauth/token",
-                              "runtime_url": "https://rt"}
+    common: dict[str, Any] = {"client_id": client_id, "token_url": "https://t/oauth/token", "runtime_url": "https://rt"}
     nested = service_key_dict(**common, client=client, chain=[pki.intermediate.cert])
     oauth = nested["oauth"]
     assert oauth["certificate"].count("BEGIN CERTIFICATE") == 2
@@ -135,8 +132,14 @@ def test_service_key_layouts(pki: Pki, client: IssuedCert, client_id: str) -> No
     assert {"clientid", "tokenurl", "url", "createdate"} <= oauth.keys()
     assert "|" in client_id
     assert "!" in client_id
-    flat = service_key_dict(**common, client=client, chain=[pki.intermediate.cert], layout="flat",
-                            key_format="pkcs8", chain_order="leaf-last")
+    flat = service_key_dict(
+        **common,
+        client=client,
+        chain=[pki.intermediate.cert],
+        layout="flat",
+        key_format="pkcs8",
+        chain_order="leaf-last",
+    )
     assert flat["certificate"].endswith(client.cert_pem())
     assert "BEGIN PRIVATE KEY" in flat["key"]
     external = service_key_dict(**common, client=client, include_key=False)
@@ -200,22 +203,32 @@ async def test_secret_client_basic_and_body(pki: Pki, token_server: TokenServer,
     basic = base64.b64encode(b"secret-client:s3cr3t").decode()
     wrong = base64.b64encode(b"secret-client:nope").decode()
     async with session(client_context(pki, tmp_path)) as s:
-        ok = await s.post(token_server.token_url, data={"grant_type": "client_credentials"},
-                          headers={"Authorization": f"Basic {basic}"})
+        ok = await s.post(
+            token_server.token_url,
+            data={"grant_type": "client_credentials"},
+            headers={"Authorization": f"Basic {basic}"},
+        )
         assert ok.status == 200
         assert (await ok.json())["access_token"]
         form = {"grant_type": "client_credentials", "client_id": "secret-client", "client_secret": "s3cr3t"}
         body = await s.post(token_server.token_url, data=form)
         assert body.status == 200
-        bad = await s.post(token_server.token_url, data={"grant_type": "client_credentials"},
-                           headers={"Authorization": f"Basic {wrong}"})
+        bad = await s.post(
+            token_server.token_url,
+            data={"grant_type": "client_credentials"},
+            headers={"Authorization": f"Basic {wrong}"},
+        )
         assert bad.status == 401
-        grant = await s.post(token_server.token_url, data={"grant_type": "password"},
-                             headers={"Authorization": f"Basic {basic}"})
+        grant = await s.post(
+            token_server.token_url, data={"grant_type": "password"}, headers={"Authorization": f"Basic {basic}"}
+        )
         assert grant.status == 400
         assert (await grant.json())["error"] == "unsupported_grant_type"
-        as_json = await s.post(token_server.token_url, json={"grant_type": "client_credentials"},
-                               headers={"Authorization": f"Basic {basic}"})
+        as_json = await s.post(
+            token_server.token_url,
+            json={"grant_type": "client_credentials"},
+            headers={"Authorization": f"Basic {basic}"},
+        )
         assert as_json.status == 400
         assert (await as_json.json())["error"] == "invalid_request"
 
@@ -309,8 +322,7 @@ async def test_runtime_rejects_bad_tokens(
         assert (await s.get(url, headers=bearer(stranger.mint(client_id, lifetime=60)))).status == 401
         basic = base64.b64encode(b"u:p").decode()
         assert (await s.get(url, headers={"Authorization": f"Basic {basic}"})).status == 401
-        no_role = await s.get(url, headers=bearer(token_server.mint(client_id, lifetime=60,
-                                                                      scopes=["uaa.resource"])))
+        no_role = await s.get(url, headers=bearer(token_server.mint(client_id, lifetime=60, scopes=["uaa.resource"])))
         assert no_role.status == 403
         assert "X-CSRF-Token" not in no_role.headers
     stats = runtime.stats
@@ -333,8 +345,9 @@ async def test_csrf_fetch_post_and_expiry(
         assert fetched.status == 200
         assert csrf not in ("", "Required")
         assert {"JSESSIONID", "__VCAP_ID__"} <= {c.key for c in s.cookie_jar}
-        posted = await s.post(url, data=b"<order/>", headers={**auth, "X-CSRF-Token": csrf,
-                                                              "Content-Type": "application/xml"})
+        posted = await s.post(
+            url, data=b"<order/>", headers={**auth, "X-CSRF-Token": csrf, "Content-Type": "application/xml"}
+        )
         assert posted.status == 200
         assert await posted.read() == b"<order/>"
         assert posted.headers["Content-Type"] == "application/xml"

@@ -35,8 +35,15 @@ async def test_get_timestamp_like_the_tutorial(stack: EmulatorStack) -> None:
 
 
 async def test_csrf_fetch_then_post_and_recovery_after_expiry(stack: EmulatorStack) -> None:
-    flow = {"name": "orders", "path": "/http/Orders", "method": "POST", "csrf": True,
-            "body": "<Order/>", "content_type": "application/xml", "application_id": "auto"}
+    flow = {
+        "name": "orders",
+        "path": "/http/Orders",
+        "method": "POST",
+        "csrf": True,
+        "body": "<Order/>",
+        "content_type": "application/xml",
+        "application_id": "auto",
+    }
     async with engine_for(stack, flow) as engine:
         first = await engine.send(engine.config.flow("orders"))
         stack.runtime.expire_csrf_tokens()
@@ -123,8 +130,12 @@ async def test_expect_body_mismatch_is_check_failed(stack: EmulatorStack) -> Non
 async def test_a_401_invalidates_that_token_and_retries_once(stack: EmulatorStack) -> None:
     async with engine_for(stack, {"name": "ts", "path": "/http/GetTimestamp"}) as engine:
         good = await engine.tokens.get()
-        expired = Token(value=stack.token_server.mint(stack.client_id, lifetime=-5), obtained_at=good.obtained_at,
-                        expires_at=good.expires_at, expires_at_wall=good.expires_at_wall)
+        expired = Token(
+            value=stack.token_server.mint(stack.client_id, lifetime=-5),
+            obtained_at=good.obtained_at,
+            expires_at=good.expires_at,
+            expires_at_wall=good.expires_at_wall,
+        )
         engine.tokens._token = expired  # the runtime thinks otherwise: a token revoked or clock-skewed
         result = await engine.send(engine.config.flow("ts"))
         assert engine.tokens.current is not expired

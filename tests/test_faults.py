@@ -46,8 +46,10 @@ async def send(engine: Engine, flow: str, fault: str) -> SendResult:
         result = await engine.send(engine.config.flow(flow))
     elapsed = time.monotonic() - started
     waits = ", ".join(f"{s:g}" for s in engine.clock.sleeps) if isinstance(engine.clock, StepClock) else "real"
-    print(f"\n{fault}: {result.outcome} after {result.attempts} attempt{'s' * (result.attempts != 1)} "
-          f"in {elapsed:.2f} s (codes {','.join(result.attempt_codes)}; waits {waits or 'none'})")
+    print(
+        f"\n{fault}: {result.outcome} after {result.attempts} attempt{'s' * (result.attempts != 1)} "
+        f"in {elapsed:.2f} s (codes {','.join(result.attempt_codes)}; waits {waits or 'none'})"
+    )
     return result
 
 
@@ -69,8 +71,9 @@ def assert_counted(engine: Engine, result: SendResult, codes: dict[str, int]) ->
 
 
 @asynccontextmanager
-async def tls_server(context: ssl.SSLContext, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                     ) -> AsyncIterator[str]:
+async def tls_server(
+    context: ssl.SSLContext, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> AsyncIterator[str]:
     """A tiny HTTPS server on 127.0.0.1 answering every path with `handler`; yields its base URL."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
@@ -165,8 +168,14 @@ async def test_a_blackhole_is_a_timeout_not_a_hang(stack: EmulatorStack) -> None
 async def test_a_blackhole_send_ends_by_its_deadline(stack: EmulatorStack) -> None:
     deadline = 0.5
     async with FaultProxy.running("127.0.0.1", runtime_port(stack), Blackhole()) as proxy:
-        flow = {"name": "hole", "path": f"{proxy.url}/http/GetTimestamp", "timeout": "400ms", "retries": 5,
-                "backoff_initial": "1ms", "deadline": f"{deadline * 1000:g}ms"}
+        flow = {
+            "name": "hole",
+            "path": f"{proxy.url}/http/GetTimestamp",
+            "timeout": "400ms",
+            "retries": 5,
+            "backoff_initial": "1ms",
+            "deadline": f"{deadline * 1000:g}ms",
+        }
         async with engine_for(stack, flow, clock=SystemClock()) as engine:
             await engine.tokens.get()  # the token fetch is not what is being timed
             started = time.monotonic()
@@ -205,7 +214,8 @@ async def test_an_unresolvable_host_is_a_connection_error(stack: EmulatorStack) 
 
 
 async def test_an_untrusted_runtime_certificate_is_not_retried_and_says_what_to_set(
-        stack: EmulatorStack, pki: Pki) -> None:
+    stack: EmulatorStack, pki: Pki
+) -> None:
     assert pki.root.cert != stack.pki.root.cert  # the session PKI: senderd trusts only the stack's CA
     other = Runtime(pki, stack.token_server)
     await other.start()

@@ -25,9 +25,13 @@ def test_redaction_processor_scrubs_every_shape(pki: Pki) -> None:
     register_secret("hunter2-client-secret")
     jwt_like = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4eXoxMjM0NSJ9.c2lnbmF0dXJlLXZhbHVl"
     structlog.get_logger().info(
-        "event", access_token="abc", detail=f"got {jwt_like} back", header="Bearer abc.def.ghi",
+        "event",
+        access_token="abc",
+        detail=f"got {jwt_like} back",
+        header="Bearer abc.def.ghi",
         nested={"client_secret": "x", "note": "uses hunter2-client-secret"},
-        pem=pki.issue_client("x", key_type="ec").key_pem_pkcs8(), count=3,
+        pem=pki.issue_client("x", key_type="ec").key_pem_pkcs8(),
+        count=3,
     )
     line = json.loads(stream.getvalue())
     assert line["access_token"] == REDACTED
@@ -40,9 +44,18 @@ def test_redaction_processor_scrubs_every_shape(pki: Pki) -> None:
 
 def test_client_key_is_loaded_from_memory_and_gone_after(pki: Pki, tmp_path: Path) -> None:
     client: IssuedCert = pki.issue_client("mem")
-    key = parse_service_key(json.dumps(service_key_dict(
-        client_id="c", token_url="https://127.0.0.1/oauth/token", runtime_url="https://127.0.0.1",
-        client=client, chain=[pki.intermediate.cert])), source="k")
+    key = parse_service_key(
+        json.dumps(
+            service_key_dict(
+                client_id="c",
+                token_url="https://127.0.0.1/oauth/token",
+                runtime_url="https://127.0.0.1",
+                client=client,
+                chain=[pki.intermediate.cert],
+            )
+        ),
+        source="k",
+    )
     with private_pem_path(b"secret bytes") as path:
         fd = int(path.rsplit("/", 1)[1])
         assert path.startswith("/proc/self/fd/")
@@ -55,37 +68,62 @@ def test_client_key_is_loaded_from_memory_and_gone_after(pki: Pki, tmp_path: Pat
     assert set(os.listdir("/proc/self/fd")) <= before  # no descriptor left behind
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("[credentials]\nservice_key = 'a.json'\nservice_key_env = 'X'\n",
-     "credentials: give service_key or service_key_env, not both"),
-    ("[token]\nrefresh_left = 1.5\n", "token.refresh_left: Input should be less than 1"),
-    ("[tokens]\n", "tokens: unknown key: remove it or check its spelling"),
-    ("[token]\nbackoff_max = true\n", "token.backoff_max: a duration is a string such as 500ms, 30s, 5m, 1h"),
-    ("[[flows]]\nname = 'a'\npath = '/http/a'\nevery = '1s'\ncron = '* * * * *'\n",
-     "flows[0]: give every or cron, not both"),
-    ("[[flows]]\nname = 'a'\npath = '/http/a'\ncron = '61 * * * *'\n",
-     "flows[0]: invalid cron expression '61 * * * *': bad minute field '61' (allowed: 0-59); "
-     "use 5 fields, e.g. */5 * * * *"),
-    ("[[flows]]\nname = 'a'\npath = '/http/a'\ncron = '0 * * * *'\ntimezone = 'Mars/Base'\n",
-     "flows[0]: unknown time zone 'Mars/Base': use an IANA name such as Europe/Berlin"),
-    ("[[flows]]\nname = 'a'\npath = 'http/a'\n",
-     "flows[0].path: must start with / (relative to runtime.url) or be an https:// URL, found 'http/a'"),
-    ("[[flows]]\nname = 'a'\npath = '/a'\n[[flows]]\nname = 'a'\npath = '/b'\n",
-     "flow name 'a' is used twice: names must be unique"),
-    ("[[flows]]\nname = 'a'\npath = '/a'\nevry = '1s'\n",
-     "flows[0].evry: unknown key: remove it or check its spelling"),
-    ("[defaults]\nretries = -1\n", "defaults.retries: Input should be greater than or equal to 0"),
-    ("[token]\nbackoff_initial = '0s'\n", "token.backoff_initial: must be at least 1ms"),
-    ("[[flows]]\nname = 'a'\npath = '/a'\ntimeout = 0\n", "flows[0].timeout: must be at least 1ms"),
-    ("[[flows]]\nname = 'a'\npath = '/a'\nevery = '0.5ms'\n",
-     "flows[0]: invalid interval 0.0005: use a duration of at least 1ms, e.g. 30s or 5m"),
-    ("[[flows]]\nname = 'a'\npath = '/a'\nheaders = { X = \"a\\nb\" }\n",
-     "flows[0].headers: the value of 'X' contains a control character (such as a line break): remove it"),
-    ("[[flows]]\nname = 'a'\npath = '/a'\nbody_file = '/no/such/file'\n",
-     "flows[0]: body_file '/no/such/file' is missing or unreadable: check the path"),
-    ("[[flows]]\nname = 'a'\npath = '/a'\nexpect_body = '('\n",
-     "flows[0].expect_body: not a valid regular expression (missing ), unterminated subpattern at position 0)"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[credentials]\nservice_key = 'a.json'\nservice_key_env = 'X'\n",
+            "credentials: give service_key or service_key_env, not both",
+        ),
+        ("[token]\nrefresh_left = 1.5\n", "token.refresh_left: Input should be less than 1"),
+        ("[tokens]\n", "tokens: unknown key: remove it or check its spelling"),
+        ("[token]\nbackoff_max = true\n", "token.backoff_max: a duration is a string such as 500ms, 30s, 5m, 1h"),
+        (
+            "[[flows]]\nname = 'a'\npath = '/http/a'\nevery = '1s'\ncron = '* * * * *'\n",
+            "flows[0]: give every or cron, not both",
+        ),
+        (
+            "[[flows]]\nname = 'a'\npath = '/http/a'\ncron = '61 * * * *'\n",
+            "flows[0]: invalid cron expression '61 * * * *': bad minute field '61' (allowed: 0-59); "
+            "use 5 fields, e.g. */5 * * * *",
+        ),
+        (
+            "[[flows]]\nname = 'a'\npath = '/http/a'\ncron = '0 * * * *'\ntimezone = 'Mars/Base'\n",
+            "flows[0]: unknown time zone 'Mars/Base': use an IANA name such as Europe/Berlin",
+        ),
+        (
+            "[[flows]]\nname = 'a'\npath = 'http/a'\n",
+            "flows[0].path: must start with / (relative to runtime.url) or be an https:// URL, found 'http/a'",
+        ),
+        (
+            "[[flows]]\nname = 'a'\npath = '/a'\n[[flows]]\nname = 'a'\npath = '/b'\n",
+            "flow name 'a' is used twice: names must be unique",
+        ),
+        (
+            "[[flows]]\nname = 'a'\npath = '/a'\nevry = '1s'\n",
+            "flows[0].evry: unknown key: remove it or check its spelling",
+        ),
+        ("[defaults]\nretries = -1\n", "defaults.retries: Input should be greater than or equal to 0"),
+        ("[token]\nbackoff_initial = '0s'\n", "token.backoff_initial: must be at least 1ms"),
+        ("[[flows]]\nname = 'a'\npath = '/a'\ntimeout = 0\n", "flows[0].timeout: must be at least 1ms"),
+        (
+            "[[flows]]\nname = 'a'\npath = '/a'\nevery = '0.5ms'\n",
+            "flows[0]: invalid interval 0.0005: use a duration of at least 1ms, e.g. 30s or 5m",
+        ),
+        (
+            "[[flows]]\nname = 'a'\npath = '/a'\nheaders = { X = \"a\\nb\" }\n",
+            "flows[0].headers: the value of 'X' contains a control character (such as a line break): remove it",
+        ),
+        (
+            "[[flows]]\nname = 'a'\npath = '/a'\nbody_file = '/no/such/file'\n",
+            "flows[0]: body_file '/no/such/file' is missing or unreadable: check the path",
+        ),
+        (
+            "[[flows]]\nname = 'a'\npath = '/a'\nexpect_body = '('\n",
+            "flows[0].expect_body: not a valid regular expression (missing ), unterminated subpattern at position 0)",
+        ),
+    ],
+)
 def test_config_errors_name_file_and_field(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "c.toml"
     path.write_text(text)

@@ -62,8 +62,10 @@ class OAuthBackend:
         address = request.match_info["address"].lower()
         if address == "gettimestamp":
             self.received.append((address, b""))
-            return web.Response(text=f"Current time (UTC): {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}",
-                                headers={"SAP_MessageProcessingLogID": os.urandom(6).hex()})
+            return web.Response(
+                text=f"Current time (UTC): {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}",
+                headers={"SAP_MessageProcessingLogID": os.urandom(6).hex()},
+            )
         if address == "orders":
             session = request.cookies.get("JSESSIONID")
             if request.method in ("GET", "HEAD") and request.headers.get("X-CSRF-Token", "").lower() == "fetch":
@@ -89,19 +91,31 @@ class OAuthBackend:
 
     async def token(self, request: web.Request) -> web.Response:
         form = await request.post()
-        self.seen.append({"verify": request.headers.get("X-SSL-Client-Verify", ""),
-                          "dn": request.headers.get("X-SSL-Client-S-DN", ""),
-                          "client_id": str(form.get("client_id", "")),
-                          "grant_type": str(form.get("grant_type", "")),
-                          "content_type": request.content_type})
-        if (request.headers.get("X-SSL-Client-Verify") != "SUCCESS" or form.get("client_id") != self.client_id
-                or form.get("grant_type") != "client_credentials"):
-            return web.json_response({"error": "unauthorized", "error_description": "Bad credentials"},
-                                     status=401)
+        self.seen.append(
+            {
+                "verify": request.headers.get("X-SSL-Client-Verify", ""),
+                "dn": request.headers.get("X-SSL-Client-S-DN", ""),
+                "client_id": str(form.get("client_id", "")),
+                "grant_type": str(form.get("grant_type", "")),
+                "content_type": request.content_type,
+            }
+        )
+        if (
+            request.headers.get("X-SSL-Client-Verify") != "SUCCESS"
+            or form.get("client_id") != self.client_id
+            or form.get("grant_type") != "client_credentials"
+        ):
+            return web.json_response({"error": "unauthorized", "error_description": "Bad credentials"}, status=401)
         token = "opaque-" + os.urandom(8).hex()
         self.tokens[token] = time.monotonic() + LIFETIME
-        return web.json_response({"access_token": token, "token_type": "bearer",
-                                  "expires_in": LIFETIME, "scope": "it-rt-x!b1.ESBMessaging.send"})
+        return web.json_response(
+            {
+                "access_token": token,
+                "token_type": "bearer",
+                "expires_in": LIFETIME,
+                "scope": "it-rt-x!b1.ESBMessaging.send",
+            }
+        )
 
 
 @pytest.fixture
@@ -155,9 +169,13 @@ http {{
     }}
 }}
 """)
-    key = service_key_dict(client_id=backend.client_id, token_url=f"https://localhost:{port}/oauth/token",
-                           runtime_url=f"https://localhost:{runtime_port}", client=client,
-                           chain=[pki.intermediate.cert])
+    key = service_key_dict(
+        client_id=backend.client_id,
+        token_url=f"https://localhost:{port}/oauth/token",
+        runtime_url=f"https://localhost:{runtime_port}",
+        client=client,
+        chain=[pki.intermediate.cert],
+    )
     key_path = tmp_path / "service-key.json"
     key_path.write_text(json.dumps(key, indent=2))
     process = await anyio.open_process([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")])
@@ -172,31 +190,64 @@ http {{
         await runner.cleanup()
 
 
-async def test_token_through_nginx_mtls_terminator(nginx_oauth: tuple[int, OAuthBackend, Path],
-                                                    tmp_path: Path) -> None:
+async def test_token_through_nginx_mtls_terminator(nginx_oauth: tuple[int, OAuthBackend, Path], tmp_path: Path) -> None:
     _, backend, key_path = nginx_oauth
     result = await anyio.run_process(
-        [sys.executable, "-m", "senderd", "token", "--service-key", str(key_path),
-         "--ca-file", str(tmp_path / "ca.pem")], check=False)
+        [
+            sys.executable,
+            "-m",
+            "senderd",
+            "token",
+            "--service-key",
+            str(key_path),
+            "--ca-file",
+            str(tmp_path / "ca.pem"),
+        ],
+        check=False,
+    )
     assert result.returncode == 0, result.stderr.decode()
     out = result.stdout.decode()
     assert f"lifetime:   {LIFETIME}s" in out
-    assert backend.seen == [{"verify": "SUCCESS", "dn": backend.seen[0]["dn"], "client_id": backend.client_id,
-                             "grant_type": "client_credentials",
-                             "content_type": "application/x-www-form-urlencoded"}]
+    assert backend.seen == [
+        {
+            "verify": "SUCCESS",
+            "dn": backend.seen[0]["dn"],
+            "client_id": backend.client_id,
+            "grant_type": "client_credentials",
+            "content_type": "application/x-www-form-urlencoded",
+        }
+    ]
     assert "CN=nginx-client" in backend.seen[0]["dn"]
 
 
-async def test_nginx_refuses_a_handshake_without_certificate(nginx_oauth: tuple[int, OAuthBackend, Path],
-                                                             tmp_path: Path) -> None:
+async def test_nginx_refuses_a_handshake_without_certificate(
+    nginx_oauth: tuple[int, OAuthBackend, Path], tmp_path: Path
+) -> None:
     port, backend, _ = nginx_oauth
     secret_key = tmp_path / "secret-key.json"
-    secret_key.write_text(json.dumps({"clientid": backend.client_id, "clientsecret": "not-a-cert-secret",
-                                      "tokenurl": f"https://localhost:{port}/oauth/token",
-                                      "url": "https://localhost:1"}))
+    secret_key.write_text(
+        json.dumps(
+            {
+                "clientid": backend.client_id,
+                "clientsecret": "not-a-cert-secret",
+                "tokenurl": f"https://localhost:{port}/oauth/token",
+                "url": "https://localhost:1",
+            }
+        )
+    )
     result = await anyio.run_process(
-        [sys.executable, "-m", "senderd", "token", "--service-key", str(secret_key),
-         "--ca-file", str(tmp_path / "ca.pem")], check=False)
+        [
+            sys.executable,
+            "-m",
+            "senderd",
+            "token",
+            "--service-key",
+            str(secret_key),
+            "--ca-file",
+            str(tmp_path / "ca.pem"),
+        ],
+        check=False,
+    )
     assert result.returncode == 1
     err = result.stderr.decode()
     # nginx answers 400 "No required SSL certificate was sent" over HTTP rather than failing the handshake
@@ -204,14 +255,15 @@ async def test_nginx_refuses_a_handshake_without_certificate(nginx_oauth: tuple[
     assert backend.seen == []
 
 
-async def test_the_daemon_against_the_independent_stack(nginx_oauth: tuple[int, OAuthBackend, Path],
-                                                        tmp_path: Path) -> None:
+async def test_the_daemon_against_the_independent_stack(
+    nginx_oauth: tuple[int, OAuthBackend, Path], tmp_path: Path
+) -> None:
     _, backend, key_path = nginx_oauth
     config = tmp_path / "senderd.toml"
     config.write_text(f"""
 [credentials]
 service_key = "{key_path}"
-ca_file = "{tmp_path / 'ca.pem'}"
+ca_file = "{tmp_path / "ca.pem"}"
 [server]
 listen = "127.0.0.1:0"
 [[flows]]
@@ -249,9 +301,11 @@ retries = 3
     events = [json.loads(line) for line in logs.decode().splitlines() if line.startswith("{")]
     sends = [e for e in events if e.get("event") == "send_finished"]
     by_flow = {name: [e for e in sends if e["flow"] == name] for name in ("timestamp", "orders", "flaky")}
-    print(f"\nindependent stack, {3 * LIFETIME + 1}s: {len(sends)} sends, {len(backend.tokens)} tokens, "
-          f"{backend.expired_uses} expired-token uses, {backend.unauthorized} unknown tokens, "
-          f"{backend.csrf_fetches} CSRF fetches")
+    print(
+        f"\nindependent stack, {3 * LIFETIME + 1}s: {len(sends)} sends, {len(backend.tokens)} tokens, "
+        f"{backend.expired_uses} expired-token uses, {backend.unauthorized} unknown tokens, "
+        f"{backend.csrf_fetches} CSRF fetches"
+    )
     assert code == 0
     assert backend.expired_uses == 0
     assert backend.unauthorized == 0

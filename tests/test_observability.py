@@ -23,9 +23,11 @@ from tests.tools import free_port, require_tool, wait_for_port
 
 pytestmark = pytest.mark.anyio
 
-FLOWS = ('[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "200ms"\nstart = "now"\n'
-         '[[flows]]\nname = "failing"\npath = "/http/Failing"\n'
-         '[[flows]]\nname = "orders"\npath = "/http/Orders"\nmethod = "POST"\ncsrf = true\nbody = "<o/>"\n')
+FLOWS = (
+    '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "200ms"\nstart = "now"\n'
+    '[[flows]]\nname = "failing"\npath = "/http/Failing"\n'
+    '[[flows]]\nname = "orders"\npath = "/http/Orders"\nmethod = "POST"\ncsrf = true\nbody = "<o/>"\n'
+)
 
 
 @asynccontextmanager
@@ -89,8 +91,11 @@ async def test_metrics_are_all_there_with_sensible_values_and_pass_promtool(flow
     names = live_names(text)
     missing = sorted(PUBLIC_METRICS - names)
     assert not missing, f"not in /metrics: {missing}"
-    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
-              for f in text_string_to_metric_families(text) for s in f.samples}
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
     assert values[("senderd_sends_total", (("flow", "ts"), ("outcome", "success")))] >= 3
     assert values[("senderd_sends_total", (("flow", "failing"), ("outcome", "http_error")))] == 0
     assert values[("senderd_inflight_sends", ())] >= 0
@@ -157,10 +162,16 @@ async def test_a_real_prometheus_scrapes_senderd(flows_stack: EmulatorStack, tmp
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
             "rule_files: [" + json.dumps(str(Path(__file__).parent.parent / "deploy/prometheus/alerts.yaml")) + "]\n"
             "scrape_configs:\n"
-            f"  - job_name: senderd\n    static_configs: [{{targets: ['{url.removeprefix('http://')}']}}]\n")
+            f"  - job_name: senderd\n    static_configs: [{{targets: ['{url.removeprefix('http://')}']}}]\n"
+        )
         process = await anyio.open_process(
-            [prometheus, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
-             f"--storage.tsdb.path={tmp_path / 'tsdb'}"])
+            [
+                prometheus,
+                f"--config.file={config}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            ]
+        )
         async with process:
             try:
                 query = f"http://127.0.0.1:{port}/api/v1/query?query="
@@ -187,14 +198,27 @@ async def test_a_real_prometheus_scrapes_senderd(flows_stack: EmulatorStack, tmp
 async def test_once_pushes_to_a_real_pushgateway(flows_stack: EmulatorStack, tmp_path: Path) -> None:
     pushgateway = require_tool("prometheus-pushgateway")
     port = free_port()
-    process = await anyio.open_process([pushgateway, f"--web.listen-address=127.0.0.1:{port}",
-                                        "--persistence.interval=1h"])
+    process = await anyio.open_process(
+        [pushgateway, f"--web.listen-address=127.0.0.1:{port}", "--persistence.interval=1h"]
+    )
     async with process:
         try:
             await wait_for_port(port)
             result = await anyio.run_process(
-                [sys.executable, "-m", "senderd", "once", "-c", str(flows_stack.config_path), "--flow", "ts",
-                 "--push-gateway", f"http://127.0.0.1:{port}"], check=False)
+                [
+                    sys.executable,
+                    "-m",
+                    "senderd",
+                    "once",
+                    "-c",
+                    str(flows_stack.config_path),
+                    "--flow",
+                    "ts",
+                    "--push-gateway",
+                    f"http://127.0.0.1:{port}",
+                ],
+                check=False,
+            )
             out = result.stdout.decode()
             assert result.returncode == 0, result.stderr.decode()
             assert f"pushed metrics to http://127.0.0.1:{port} (job senderd, instance " in out
@@ -202,14 +226,32 @@ async def test_once_pushes_to_a_real_pushgateway(flows_stack: EmulatorStack, tmp
         finally:
             process.terminate()
     pushed = [line for line in text.splitlines() if line.startswith("senderd_sends_total{")]
-    assert any('flow="ts"' in line and 'job="senderd"' in line and 'outcome="success"' in line
-               and 'instance="' in line and line.endswith(" 1") for line in pushed), pushed
+    assert any(
+        'flow="ts"' in line
+        and 'job="senderd"' in line
+        and 'outcome="success"' in line
+        and 'instance="' in line
+        and line.endswith(" 1")
+        for line in pushed
+    ), pushed
 
 
 async def test_push_failure_is_exit_1_with_one_line(flows_stack: EmulatorStack) -> None:
     result = await anyio.run_process(
-        [sys.executable, "-m", "senderd", "once", "-c", str(flows_stack.config_path), "--flow", "ts",
-         "--push-gateway", f"http://127.0.0.1:{free_port()}"], check=False)
+        [
+            sys.executable,
+            "-m",
+            "senderd",
+            "once",
+            "-c",
+            str(flows_stack.config_path),
+            "--flow",
+            "ts",
+            "--push-gateway",
+            f"http://127.0.0.1:{free_port()}",
+        ],
+        check=False,
+    )
     assert result.returncode == 1
     err = result.stderr.decode()
     assert err.strip().splitlines()[-1].startswith("senderd: error: push to gateway http://127.0.0.1:")

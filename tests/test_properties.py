@@ -74,21 +74,31 @@ def _material() -> dict[str, list[str]]:
     now = dt.datetime.now(dt.UTC)
     valid = pki.issue_client("prop", key_type="ec")
     rsa = pki.issue_client("prop-rsa", key_type="rsa")
-    expired = pki.issue_client("old", key_type="ec", not_before=now - dt.timedelta(days=20),
-                               not_after=now - dt.timedelta(days=10))
-    future = pki.issue_client("new", key_type="ec", not_before=now + dt.timedelta(days=10),
-                              not_after=now + dt.timedelta(days=20))
+    expired = pki.issue_client(
+        "old", key_type="ec", not_before=now - dt.timedelta(days=20), not_after=now - dt.timedelta(days=10)
+    )
+    future = pki.issue_client(
+        "new", key_type="ec", not_before=now + dt.timedelta(days=10), not_after=now + dt.timedelta(days=20)
+    )
     soon = pki.issue_client("soon", key_type="ec", not_after=now + dt.timedelta(days=3))
     inter, root = pki.intermediate.cert_pem(), pki.root.cert_pem()
     pairs = [
-        valid.cert_pem(), valid.key_pem_pkcs1(),
-        valid.cert_pem() + inter + root, valid.key_pem_pkcs8(),
-        root + inter + valid.cert_pem(), valid.key_pem_pkcs1().replace("\n", "\\n"),
-        valid.cert_pem().replace("\n", "\r\n"), valid.key_pem_pkcs8().replace("\n", "\r\n  "),
-        rsa.cert_pem() + inter, rsa.key_pem_pkcs1(),
-        expired.cert_pem(), expired.key_pem_pkcs8(),
-        future.cert_pem(), future.key_pem_pkcs8(),
-        soon.cert_pem(), soon.key_pem_pkcs8(),
+        valid.cert_pem(),
+        valid.key_pem_pkcs1(),
+        valid.cert_pem() + inter + root,
+        valid.key_pem_pkcs8(),
+        root + inter + valid.cert_pem(),
+        valid.key_pem_pkcs1().replace("\n", "\\n"),
+        valid.cert_pem().replace("\n", "\r\n"),
+        valid.key_pem_pkcs8().replace("\n", "\r\n  "),
+        rsa.cert_pem() + inter,
+        rsa.key_pem_pkcs1(),
+        expired.cert_pem(),
+        expired.key_pem_pkcs8(),
+        future.cert_pem(),
+        future.key_pem_pkcs8(),
+        soon.cert_pem(),
+        soon.key_pem_pkcs8(),
     ]
     return {
         "pairs": pairs,
@@ -113,10 +123,21 @@ _TEXT = st.text(max_size=40)
 _LONE_SURROGATE = st.builds(lambda a, c, b: a + c + b, _TEXT, st.integers(0xD800, 0xDFFF).map(chr), _TEXT)
 """Text with a lone surrogate: JSON writes it as an escape (`\\ud800`), which a service key may hold."""
 _JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), _TEXT, _LONE_SURROGATE)
-_JSON = st.recursive(_JSON_SCALARS, lambda inner: st.lists(inner, max_size=4)
-                     | st.dictionaries(_TEXT, inner, max_size=4), max_leaves=10)
-_PEM_LABELS = st.sampled_from(["CERTIFICATE", "PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY",
-                               "ENCRYPTED PRIVATE KEY", "PUBLIC KEY", "X509 CRL", "A"])
+_JSON = st.recursive(
+    _JSON_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4), max_leaves=10
+)
+_PEM_LABELS = st.sampled_from(
+    [
+        "CERTIFICATE",
+        "PRIVATE KEY",
+        "RSA PRIVATE KEY",
+        "EC PRIVATE KEY",
+        "ENCRYPTED PRIVATE KEY",
+        "PUBLIC KEY",
+        "X509 CRL",
+        "A",
+    ]
+)
 _BASE64ISH = st.text(alphabet=string.ascii_letters + string.digits + "+/=: \n\r\t\\", max_size=300)
 
 
@@ -143,20 +164,39 @@ def _pem_field(field: str) -> st.SearchStrategy[Any]:
     )
 
 
-_GOOD_URLS = st.sampled_from([
-    "https://test.authentication.cert.eu10.hana.ondemand.com", "https://test.authentication.eu10.hana.ondemand.com/",
-    "https://127.0.0.1:8443/oauth/token", " https://localhost/oauth/token/ ",
-])
+_GOOD_URLS = st.sampled_from(
+    [
+        "https://test.authentication.cert.eu10.hana.ondemand.com",
+        "https://test.authentication.eu10.hana.ondemand.com/",
+        "https://127.0.0.1:8443/oauth/token",
+        " https://localhost/oauth/token/ ",
+    ]
+)
 _HOSTS = st.one_of(
-    st.sampled_from(["test.authentication.eu10.hana.ondemand.com", "127.0.0.1", "localhost:8443", "[::1]:443",
-                     "host:99999", "host:-1", "host:x", "", "a b", "user:pw@host"]),
+    st.sampled_from(
+        [
+            "test.authentication.eu10.hana.ondemand.com",
+            "127.0.0.1",
+            "localhost:8443",
+            "[::1]:443",
+            "host:99999",
+            "host:-1",
+            "host:x",
+            "",
+            "a b",
+            "user:pw@host",
+        ]
+    ),
     st.text(max_size=20),
 )
 _URLS = st.one_of(
     _GOOD_URLS,
-    st.builds(lambda scheme, host, path: scheme + host + path,
-              st.sampled_from(["https://", "http://", "", "ftp://", "https:/", "https:", "HTTPS://", " https://"]),
-              _HOSTS, st.sampled_from(["", "/", "/oauth/token", "/oauth/token/", "?x=1", "#frag"]) | _TEXT),
+    st.builds(
+        lambda scheme, host, path: scheme + host + path,
+        st.sampled_from(["https://", "http://", "", "ftp://", "https:/", "https:", "HTTPS://", " https://"]),
+        _HOSTS,
+        st.sampled_from(["", "/", "/oauth/token", "/oauth/token/", "?x=1", "#frag"]) | _TEXT,
+    ),
     _JSON,
 )
 _FIELDS: dict[str, st.SearchStrategy[Any]] = {
@@ -186,9 +226,14 @@ def _service_key_json(draw: st.DrawFn, *, external: bool = False) -> _KeyCase:
     fields: dict[str, Any] = draw(st.dictionaries(_TEXT, _JSON, max_size=2))
     pairs = _material()["pairs"]
     pair = draw(st.integers(min_value=0, max_value=len(pairs) // 2 - 1)) * 2
-    good = {"clientid": "sb-x!b1|it-rt-test!b2", "clientsecret": "s3cr3t", "tokenurl": draw(_GOOD_URLS),
-            "url": "https://test.it-cpi018-rt.cfapps.eu10.hana.ondemand.com",
-            "certificate": pairs[pair], "key": pairs[pair + 1]}
+    good = {
+        "clientid": "sb-x!b1|it-rt-test!b2",
+        "clientsecret": "s3cr3t",
+        "tokenurl": draw(_GOOD_URLS),
+        "url": "https://test.it-cpi018-rt.cfapps.eu10.hana.ondemand.com",
+        "certificate": pairs[pair],
+        "key": pairs[pair + 1],
+    }
     for name, values in _FIELDS.items():
         if _one_in(draw, 8):
             continue
@@ -202,8 +247,14 @@ def _service_key_json(draw: st.DrawFn, *, external: bool = False) -> _KeyCase:
     text = json.dumps(data, indent=draw(st.sampled_from([None, 2])))
     if _one_in(draw, 10):  # sometimes not quite JSON
         text = _mutate(text, draw(st.integers(min_value=0)), draw(st.characters()), draw(st.booleans()))
-    key_file = draw(st.one_of(st.just(pairs[pair + 1].encode()), _real("key").map(str.encode),
-                              _pem_looking().map(str.encode), st.binary(max_size=200)))
+    key_file = draw(
+        st.one_of(
+            st.just(pairs[pair + 1].encode()),
+            _real("key").map(str.encode),
+            _pem_looking().map(str.encode),
+            st.binary(max_size=200),
+        )
+    )
     return _KeyCase(text, fields, key_file)
 
 
@@ -226,8 +277,14 @@ def _check_key_outcome(parse: Callable[[], ServiceKey]) -> None:
 
 
 @PROPERTY
-@given(text=st.one_of(st.text(), st.binary().map(lambda b: b.decode("latin-1")),
-                      _JSON.map(json.dumps), st.text(alphabet='{}[]":,\\ntrue0', max_size=40)))
+@given(
+    text=st.one_of(
+        st.text(),
+        st.binary().map(lambda b: b.decode("latin-1")),
+        _JSON.map(json.dumps),
+        st.text(alphabet='{}[]":,\\ntrue0', max_size=40),
+    )
+)
 def test_service_key_any_text_gives_a_key_or_credentials_error(text: str) -> None:
     _check_key_outcome(lambda: parse_service_key(text, source="key.json"))
 
@@ -241,30 +298,94 @@ def test_service_key_random_fields_give_a_key_or_credentials_error(case: _KeyCas
 @PROPERTY
 @given(case=_service_key_json(external=True), passphrase=st.sampled_from([None, "", "secret", "wrong"]))
 def test_service_key_with_key_file_gives_a_key_or_credentials_error(case: _KeyCase, passphrase: str | None) -> None:
-    _check_key_outcome(lambda: parse_service_key(case.text, source="key.json", key_file_data=case.key_file,
-                                                 key_file_name="key.pem", key_passphrase=passphrase))
+    _check_key_outcome(
+        lambda: parse_service_key(
+            case.text,
+            source="key.json",
+            key_file_data=case.key_file,
+            key_file_name="key.pem",
+            key_passphrase=passphrase,
+        )
+    )
 
 
 # --- configs ------------------------------------------------------------------------------------------
 
 _SECTIONS: dict[str, type[BaseModel]] = {
-    "credentials": CredentialsConfig, "token": TokenConfig, "runtime": RuntimeConfig, "pool": PoolConfig,
-    "server": ServerConfig, "push": PushConfig, "defaults": SendSettings, "relay": RelayConfig,
+    "credentials": CredentialsConfig,
+    "token": TokenConfig,
+    "runtime": RuntimeConfig,
+    "pool": PoolConfig,
+    "server": ServerConfig,
+    "push": PushConfig,
+    "defaults": SendSettings,
+    "relay": RelayConfig,
 }
 _KEYS = st.text(max_size=12)
-_INTERESTING = st.sampled_from([
-    "", "0", "-1", "5s", "0s", "-5s", "1m30s", "500ms", "1e400", "nan", "inf", "30", "soon",
-    "*/5 * * * *", "0 0 31 2 *", "* * *", "61 * * * *", "UTC", "Europe/Berlin", "Mars/Base", "Europe", "/etc/passwd",
-    "https://x.example", "https://", "http://x", "https://[::1", "127.0.0.1:9464", ":80", "host:99999", "h:\u00b2",
-    "/http/x", "http/x", "GET", "post", "auto", "now", "spread", "body.xml", "missing.xml", "~/x", "~nobody/x", "..",
-    "(", "a\nb", "a\x00b",
-])
-_TOML_SCALARS = st.one_of(
-    _INTERESTING, st.text(max_size=30), st.integers(), st.integers(min_value=-1000, max_value=1000), st.floats(),
-    st.booleans(), st.datetimes(), st.datetimes(timezones=st.just(dt.UTC)), st.dates(), st.times(),
+_INTERESTING = st.sampled_from(
+    [
+        "",
+        "0",
+        "-1",
+        "5s",
+        "0s",
+        "-5s",
+        "1m30s",
+        "500ms",
+        "1e400",
+        "nan",
+        "inf",
+        "30",
+        "soon",
+        "*/5 * * * *",
+        "0 0 31 2 *",
+        "* * *",
+        "61 * * * *",
+        "UTC",
+        "Europe/Berlin",
+        "Mars/Base",
+        "Europe",
+        "/etc/passwd",
+        "https://x.example",
+        "https://",
+        "http://x",
+        "https://[::1",
+        "127.0.0.1:9464",
+        ":80",
+        "host:99999",
+        "h:\u00b2",
+        "/http/x",
+        "http/x",
+        "GET",
+        "post",
+        "auto",
+        "now",
+        "spread",
+        "body.xml",
+        "missing.xml",
+        "~/x",
+        "~nobody/x",
+        "..",
+        "(",
+        "a\nb",
+        "a\x00b",
+    ]
 )
-_TOML_VALUES = st.recursive(_TOML_SCALARS, lambda inner: st.lists(inner, max_size=3)
-                            | st.dictionaries(_KEYS, inner, max_size=3), max_leaves=8)
+_TOML_SCALARS = st.one_of(
+    _INTERESTING,
+    st.text(max_size=30),
+    st.integers(),
+    st.integers(min_value=-1000, max_value=1000),
+    st.floats(),
+    st.booleans(),
+    st.datetimes(),
+    st.datetimes(timezones=st.just(dt.UTC)),
+    st.dates(),
+    st.times(),
+)
+_TOML_VALUES = st.recursive(
+    _TOML_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=3), max_leaves=8
+)
 _DURATIONS = st.sampled_from(["30s", "5m", "1m30s", "500ms", 1, 2.5, "1h"])
 _GOOD: dict[str, st.SearchStrategy[Any]] = {
     "service_key": st.sampled_from(["external-key.json", "missing.json"]),
@@ -275,7 +396,9 @@ _GOOD: dict[str, st.SearchStrategy[Any]] = {
     "listen": st.sampled_from(["127.0.0.1:0", "0.0.0.0:9464", "[::1]:8787"]),
     "refresh_left": st.floats(min_value=0.01, max_value=0.99),
     "refresh_jitter": st.floats(min_value=0, max_value=0.49),
-    "enabled": st.booleans(), "ordered": st.booleans(), "csrf": st.sampled_from([True, False, "auto"]),
+    "enabled": st.booleans(),
+    "ordered": st.booleans(),
+    "csrf": st.sampled_from([True, False, "auto"]),
     "method": st.sampled_from(["GET", "post", "Put", "DELETE"]),
     "headers": st.dictionaries(st.sampled_from(["Accept", "X-Id"]), st.sampled_from(["text/plain", "1"])),
     "query": st.dictionaries(st.sampled_from(["a", "b"]), st.sampled_from(["1", "x y"])),
@@ -284,9 +407,11 @@ _GOOD: dict[str, st.SearchStrategy[Any]] = {
     "expect_body": st.sampled_from(["ok", "Current time \\(UTC\\)", ".*"]),
     "name": st.sampled_from(["a", "b", "c", "d", "e", "f", "timestamp", "orders.v2"]),
     "path": st.sampled_from(["/http/x", "https://x.example/http/x"]),
-    "every": _DURATIONS, "cron": st.sampled_from(["*/5 * * * *", "0 6 * * 1-5", "0 0 1 1 *"]),
+    "every": _DURATIONS,
+    "cron": st.sampled_from(["*/5 * * * *", "0 6 * * 1-5", "0 0 1 1 *"]),
     "timezone": st.sampled_from(["UTC", "Europe/Berlin", "America/New_York"]),
-    "body": st.just("<order/>"), "body_file": st.sampled_from(["body.xml", "missing.xml"]),
+    "body": st.just("<order/>"),
+    "body_file": st.sampled_from(["body.xml", "missing.xml"]),
     "start": st.sampled_from(["spread", "now"]),
     "spool_dir": st.just("spool"),
 }
@@ -294,8 +419,10 @@ _GOOD: dict[str, st.SearchStrategy[Any]] = {
 
 
 _BY_TYPE: dict[Any, st.SearchStrategy[Any]] = {
-    int: st.integers(min_value=1, max_value=100), bool: st.booleans(),
-    str: st.sampled_from(["senderd", "SENDERD_X"]), str | None: st.sampled_from(["senderd", "SENDERD_X"]),
+    int: st.integers(min_value=1, max_value=100),
+    bool: st.booleans(),
+    str: st.sampled_from(["senderd", "SENDERD_X"]),
+    str | None: st.sampled_from(["senderd", "SENDERD_X"]),
 }
 
 
@@ -389,12 +516,14 @@ def _toml(data: Mapping[str, Any]) -> str:
     head, tables = [], []
     for key, value in data.items():
         if isinstance(value, dict):
-            tables.append(f"[{_toml_key(key)}]\n" + "".join(f"{_toml_key(k)} = {_toml_value(v)}\n"
-                                                             for k, v in value.items()))
+            tables.append(
+                f"[{_toml_key(key)}]\n" + "".join(f"{_toml_key(k)} = {_toml_value(v)}\n" for k, v in value.items())
+            )
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             for item in value:
-                tables.append(f"[[{_toml_key(key)}]]\n" + "".join(f"{_toml_key(k)} = {_toml_value(v)}\n"
-                                                                   for k, v in item.items()))
+                tables.append(
+                    f"[[{_toml_key(key)}]]\n" + "".join(f"{_toml_key(k)} = {_toml_value(v)}\n" for k, v in item.items())
+                )
         else:
             head.append(f"{_toml_key(key)} = {_toml_value(value)}\n")
     return "".join(head) + "\n".join(tables)
@@ -406,15 +535,38 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @PROPERTY
-@given(content=st.one_of(
-    st.text(),
-    st.binary(max_size=200),
-    st.lists(st.sampled_from(["[token]", "[[flows]]", "[pool]", 'name = "a"', 'path = "/x"', "every = 5",
-                              'timeout = "5s"', "workers = 0", "[credentials", "x = ", "= 1", '"a\\nb" = 1',
-                              "flows = 1", "[flows]", "a.b = 1", "[defaults.headers]", "k = 'v'"])
-             | st.text(max_size=20), max_size=8).map("\n".join),
-    _config_dict().map(_toml),
-))
+@given(
+    content=st.one_of(
+        st.text(),
+        st.binary(max_size=200),
+        st.lists(
+            st.sampled_from(
+                [
+                    "[token]",
+                    "[[flows]]",
+                    "[pool]",
+                    'name = "a"',
+                    'path = "/x"',
+                    "every = 5",
+                    'timeout = "5s"',
+                    "workers = 0",
+                    "[credentials",
+                    "x = ",
+                    "= 1",
+                    '"a\\nb" = 1',
+                    "flows = 1",
+                    "[flows]",
+                    "a.b = 1",
+                    "[defaults.headers]",
+                    "k = 'v'",
+                ]
+            )
+            | st.text(max_size=20),
+            max_size=8,
+        ).map("\n".join),
+        _config_dict().map(_toml),
+    )
+)
 def test_load_config_on_any_file_gives_a_config_or_config_error(content: str | bytes, config_dir: Path) -> None:
     path = config_dir / "senderd.toml"
     if isinstance(content, bytes):

@@ -52,8 +52,12 @@ retries = 0
 
 
 def relay_section(spool: Path, **extra: Any) -> str:
-    lines = ['listen = "127.0.0.1:0"', f'spool_dir = "{spool}"', 'redelivery_initial = "50ms"',
-             'redelivery_max = "200ms"']
+    lines = [
+        'listen = "127.0.0.1:0"',
+        f'spool_dir = "{spool}"',
+        'redelivery_initial = "50ms"',
+        'redelivery_max = "200ms"',
+    ]
     lines += [f"{key} = {json.dumps(value)}" for key, value in extra.items()]
     return "\n[relay]\n" + "\n".join(lines) + "\n"
 
@@ -98,13 +102,16 @@ async def relay_daemon(tmp_path: Path, **relay: Any) -> AsyncIterator[tuple[Emul
             daemon.stop()
 
 
-async def post(url: str, body: bytes = b"<o/>", content_type: str | None = "application/xml",
-               **headers: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+async def post(
+    url: str, body: bytes = b"<o/>", content_type: str | None = "application/xml", **headers: str
+) -> tuple[int, dict[str, Any], dict[str, str]]:
     all_headers = {k.replace("_", "-"): v for k, v in headers.items()}
     if content_type is not None:
         all_headers["Content-Type"] = content_type
-    async with aiohttp.ClientSession(skip_auto_headers=["Content-Type"]) as session, \
-            session.post(url, data=body, headers=all_headers) as response:
+    async with (
+        aiohttp.ClientSession(skip_auto_headers=["Content-Type"]) as session,
+        session.post(url, data=body, headers=all_headers) as response,
+    ):
         return response.status, await response.json(), dict(response.headers)
 
 
@@ -191,8 +198,7 @@ async def test_dead_letters_are_kept_and_can_be_redriven(tmp_path: Path) -> None
         _, dead = await get(f"{url}/v1/dead")
         assert [m["id"] for m in dead["messages"]] == [answer["id"]]
         stack.runtime.flows["/failing"].error_rate = 0.0  # the flow is fixed
-        async with aiohttp.ClientSession() as session, \
-                session.post(f"{url}/v1/dead/{answer['id']}/retry") as response:
+        async with aiohttp.ClientSession() as session, session.post(f"{url}/v1/dead/{answer['id']}/retry") as response:
             assert response.status == 202
         await deliveries.wait_for(2)
         _, message = await get(f"{url}/v1/messages/{answer['id']}")
@@ -330,8 +336,11 @@ async def test_no_acked_message_is_lost_across_sigkill(tmp_path: Path) -> None:
                         if killed.is_set():
                             return
                         try:
-                            async with session.post(f"{logs.relay_url}/v1/flows/orders/messages", data=f"<m n='{n}'/>",
-                                                    headers={"Content-Type": "application/xml"}) as response:
+                            async with session.post(
+                                f"{logs.relay_url}/v1/flows/orders/messages",
+                                data=f"<m n='{n}'/>",
+                                headers={"Content-Type": "application/xml"},
+                            ) as response:
                                 if response.status == 202:
                                     acked.add((await response.json())["id"])
                         except aiohttp.ClientError:
@@ -360,8 +369,10 @@ async def test_no_acked_message_is_lost_across_sigkill(tmp_path: Path) -> None:
                 restarted.send_signal(signal.SIGTERM)
                 await restarted.wait()
     delivered = [m.headers["sap_applicationid"] for m in stack.runtime.stats.messages]
-    print(f"\nSIGKILL: {len(acked)} acked, {len(delivered_before)} delivered before the kill, "
-          f"{len(set(delivered))} unique after restart, {len(delivered) - len(set(delivered))} duplicates")
+    print(
+        f"\nSIGKILL: {len(acked)} acked, {len(delivered_before)} delivered before the kill, "
+        f"{len(set(delivered))} unique after restart, {len(delivered) - len(set(delivered))} duplicates"
+    )
     assert acked <= set(delivered)
 
 
@@ -370,8 +381,10 @@ async def test_a_slow_loris_gets_408_and_blocks_nobody(tmp_path: Path) -> None:
         assert daemon.relay is not None
         host, port = daemon.relay.api.site.host, daemon.relay.api.site.port
         async with await anyio.connect_tcp(host, port) as slow:
-            await slow.send(b"POST /v1/flows/orders/messages HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
-                            b"Content-Length: 100\r\n\r\nabc")  # and then nothing more
+            await slow.send(
+                b"POST /v1/flows/orders/messages HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: 100\r\n\r\nabc"
+            )  # and then nothing more
             status, _, _ = await post(f"{url}/v1/flows/orders/messages")  # others are served meanwhile
             assert status == 202
             answer = b""

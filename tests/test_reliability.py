@@ -63,10 +63,14 @@ async def readyz(daemon: Daemon) -> int:
 
 async def test_token_server_down_for_twice_the_lifetime(tmp_path: Path) -> None:
     lifetime = 4
-    extra = ('[token]\nstartup_jitter = "0s"\n'
-             '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "250ms"\nstart = "now"\nretries = 0\n')
-    async with EmulatorStack.started(tmp_path / "emu", token_lifetime=lifetime, config_extra=extra) as stack, \
-            daemon_on(stack) as (daemon, results):
+    extra = (
+        '[token]\nstartup_jitter = "0s"\n'
+        '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "250ms"\nstart = "now"\nretries = 0\n'
+    )
+    async with (
+        EmulatorStack.started(tmp_path / "emu", token_lifetime=lifetime, config_extra=extra) as stack,
+        daemon_on(stack) as (daemon, results),
+    ):
         assert daemon.engine is not None
         tokens = daemon.engine.tokens
         fetched: list[tuple[float, Token | None, TokenError | None]] = []
@@ -98,16 +102,18 @@ async def test_token_server_down_for_twice_the_lifetime(tmp_path: Path) -> None:
         last_wait = tokens.next_attempt_in
     expiry = cached.expires_at_wall
     failed_while_valid = [r for t, r in results if down_at <= t < expiry - 0.5 and not r.ok]
-    print(f"\noutage {2 * lifetime}s with {lifetime}s tokens: {len(failures_in_outage)} fetch attempts, "
-          f"{len(failed_while_valid)} sends failed while the token was valid, token back {recovered_in:.2f}s "
-          f"after the server")
+    print(
+        f"\noutage {2 * lifetime}s with {lifetime}s tokens: {len(failures_in_outage)} fetch attempts, "
+        f"{len(failed_while_valid)} sends failed while the token was valid, token back {recovered_in:.2f}s "
+        f"after the server"
+    )
     assert failed_while_valid == []
     assert ready_while_valid == 200
     assert ready_after_expiry == 503
     # backoff 1, 2, 4 s (+-10 %) over the outage: at most one attempt per step
     assert 2 <= len(failures_in_outage) <= 5
     gaps = [b - a for a, b in itertools.pairwise(failures_in_outage)]
-    assert all(gap >= 0.85 * 2 ** n for n, gap in enumerate(gaps)), gaps
+    assert all(gap >= 0.85 * 2**n for n, gap in enumerate(gaps)), gaps
     assert recovered_in <= 8 * 1.1 + 0.5  # within one backoff step (the next one was at most 8 s away)
     assert last_wait is None
 
@@ -121,9 +127,11 @@ async def test_replicas_starting_together_do_not_stampede(tmp_path: Path) -> Non
         providers: list[TokenProvider] = []
         async with anyio.create_task_group() as group:
             for replica in range(20):
+
                 async def one(seed: int = replica) -> None:
-                    async with TokenProvider.open(key, config, TokenConfig(startup_jitter=5), clock=clock,
-                                                  rng=random.Random(seed)) as p:
+                    async with TokenProvider.open(
+                        key, config, TokenConfig(startup_jitter=5), clock=clock, rng=random.Random(seed)
+                    ) as p:
                         p.listeners.append(lambda *_: fetch_times.append(clock.monotonic()))
                         providers.append(p)
                         await p.run()
@@ -163,11 +171,13 @@ async def test_service_key_rotation_is_picked_up_without_restart(tmp_path: Path,
         stack.config_path.write_text(
             f'[credentials]\nservice_key = "{keys}/service-key.json"\nca_file = "{stack.ca_path}"\n'
             'watch_interval = "1h"\n[token]\nstartup_jitter = "0s"\n[server]\nlisten = "127.0.0.1:0"\n'
-            '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "200ms"\nstart = "now"\n')
+            '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "200ms"\nstart = "now"\n'
+        )
         async with daemon_on(stack) as (daemon, results):
             assert daemon.engine is not None
             fetched: list[tuple[Token | None, TokenError | None]] = []
             rotated_fetch = anyio.Event()
+
             def seen(_duration: float, token: Token | None, error: TokenError | None) -> None:
                 fetched.append((token, error))
                 if token is not None:
@@ -228,7 +238,8 @@ async def test_sighup_reloads_and_refuses_an_invalid_config(tmp_path: Path) -> N
                 await logs.wait_for("started")  # signal handlers are installed by then
                 stack.config_path.write_text(
                     base + '[[flows]]\nname = "orders"\npath = "/http/Orders"\nmethod = "POST"\nbody = "<o/>"\n'
-                    'every = "200ms"\nstart = "now"\n')
+                    'every = "200ms"\nstart = "now"\n'
+                )
                 process.send_signal(signal.SIGHUP)
                 reloaded = await logs.wait_for("config_reloaded")
                 await stack.runtime.wait_for_messages(1)  # the new flow runs without a restart
@@ -250,8 +261,7 @@ async def test_sighup_reloads_and_refuses_an_invalid_config(tmp_path: Path) -> N
 
 async def test_a_reload_with_unusable_credentials_keeps_the_running_config(tmp_path: Path) -> None:
     extra = '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "200ms"\nstart = "now"\n'
-    async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack, \
-            daemon_on(stack) as (daemon, _):
+    async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack, daemon_on(stack) as (daemon, _):
         bad_ca = tmp_path / "bad-ca.pem"
         bad_ca.write_text("not a certificate")
         good = stack.config_path.read_text()

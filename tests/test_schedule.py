@@ -85,16 +85,19 @@ def test_interval_late_by_three_and_a_half_periods_skips_three_and_stays_on_the_
     assert schedule.advance(1040.0, 1040.2, 1.7e9) == Fire(1050.0, 0)
 
 
-@pytest.mark.parametrize(("now", "expected"), [
-    (1000.0, Fire(1010.0, 0)),    # just fired
-    (1010.0, Fire(1010.0, 0)),    # due now
-    (1015.0, Fire(1010.0, 0)),    # half a period late: fire the late tick at once
-    (1019.999, Fire(1010.0, 0)),  # almost a full period late: still fire it
-    (1020.0, Fire(1020.0, 1)),    # a full period late: skip 1010, 1020 is due now
-    (1020.001, Fire(1030.0, 2)),
-    (1035.0, Fire(1040.0, 3)),
-    (1000.0 + 10.0 * 1_000_000 + 5, Fire(1000.0 + 10.0 * 1_000_001, 1_000_000)),
-])
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        (1000.0, Fire(1010.0, 0)),  # just fired
+        (1010.0, Fire(1010.0, 0)),  # due now
+        (1015.0, Fire(1010.0, 0)),  # half a period late: fire the late tick at once
+        (1019.999, Fire(1010.0, 0)),  # almost a full period late: still fire it
+        (1020.0, Fire(1020.0, 1)),  # a full period late: skip 1010, 1020 is due now
+        (1020.001, Fire(1030.0, 2)),
+        (1035.0, Fire(1040.0, 3)),
+        (1000.0 + 10.0 * 1_000_000 + 5, Fire(1000.0 + 10.0 * 1_000_001, 1_000_000)),
+    ],
+)
 def test_interval_lateness(now: float, expected: Fire) -> None:
     assert IntervalSchedule(10.0).advance(1000.0, now, 0.0) == expected
 
@@ -125,15 +128,18 @@ def test_interval_first_fire_is_now_plus_offset() -> None:
             schedule.first_fire(500.0, 1.7e9, offset=bad)
 
 
-@pytest.mark.parametrize(("every", "shown"), [
-    (0.0, "0.0"),
-    (-5.0, "-5.0"),
-    (0.0005, "0.0005"),
-    (math.nan, "nan"),
-    (math.inf, "inf"),
-    (cast(Any, True), "True"),
-    (cast(Any, "5s"), "'5s'"),
-])
+@pytest.mark.parametrize(
+    ("every", "shown"),
+    [
+        (0.0, "0.0"),
+        (-5.0, "-5.0"),
+        (0.0005, "0.0005"),
+        (math.nan, "nan"),
+        (math.inf, "inf"),
+        (cast(Any, True), "True"),
+        (cast(Any, "5s"), "'5s'"),
+    ],
+)
 def test_interval_rejects_bad_periods(every: float, shown: str) -> None:
     with pytest.raises(ConfigError) as caught:
         IntervalSchedule(every)
@@ -212,12 +218,15 @@ def test_cron_tolerates_a_previous_fire_that_maps_back_slightly_early() -> None:
         assert fire == Fire(MONO0 + 299.0, 0)
 
 
-@pytest.mark.parametrize(("now", "expected_wall", "skipped"), [
-    ("10:05:00.5", "10:10", 0),
-    ("10:12:00", "10:10", 0),  # late by less than a period: fire the 10:10 tick at once
-    ("10:15:00", "10:15", 1),  # a full period late: 10:10 skipped, 10:15 due now
-    ("10:23:00", "10:25", 3),  # 10:10, 10:15, 10:20 skipped
-])
+@pytest.mark.parametrize(
+    ("now", "expected_wall", "skipped"),
+    [
+        ("10:05:00.5", "10:10", 0),
+        ("10:12:00", "10:10", 0),  # late by less than a period: fire the 10:10 tick at once
+        ("10:15:00", "10:15", 1),  # a full period late: 10:10 skipped, 10:15 due now
+        ("10:23:00", "10:25", 3),  # 10:10, 10:15, 10:20 skipped
+    ],
+)
 def test_cron_lateness(now: str, expected_wall: str, skipped: int) -> None:
     times = Times(utc("2026-01-15T10:05:00"))  # the previous fire was at MONO0 = 10:05
     schedule = CronSchedule("*/5 * * * *")
@@ -304,33 +313,35 @@ def test_cron_fires_strictly_increase_across_dst(expression: str, start: float) 
     assert fires[0] > start - 1e-6
 
 
-@pytest.mark.parametrize(("expression", "reason"), [
-    ("*/5 * * *", "expected 5 fields, got 4"),
-    ("", "expected 5 fields, got 0"),
-    ("@hourly", "expected 5 fields, got 1"),
-    ("0 */5 * * * *", "expected 5 fields, got 6"),
-    ("61 * * * *", "bad minute field '61' (allowed: 0-59)"),
-    ("*/0 * * * *", "bad minute field '*/0' (allowed: 0-59)"),
-    ("H * * * *", "bad minute field 'H' (allowed: 0-59)"),
-    ("0 24 * * *", "bad hour field '24' (allowed: 0-23)"),
-    ("0 0 0 * *", "bad day-of-month field '0' (allowed: 1-31 or L)"),
-    ("0 0 * 13 *", "bad month field '13' (allowed: 1-12 or jan-dec)"),
-    ("0 0 * foo *", "bad month field 'foo' (allowed: 1-12 or jan-dec)"),
-    ("0 0 * * 8", "bad day-of-week field '8' (allowed: 0-7 or sun-sat)"),
-    ("0 0 * * 1#6", "bad day-of-week field '1#6' (allowed: 0-7 or sun-sat)"),
-    ("0 0 31 2 *", "it matches no date"),
-    ("0 0 30 2 *", "it matches no date"),
-])
+@pytest.mark.parametrize(
+    ("expression", "reason"),
+    [
+        ("*/5 * * *", "expected 5 fields, got 4"),
+        ("", "expected 5 fields, got 0"),
+        ("@hourly", "expected 5 fields, got 1"),
+        ("0 */5 * * * *", "expected 5 fields, got 6"),
+        ("61 * * * *", "bad minute field '61' (allowed: 0-59)"),
+        ("*/0 * * * *", "bad minute field '*/0' (allowed: 0-59)"),
+        ("H * * * *", "bad minute field 'H' (allowed: 0-59)"),
+        ("0 24 * * *", "bad hour field '24' (allowed: 0-23)"),
+        ("0 0 0 * *", "bad day-of-month field '0' (allowed: 1-31 or L)"),
+        ("0 0 * 13 *", "bad month field '13' (allowed: 1-12 or jan-dec)"),
+        ("0 0 * foo *", "bad month field 'foo' (allowed: 1-12 or jan-dec)"),
+        ("0 0 * * 8", "bad day-of-week field '8' (allowed: 0-7 or sun-sat)"),
+        ("0 0 * * 1#6", "bad day-of-week field '1#6' (allowed: 0-7 or sun-sat)"),
+        ("0 0 31 2 *", "it matches no date"),
+        ("0 0 30 2 *", "it matches no date"),
+    ],
+)
 def test_cron_invalid_expressions_with_exact_messages(expression: str, reason: str) -> None:
     with pytest.raises(ConfigError) as caught:
         CronSchedule(expression)
-    assert str(caught.value) == (
-        f"invalid cron expression {expression!r}: {reason}; use 5 fields, e.g. */5 * * * *"
-    )
+    assert str(caught.value) == (f"invalid cron expression {expression!r}: {reason}; use 5 fields, e.g. */5 * * * *")
 
 
-@pytest.mark.parametrize("zone", ["Mars/Olympus", "", "Europe", "europe/berlin", "../etc/passwd",
-                                  "/etc/localtime", "Europe/Berlin "])
+@pytest.mark.parametrize(
+    "zone", ["Mars/Olympus", "", "Europe", "europe/berlin", "../etc/passwd", "/etc/localtime", "Europe/Berlin "]
+)
 def test_cron_unknown_time_zones_with_exact_messages(zone: str) -> None:
     with pytest.raises(ConfigError) as caught:
         CronSchedule("*/5 * * * *", timezone=zone)

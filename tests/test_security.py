@@ -16,8 +16,10 @@ from senderd.config import RelayConfig, config_from_dict
 from senderd.errors import ConfigError
 
 SOURCE = Path(__file__).resolve().parent.parent / "senderd"
-BYPASSES = re.compile(r"verify_ssl\s*=\s*False|ssl\s*=\s*False|CERT_NONE|check_hostname\s*=\s*False|"
-                      r"_create_unverified_context|verify_mode\s*=\s*ssl\.CERT_OPTIONAL")
+BYPASSES = re.compile(
+    r"verify_ssl\s*=\s*False|ssl\s*=\s*False|CERT_NONE|check_hostname\s*=\s*False|"
+    r"_create_unverified_context|verify_mode\s*=\s*ssl\.CERT_OPTIONAL"
+)
 
 
 def test_no_code_path_disables_tls_verification() -> None:

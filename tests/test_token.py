@@ -56,8 +56,9 @@ async def provider_for(
     watcher = FetchWatcher()
     config = creds(stack)
     token_config.setdefault("startup_jitter", 0)
-    async with TokenProvider.open(load_credentials(config), config, TokenConfig(**token_config), clock=clock,
-                              listeners=[watcher]) as provider:
+    async with TokenProvider.open(
+        load_credentials(config), config, TokenConfig(**token_config), clock=clock, listeners=[watcher]
+    ) as provider:
         yield provider, watcher
 
 
@@ -83,8 +84,11 @@ async def test_certificate_key_gets_a_token_over_mtls(stack: EmulatorStack) -> N
 async def test_client_secret_key_uses_basic_auth(stack: EmulatorStack, tmp_path: Path) -> None:
     stack.token_server.add_secret_client("sb-secret!b1|it-rt-x!b2", "the-client-secret", stack.scopes)
     path = tmp_path / "secret-key.json"
-    path.write_text(json.dumps(stack.service_key(client=None, client_id="sb-secret!b1|it-rt-x!b2",
-                                                 client_secret="the-client-secret")))
+    path.write_text(
+        json.dumps(
+            stack.service_key(client=None, client_id="sb-secret!b1|it-rt-x!b2", client_secret="the-client-secret")
+        )
+    )
     config = CredentialsConfig(service_key=path, ca_file=stack.ca_path)
     async with TokenProvider.open(load_credentials(config), config, TokenConfig()) as provider:
         token = await provider.get()
@@ -107,8 +111,7 @@ async def test_single_flight_100_callers_one_fetch(stack: EmulatorStack) -> None
 
 
 @pytest.mark.parametrize("lifetime", [3, 43200])
-async def test_refresh_ahead_never_hands_out_a_token_below_threshold(stack: EmulatorStack,
-                                                                      lifetime: int) -> None:
+async def test_refresh_ahead_never_hands_out_a_token_below_threshold(stack: EmulatorStack, lifetime: int) -> None:
     stack.token_server.token_lifetime = lifetime
     clock = FakeClock()
     step = lifetime / 50
@@ -199,6 +202,7 @@ async def test_invalidate_only_clears_the_current_token(stack: EmulatorStack) ->
 
 # --- token server answers mapped to errors that say what to check ---------------------------------------
 
+
 async def fetch_error(key: ServiceKey, config: CredentialsConfig) -> TokenError:
     async with TokenProvider.open(key, config, TokenConfig(timeout=5)) as provider:
         with pytest.raises(TokenError) as info:
@@ -247,8 +251,16 @@ async def test_server_demanding_a_certificate_refuses_a_secret_client(tmp_path: 
     await server.start()
     try:
         path = tmp_path / "key.json"
-        path.write_text(json.dumps({"clientid": "sb-x!b1|it-rt-y!b2", "clientsecret": "secret-value-123",
-                                    "tokenurl": server.token_url, "url": "https://127.0.0.1:1"}))
+        path.write_text(
+            json.dumps(
+                {
+                    "clientid": "sb-x!b1|it-rt-y!b2",
+                    "clientsecret": "secret-value-123",
+                    "tokenurl": server.token_url,
+                    "url": "https://127.0.0.1:1",
+                }
+            )
+        )
         (tmp_path / "ca.pem").write_text(pki.ca_pem())
         config = CredentialsConfig(service_key=path, ca_file=tmp_path / "ca.pem")
         error = await fetch_error(load_credentials(config), config)

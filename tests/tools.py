@@ -67,11 +67,17 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def engine_for(stack: EmulatorStack, *flows: dict[str, Any], clock: Clock | None = None,
-                     defaults: dict[str, Any] | None = None) -> AsyncIterator[Engine]:
+async def engine_for(
+    stack: EmulatorStack, *flows: dict[str, Any], clock: Clock | None = None, defaults: dict[str, Any] | None = None
+) -> AsyncIterator[Engine]:
     """An engine for `flows` that trusts the stack's CA (only), with a fresh metrics registry."""
-    config = config_from_dict({
-        "credentials": {"service_key": str(stack.service_key_path), "ca_file": str(stack.ca_path)},
-        "defaults": defaults or {}, "flows": list(flows)}, source="test.toml")
+    config = config_from_dict(
+        {
+            "credentials": {"service_key": str(stack.service_key_path), "ca_file": str(stack.ca_path)},
+            "defaults": defaults or {},
+            "flows": list(flows),
+        },
+        source="test.toml",
+    )
     async with Engine.open(config, metrics=Metrics(process=False), clock=clock) as engine:
         yield engine

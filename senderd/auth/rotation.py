@@ -22,8 +22,14 @@ class CredentialWatcher:
     """Notices a replaced service key file (as Kubernetes updates a mounted Secret: a symlink swap) and
     moves the token provider to the new key; an invalid new key is refused and the old one keeps serving."""
 
-    def __init__(self, config: CredentialsConfig, token: TokenConfig, provider: TokenProvider, clock: Clock,
-                 on_rotated: Callable[[ServiceKey], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: CredentialsConfig,
+        token: TokenConfig,
+        provider: TokenProvider,
+        clock: Clock,
+        on_rotated: Callable[[ServiceKey], None] | None = None,
+    ) -> None:
         self.config = config
         self.token = token
         self.provider = provider
@@ -71,8 +77,12 @@ class CredentialWatcher:
         self._seen = self._fingerprint()
         await self.provider.replace_fetcher(fetcher)
         expiry = key.certificate_not_after
-        log.info("credentials_rotated", source=key.source, key_type=key.key_type,
-                 certificate_expires=expiry.isoformat() if expiry else None)
+        log.info(
+            "credentials_rotated",
+            source=key.source,
+            key_type=key.key_type,
+            certificate_expires=expiry.isoformat() if expiry else None,
+        )
         if self.on_rotated is not None:
             self.on_rotated(key)
         return True

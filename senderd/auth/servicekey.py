@@ -114,8 +114,9 @@ class ServiceKey:
     __str__ = __repr__
 
 
-def load_credentials(config: CredentialsConfig, *, now: dt.datetime | None = None,
-                     source: str | None = None) -> ServiceKey:
+def load_credentials(
+    config: CredentialsConfig, *, now: dt.datetime | None = None, source: str | None = None
+) -> ServiceKey:
     """The service key that `[credentials]` names, validated; its secret is registered for redaction.
 
     `source` (the config file) prefixes errors about the configuration itself.
@@ -130,8 +131,9 @@ def load_credentials(config: CredentialsConfig, *, now: dt.datetime | None = Non
         passphrase = config.key_passphrase()
     except ConfigError as exc:
         raise ConfigError(f"{where}{exc}") from None
-    key = load_service_key(config.service_key, env=config.service_key_env, key_file=config.key_file,
-                           key_passphrase=passphrase, now=now)
+    key = load_service_key(
+        config.service_key, env=config.service_key_env, key_file=config.key_file, key_passphrase=passphrase, now=now
+    )
     if key.client_secret is not None:
         register_secret(key.client_secret.reveal())
     return key
@@ -166,8 +168,12 @@ def load_service_key(
         raise CredentialsError("no service key given: set credentials.service_key or --service-key")
     key_bytes = _read_key_file(key_file) if key_file is not None else None
     return parse_service_key(
-        text, source=source, key_file_data=key_bytes, key_file_name=str(key_file) if key_file else None,
-        key_passphrase=key_passphrase, now=now,
+        text,
+        source=source,
+        key_file_data=key_bytes,
+        key_file_name=str(key_file) if key_file else None,
+        key_passphrase=key_passphrase,
+        now=now,
     )
 
 
@@ -208,9 +214,7 @@ def parse_service_key(
         )
     token_url_raw = get("tokenurl") or get("certurl")
     if token_url_raw is None:
-        raise CredentialsError(
-            f"{source}: field '{where}tokenurl' is missing: the service key must name its token URL"
-        )
+        raise CredentialsError(f"{source}: field '{where}tokenurl' is missing: the service key must name its token URL")
     token_url = _token_url(token_url_raw, source, where + ("tokenurl" if get("tokenurl") else "certurl"))
     runtime_url = get("url")
     if runtime_url is not None:
@@ -226,8 +230,14 @@ def parse_service_key(
                 f"{source}: neither '{where}clientsecret' nor '{where}certificate' is present: "
                 "create the service key with key type ClientId/Secret, Certificate or External Certificate"
             )
-        return ServiceKey(source=source, client_id=client_id, token_url=token_url, runtime_url=runtime_url,
-                          key_type="clientsecret", client_secret=Secret(secret))
+        return ServiceKey(
+            source=source,
+            client_id=client_id,
+            token_url=token_url,
+            runtime_url=runtime_url,
+            key_type="clientsecret",
+            client_secret=Secret(secret),
+        )
 
     certs = _parse_certificates(certificate_text, source, where + "certificate")
     if key_text is not None:
@@ -254,9 +264,17 @@ def parse_service_key(
             "(XSUAA only authenticates client certificates there)"
         )
         token_url = cert_url
-    return ServiceKey(source=source, client_id=client_id, token_url=token_url, runtime_url=runtime_url,
-                      key_type=key_type, client_secret=Secret(secret) if secret else None,
-                      chain=tuple(chain), private_key=private_key, notes=tuple(notes))
+    return ServiceKey(
+        source=source,
+        client_id=client_id,
+        token_url=token_url,
+        runtime_url=runtime_url,
+        key_type=key_type,
+        client_secret=Secret(secret) if secret else None,
+        chain=tuple(chain),
+        private_key=private_key,
+        notes=tuple(notes),
+    )
 
 
 def _os_reason(exc: BaseException) -> str:
@@ -392,9 +410,7 @@ def _parse_private_key(data: bytes, *, source: str, field: str, passphrase: str 
     return key
 
 
-def _parse_key_file(
-    data: bytes, source: str, passphrase: str | None
-) -> tuple[PrivateKey, list[x509.Certificate]]:
+def _parse_key_file(data: bytes, source: str, passphrase: str | None) -> tuple[PrivateKey, list[x509.Certificate]]:
     """An external certificate's private key: PEM (maybe encrypted) or PKCS#12 (.p12/.pfx)."""
     if b"-----BEGIN" in data:
         text = _normalise_pem(data.decode("utf-8", errors="replace"))

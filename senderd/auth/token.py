@@ -107,9 +107,13 @@ class RefreshPolicy:
     @classmethod
     def of(cls, config: TokenConfig) -> RefreshPolicy:
         """The policy that a `[token]` table describes."""
-        return cls(refresh_left=config.refresh_left, jitter=config.refresh_jitter,
-                   backoff_initial=config.backoff_initial, backoff_max=config.backoff_max,
-                   startup_jitter=config.startup_jitter)
+        return cls(
+            refresh_left=config.refresh_left,
+            jitter=config.refresh_jitter,
+            backoff_initial=config.backoff_initial,
+            backoff_max=config.backoff_max,
+            startup_jitter=config.startup_jitter,
+        )
 
 
 FetchListener = Callable[[float, Token | None, TokenError | None], None]
@@ -148,20 +152,31 @@ class TokenProvider:
         self._last_error: TokenError | None = None
         self._inflight: anyio.Event | None = None
         self._wake = anyio.Event()
-        self.fetches = 0
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, key: ServiceKey, credentials: CredentialsConfig, token: TokenConfig, *,
-                   clock: Clock | None = None, listeners: list[FetchListener] | None = None,
-                   rng: random.Random | None = None) -> AsyncIterator[TokenProvider]:
+    async def open(
+        cls,
+        key: ServiceKey,
+        credentials: CredentialsConfig,
+        token: TokenConfig,
+        *,
+        clock: Clock | None = None,
+        listeners: list[FetchListener] | None = None,
+        rng: random.Random | None = None,
+    ) -> AsyncIterator[TokenProvider]:
         """A provider fetching over HTTP for `key`; its session closes on exit (start `run()` to refresh ahead).
 
         Raises CredentialsError when the TLS context cannot be built (e.g. an unreadable `ca_file`).
         """
         clock = clock or SystemClock()
-        provider = cls(HttpTokenFetcher.create(key, credentials, timeout=token.timeout, clock=clock), clock=clock,
-                       policy=RefreshPolicy.of(token), listeners=listeners, rng=rng)
+        provider = cls(
+            HttpTokenFetcher.create(key, credentials, timeout=token.timeout, clock=clock),
+            clock=clock,
+            policy=RefreshPolicy.of(token),
+            listeners=listeners,
+            rng=rng,
+        )
         try:
             yield provider
         finally:
@@ -227,8 +242,11 @@ class TokenProvider:
                 return token
             if self._inflight is not None:
                 await self._inflight.wait()
-                if not self.has_valid_token() and self._last_error is not None \
-                        and self._clock.monotonic() < self._retry_at:
+                if (
+                    not self.has_valid_token()
+                    and self._last_error is not None
+                    and self._clock.monotonic() < self._retry_at
+                ):
                     raise self._backing_off_error()
                 continue
             if self._last_error is not None and now < self._retry_at:
@@ -267,7 +285,8 @@ class TokenProvider:
         wait = max(0.0, self._retry_at - self._clock.monotonic())
         return TokenError(
             f"{self._last_error} (next token attempt in {wait:.1f}s)",
-            reason=self._last_error.reason, status=self._last_error.status,
+            reason=self._last_error.reason,
+            status=self._last_error.status,
         )
 
     async def _sleep_or_wake(self, delay: float) -> None:
@@ -290,7 +309,6 @@ class TokenProvider:
         event = anyio.Event()
         self._inflight = event
         started = self._clock.monotonic()
-        self.fetches += 1
         try:
             # Shielded: the fetch is shared, so it must not die with the caller that happened to start it
             # (its own timeout bounds it).
@@ -301,8 +319,14 @@ class TokenProvider:
             self._last_error = exc
             delay = self._policy.backoff(self._failures, exc.retry_after, self._rng)
             self._retry_at = self._clock.monotonic() + delay
-            log.warning("token_fetch_failed", reason=exc.reason, error=str(exc), failures=self._failures,
-                        retry_in_s=round(delay, 3), cached_token_valid=self.has_valid_token())
+            log.warning(
+                "token_fetch_failed",
+                reason=exc.reason,
+                error=str(exc),
+                failures=self._failures,
+                retry_in_s=round(delay, 3),
+                cached_token_valid=self.has_valid_token(),
+            )
             self._notify(started, None, exc)
             raise
         finally:
@@ -310,16 +334,19 @@ class TokenProvider:
             event.set()
         # Lifetimes count from when the request went out: the server started the clock then at the latest.
         now = started
-        token = Token(value=grant.access_token, obtained_at=now, expires_at=now + grant.expires_in,
-                      expires_at_wall=self._clock.time() - (self._clock.monotonic() - now) + grant.expires_in,
-                      scopes=grant.scopes)
+        token = Token(
+            value=grant.access_token,
+            obtained_at=now,
+            expires_at=now + grant.expires_in,
+            expires_at_wall=self._clock.time() - (self._clock.monotonic() - now) + grant.expires_in,
+            scopes=grant.scopes,
+        )
         self._token = token
         self._failures = 0
         self._last_error = None
         self._retry_at = 0.0
         self._refresh_at = now + self._policy.refresh_delay(grant.expires_in, self._rng)
-        log.info("token_refreshed", expires_in_s=grant.expires_in,
-                 next_refresh_in_s=round(self._refresh_at - now, 3))
+        log.info("token_refreshed", expires_in_s=grant.expires_in, next_refresh_in_s=round(self._refresh_at - now, 3))
         self._notify(started, token, None)
         self._wake.set()
         return token
@@ -333,16 +360,18 @@ class TokenProvider:
 class HttpTokenFetcher:
     """One client-credentials request to the service key's token URL over its own session."""
 
-    def __init__(self, key: ServiceKey, session: aiohttp.ClientSession, *, timeout: float = 10.0,
-                 clock: Clock | None = None) -> None:
+    def __init__(
+        self, key: ServiceKey, session: aiohttp.ClientSession, *, timeout: float = 10.0, clock: Clock | None = None
+    ) -> None:
         self.key = key
         self.session = session
         self.timeout = timeout
         self.clock = clock or SystemClock()
 
     @classmethod
-    def create(cls, key: ServiceKey, credentials: CredentialsConfig, *, timeout: float,
-               clock: Clock | None = None) -> HttpTokenFetcher:
+    def create(
+        cls, key: ServiceKey, credentials: CredentialsConfig, *, timeout: float, clock: Clock | None = None
+    ) -> HttpTokenFetcher:
         """A fetcher with a new session: our client certificate when the key has one, `ca_file` trusted."""
         connector = aiohttp.TCPConnector(ssl=client_context(key, credentials.ca_file), limit=4)
         return cls(key, aiohttp.ClientSession(connector=connector), timeout=timeout, clock=clock)
@@ -361,7 +390,10 @@ class HttpTokenFetcher:
         host = urlsplit(key.token_url).netloc
         try:
             async with self.session.post(
-                key.token_url, data=form, headers=headers, allow_redirects=False,
+                key.token_url,
+                data=form,
+                headers=headers,
+                allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as response:
                 body = await response.read()
@@ -375,8 +407,9 @@ class HttpTokenFetcher:
                 reason="tls_trust",
             ) from None
         except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
-            raise TokenError(_client_cert_message(host, exc, key.uses_certificate),
-                             reason="client_certificate") from None
+            raise TokenError(
+                _client_cert_message(host, exc, key.uses_certificate), reason="client_certificate"
+            ) from None
         except aiohttp.ClientConnectorError as exc:
             raise TokenError(
                 f"token server {host}: cannot connect ({exc.os_error.strerror or exc.os_error}): "
@@ -384,15 +417,14 @@ class HttpTokenFetcher:
                 reason="unreachable",
             ) from None
         except TimeoutError:
-            raise TokenError(
-                f"token server {host}: no answer within {self.timeout:g}s", reason="timeout"
-            ) from None
+            raise TokenError(f"token server {host}: no answer within {self.timeout:g}s", reason="timeout") from None
         except aiohttp.ClientError as exc:
             reset = isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET
             if reset or "CERTIFICATE" in str(exc).upper() or "ALERT" in str(exc).upper():
                 # TLS 1.3 servers that demand a client certificate reset the connection after the handshake
-                raise TokenError(_client_cert_message(host, exc, key.uses_certificate),
-                                 reason="client_certificate") from None
+                raise TokenError(
+                    _client_cert_message(host, exc, key.uses_certificate), reason="client_certificate"
+                ) from None
             raise TokenError(
                 f"token server {host}: connection failed ({type(exc).__name__})", reason="unreachable"
             ) from None
@@ -443,11 +475,13 @@ def _grant_from_response(status: int, headers: Any, body: bytes, host: str, now:
         except (ValueError, KeyError, TypeError):
             raise TokenError(
                 f"token server {host}: answer 200 without a usable access_token/expires_in",
-                reason="bad_response", status=status,
+                reason="bad_response",
+                status=status,
             ) from None
         if not isinstance(token, str) or not token or not math.isfinite(expires_in) or expires_in <= 0:
-            raise TokenError(f"token server {host}: answer 200 with an invalid token", reason="bad_response",
-                             status=status)
+            raise TokenError(
+                f"token server {host}: answer 200 with an invalid token", reason="bad_response", status=status
+            )
         scope = data.get("scope")
         scopes = tuple(scope.split()) if isinstance(scope, str) else ()
         return TokenGrant(access_token=token, expires_in=expires_in, scopes=scopes)
@@ -457,18 +491,30 @@ def _grant_from_response(status: int, headers: Any, body: bytes, host: str, now:
         raise TokenError(
             f"token server {host}: credentials rejected ({said}): check that clientid and certificate "
             "(or clientsecret) come from the same, undeleted service key",
-            reason="bad_credentials", status=status,
+            reason="bad_credentials",
+            status=status,
         )
     if status == 400:
-        raise TokenError(f"token server {host}: bad request ({said}): check the service key's clientid",
-                         reason="bad_request", status=status)
+        raise TokenError(
+            f"token server {host}: bad request ({said}): check the service key's clientid",
+            reason="bad_request",
+            status=status,
+        )
     if status == 429:
         retry_after = parse_retry_after(headers.get("Retry-After"), now=now)
-        raise TokenError(f"token server {host}: rate limited (429); retry after {retry_after or 0:g}s",
-                         reason="rate_limited", status=status, retry_after=retry_after)
+        raise TokenError(
+            f"token server {host}: rate limited (429); retry after {retry_after or 0:g}s",
+            reason="rate_limited",
+            status=status,
+            retry_after=retry_after,
+        )
     if status >= 500:
-        raise TokenError(f"token server {host}: server error ({said})", reason="server_error", status=status,
-                         retry_after=parse_retry_after(headers.get("Retry-After"), now=now))
+        raise TokenError(
+            f"token server {host}: server error ({said})",
+            reason="server_error",
+            status=status,
+            retry_after=parse_retry_after(headers.get("Retry-After"), now=now),
+        )
     raise TokenError(f"token server {host}: unexpected answer ({said})", reason="bad_response", status=status)
 
 

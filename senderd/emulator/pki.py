@@ -97,8 +97,17 @@ def _sign(
     if ca:
         usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
     else:
-        usage = x509.KeyUsage(True, False, isinstance(public_key, rsa.RSAPublicKey), False,
-                              isinstance(public_key, ec.EllipticCurvePublicKey), False, False, False, False)
+        usage = x509.KeyUsage(
+            True,
+            False,
+            isinstance(public_key, rsa.RSAPublicKey),
+            False,
+            isinstance(public_key, ec.EllipticCurvePublicKey),
+            False,
+            False,
+            False,
+            False,
+        )
     builder = builder.add_extension(usage, critical=True)
     if issuer is not None:
         builder = builder.add_extension(
@@ -148,9 +157,7 @@ class Pki:
         """The root certificate as PEM: what clients trust."""
         return self.root.cert_pem()
 
-    def server_ssl_context(
-        self, *, client_ca: bool = True, require_client_cert: bool = False
-    ) -> ssl.SSLContext:
+    def server_ssl_context(self, *, client_ca: bool = True, require_client_cert: bool = False) -> ssl.SSLContext:
         """A TLS server context presenting leaf + intermediate; optionally asking for client certificates."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -185,8 +192,16 @@ class Pki:
             (NameOID.ORGANIZATION_NAME, "SAP SE"),
             (NameOID.COUNTRY_NAME, "DE"),
         )
-        cert = _sign(subject, key.public_key(), self.intermediate, self.intermediate.key, ca=False,
-                     not_before=not_before, not_after=not_after, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
+        cert = _sign(
+            subject,
+            key.public_key(),
+            self.intermediate,
+            self.intermediate.key,
+            ca=False,
+            not_before=not_before,
+            not_after=not_after,
+            eku=ExtendedKeyUsageOID.CLIENT_AUTH,
+        )
         return IssuedCert(cert, key)
 
     def issue_server(self, hosts: Sequence[str], *, not_after: datetime | None = None) -> IssuedCert:
@@ -195,11 +210,22 @@ class Pki:
         not_after = not_after or now + timedelta(days=30)
         not_before = min(now - timedelta(hours=1), not_after - timedelta(days=1))
         key = _ec_key()
-        subject = _name((NameOID.COMMON_NAME, hosts[0] if hosts else "localhost"),
-                        (NameOID.ORGANIZATION_NAME, "SAP SE"), (NameOID.COUNTRY_NAME, "DE"))
-        cert = _sign(subject, key.public_key(), self.intermediate, self.intermediate.key, ca=False,
-                     not_before=not_before, not_after=not_after, eku=ExtendedKeyUsageOID.SERVER_AUTH,
-                     san=_host_names(hosts))
+        subject = _name(
+            (NameOID.COMMON_NAME, hosts[0] if hosts else "localhost"),
+            (NameOID.ORGANIZATION_NAME, "SAP SE"),
+            (NameOID.COUNTRY_NAME, "DE"),
+        )
+        cert = _sign(
+            subject,
+            key.public_key(),
+            self.intermediate,
+            self.intermediate.key,
+            ca=False,
+            not_before=not_before,
+            not_after=not_after,
+            eku=ExtendedKeyUsageOID.SERVER_AUTH,
+            san=_host_names(hosts),
+        )
         return IssuedCert(cert, key)
 
 
@@ -207,10 +233,20 @@ def create_pki(extra_hosts: Sequence[str] = ()) -> Pki:
     """A fresh PKI; the server certificate covers localhost, 127.0.0.1, ::1 and `extra_hosts`."""
     now = datetime.now(UTC)
     root_key = _ec_key()
-    root_subject = _name((NameOID.COMMON_NAME, "SAP Global Root CA (senderd emulator)"),
-                         (NameOID.ORGANIZATION_NAME, "SAP SE"), (NameOID.COUNTRY_NAME, "DE"))
-    root_cert = _sign(root_subject, root_key.public_key(), None, root_key, ca=True,
-                      not_before=now - timedelta(days=1), not_after=now + timedelta(days=3650))
+    root_subject = _name(
+        (NameOID.COMMON_NAME, "SAP Global Root CA (senderd emulator)"),
+        (NameOID.ORGANIZATION_NAME, "SAP SE"),
+        (NameOID.COUNTRY_NAME, "DE"),
+    )
+    root_cert = _sign(
+        root_subject,
+        root_key.public_key(),
+        None,
+        root_key,
+        ca=True,
+        not_before=now - timedelta(days=1),
+        not_after=now + timedelta(days=3650),
+    )
     root = IssuedCert(root_cert, root_key)
     inter_key = _ec_key()
     inter_subject = _name(
@@ -220,8 +256,15 @@ def create_pki(extra_hosts: Sequence[str] = ()) -> Pki:
         (NameOID.LOCALITY_NAME, "EU10-Canary"),
         (NameOID.COUNTRY_NAME, "DE"),
     )
-    inter_cert = _sign(inter_subject, inter_key.public_key(), root, root_key, ca=True,
-                       not_before=now - timedelta(days=1), not_after=now + timedelta(days=1825))
+    inter_cert = _sign(
+        inter_subject,
+        inter_key.public_key(),
+        root,
+        root_key,
+        ca=True,
+        not_before=now - timedelta(days=1),
+        not_after=now + timedelta(days=1825),
+    )
     intermediate = IssuedCert(inter_cert, inter_key)
     placeholder = Pki(root, intermediate, intermediate)
     server = placeholder.issue_server([*_DEFAULT_HOSTS, *extra_hosts])

@@ -31,9 +31,9 @@ _MPL_ALPHABET = string.ascii_letters + string.digits + "-_"
 _NOT_FOUND_HTML = (
     '<!doctype html><html lang="en"><head><title>HTTP Status 404 – Not Found</title>'
     '<style type="text/css">body {font-family:Tahoma,Arial,sans-serif;}</style></head><body>'
-    "<h1>HTTP Status 404 – Not Found</h1><hr class=\"line\" /><p><b>Type</b> Status Report</p>"
+    '<h1>HTTP Status 404 – Not Found</h1><hr class="line" /><p><b>Type</b> Status Report</p>'
     "<p><b>Description</b> The origin server did not find a current representation for the target "
-    "resource or is not willing to disclose that one exists.</p><hr class=\"line\" /></body></html>"
+    'resource or is not willing to disclose that one exists.</p><hr class="line" /></body></html>'
 )
 
 
@@ -58,8 +58,12 @@ class FlowSpec:
 def default_flows() -> list[FlowSpec]:
     """GetTimestamp (the tutorial's flow), Orders (CSRF-protected echo), Flaky and Failing."""
     return [
-        FlowSpec("/GetTimestamp", methods=frozenset({"GET", "POST"}), kind="timestamp",
-                 body=f"Current time (UTC): {TIMESTAMP_PLACEHOLDER}"),
+        FlowSpec(
+            "/GetTimestamp",
+            methods=frozenset({"GET", "POST"}),
+            kind="timestamp",
+            body=f"Current time (UTC): {TIMESTAMP_PLACEHOLDER}",
+        ),
         FlowSpec("/Orders", methods=frozenset({"POST"}), csrf=True, kind="echo"),
         FlowSpec("/Flaky", unavailable_pattern=(True, True, False), body="OK"),
         FlowSpec("/Failing", error_rate=1.0),
@@ -106,8 +110,14 @@ def _normalise(address: str) -> str:
 class Runtime:
     """Serves flows at /http/<address> behind Bearer-token auth, CSRF and per-flow faults."""
 
-    def __init__(self, pki: Pki, token_server: TokenServer, flows: Sequence[FlowSpec] | None = None, *,
-                 required_scope_suffix: str = "ESBMessaging.send") -> None:
+    def __init__(
+        self,
+        pki: Pki,
+        token_server: TokenServer,
+        flows: Sequence[FlowSpec] | None = None,
+        *,
+        required_scope_suffix: str = "ESBMessaging.send",
+    ) -> None:
         self.flows: dict[str, FlowSpec] = {}
         self.down = False
         self.stats = RuntimeStats()
@@ -166,7 +176,7 @@ class Runtime:
     def _find_flow(self, path: str) -> tuple[str, FlowSpec] | None:
         if not path.lower().startswith("/http/"):
             return None
-        address = _normalise(path[len("/http"):])
+        address = _normalise(path[len("/http") :])
         if address in self.flows:
             return address, self.flows[address]
         wildcards = [key for key in self.flows if key.endswith("/*")]
@@ -256,13 +266,10 @@ class Runtime:
             session is None or not hmac.compare_digest(header.encode(), session[1].encode())
         ):
             self.stats.csrf_rejections += 1
-            return web.Response(status=403, text="CSRF token validation failed",
-                                headers={"X-CSRF-Token": "Required"})
+            return web.Response(status=403, text="CSRF token validation failed", headers={"X-CSRF-Token": "Required"})
         return None
 
-    async def _run_flow(
-        self, request: web.Request, key: str, flow: FlowSpec, jti: str | None
-    ) -> web.Response:
+    async def _run_flow(self, request: web.Request, key: str, flow: FlowSpec, jti: str | None) -> web.Response:
         if flow.latency > 0:
             await asyncio.sleep(flow.latency)
         if flow.unavailable != 0:
@@ -277,19 +284,20 @@ class Runtime:
         mpl_id = _mpl_id()
         headers = {"SAP_MessageProcessingLogID": mpl_id, "SAP_MplCorrelationId": _mpl_id()}
         if flow.error_rate > 0 and random.random() < flow.error_rate:
-            return web.Response(status=500, text=f"The MPL ID for the failed message is : {mpl_id}",
-                                headers=headers)
+            return web.Response(status=500, text=f"The MPL ID for the failed message is : {mpl_id}", headers=headers)
         body = await request.read()
-        self.stats.messages.append(ReceivedMessage(
-            address=key,
-            method=request.method,
-            body=body,
-            headers=_recorded_headers(request),
-            query=dict(request.query),
-            mpl_id=mpl_id,
-            at=time.time(),
-            token_jti=jti,
-        ))
+        self.stats.messages.append(
+            ReceivedMessage(
+                address=key,
+                method=request.method,
+                body=body,
+                headers=_recorded_headers(request),
+                query=dict(request.query),
+                mpl_id=mpl_id,
+                at=time.time(),
+                token_jti=jti,
+            )
+        )
         self._request_seen.set()
         self._request_seen = asyncio.Event()
         if flow.kind == "echo":
@@ -298,7 +306,8 @@ class Runtime:
         text = flow.body or ""
         if flow.kind == "timestamp":
             text = (flow.body or f"Current time (UTC): {TIMESTAMP_PLACEHOLDER}").replace(
-                TIMESTAMP_PLACEHOLDER, datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"))
+                TIMESTAMP_PLACEHOLDER, datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+            )
         headers["Content-Type"] = flow.content_type
         return web.Response(status=flow.status, body=text.encode(), headers=headers)
 
@@ -319,5 +328,6 @@ def _unauthorized() -> web.Response:
 
 
 def _unavailable(retry_after: float) -> web.Response:
-    return web.Response(status=503, text="Service Unavailable",
-                        headers={"Retry-After": str(max(0, math.ceil(retry_after)))})
+    return web.Response(
+        status=503, text="Service Unavailable", headers={"Retry-After": str(max(0, math.ceil(retry_after)))}
+    )

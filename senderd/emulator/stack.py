@@ -57,8 +57,11 @@ class EmulatorStack:
     def service_key(self, **overrides: object) -> dict[str, object]:
         """The service key dict (see `service_key_dict`), with optional overrides of its arguments."""
         arguments: dict[str, object] = {
-            "client_id": self.client_id, "token_url": self.token_server.token_url,
-            "runtime_url": self.runtime.url, "client": self.client, "chain": [self.pki.intermediate.cert],
+            "client_id": self.client_id,
+            "token_url": self.token_server.token_url,
+            "runtime_url": self.runtime.url,
+            "client": self.client,
+            "chain": [self.pki.intermediate.cert],
         }
         arguments.update(overrides)
         return service_key_dict(**arguments)  # type: ignore[arg-type]
@@ -79,8 +82,14 @@ class EmulatorStack:
     @classmethod
     @asynccontextmanager
     async def started(
-        cls, directory: Path, *, token_lifetime: float = 3600.0, token_port: int = 0, runtime_port: int = 0,
-        flows: Sequence[FlowSpec] | None = None, config_extra: str = "",
+        cls,
+        directory: Path,
+        *,
+        token_lifetime: float = 3600.0,
+        token_port: int = 0,
+        runtime_port: int = 0,
+        flows: Sequence[FlowSpec] | None = None,
+        config_extra: str = "",
     ) -> AsyncIterator[EmulatorStack]:
         """Start token server and runtime on 127.0.0.1, write the files, stop both on exit."""
         pki = create_pki()
@@ -88,8 +97,9 @@ class EmulatorStack:
         client = pki.issue_client("senderd-emulator-client")
         client_id = client_id_for(TENANT)
         runtime = Runtime(pki, token_server, flows)
-        stack = cls(pki=pki, token_server=token_server, runtime=runtime, client=client, client_id=client_id,
-                    directory=directory)
+        stack = cls(
+            pki=pki, token_server=token_server, runtime=runtime, client=client, client_id=client_id, directory=directory
+        )
         token_server.add_certificate_client(client_id, client.cert, stack.scopes)
         await token_server.start(port=token_port)
         try:

@@ -62,15 +62,15 @@ def _b64url_uint(value: int) -> str:
 
 
 def _json_error(status: int, error: str, description: str, **headers: str) -> web.Response:
-    return web.json_response({"error": error, "error_description": description}, status=status,
-                             headers=headers or None)
+    return web.json_response({"error": error, "error_description": description}, status=status, headers=headers or None)
 
 
 class TokenServer:
     """`POST /oauth/token`, `GET /token_keys`, `GET /.well-known/openid-configuration`, like XSUAA."""
 
-    def __init__(self, pki: Pki, *, token_lifetime: float = 3600, require_client_cert: bool = False,
-                 subdomain: str = "emulator") -> None:
+    def __init__(
+        self, pki: Pki, *, token_lifetime: float = 3600, require_client_cert: bool = False, subdomain: str = "emulator"
+    ) -> None:
         self.token_lifetime = token_lifetime
         self.faults = TokenServerFaults()
         self.stats = TokenServerStats()
@@ -138,8 +138,19 @@ class TokenServer:
         public = self._signing_key.public_key()
         numbers = public.public_numbers()
         pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        return {"keys": [{"kty": "RSA", "e": _b64url_uint(numbers.e), "n": _b64url_uint(numbers.n),
-                          "kid": self._kid, "alg": "RS256", "use": "sig", "value": pem.decode()}]}
+        return {
+            "keys": [
+                {
+                    "kty": "RSA",
+                    "e": _b64url_uint(numbers.e),
+                    "n": _b64url_uint(numbers.n),
+                    "kid": self._kid,
+                    "alg": "RS256",
+                    "use": "sig",
+                    "value": pem.decode(),
+                }
+            ]
+        }
 
     def verify(self, token: str, *, leeway: float = 0) -> dict[str, Any]:
         """Check the RS256 signature and `exp` (strictly, unless `leeway`) and return the claims.
@@ -150,7 +161,10 @@ class TokenServer:
         if header.get("kid") != self._kid:
             raise jwt.InvalidTokenError("unknown key id")
         claims: dict[str, Any] = jwt.decode(
-            token, self._signing_key.public_key(), algorithms=["RS256"], leeway=leeway,
+            token,
+            self._signing_key.public_key(),
+            algorithms=["RS256"],
+            leeway=leeway,
             options={"require": ["exp", "iat"], "verify_aud": False},
         )
         return claims
@@ -217,8 +231,12 @@ class TokenServer:
         if faults.rate_limited != 0:
             if faults.rate_limited > 0:
                 faults.rate_limited -= 1
-            return _json_error(429, "too_many_requests", "Rate limit exceeded",
-                               **{"Retry-After": str(max(0, math.ceil(faults.retry_after)))})
+            return _json_error(
+                429,
+                "too_many_requests",
+                "Rate limit exceeded",
+                **{"Retry-After": str(max(0, math.ceil(faults.retry_after)))},
+            )
         if request.content_type != _FORM:
             return _json_error(400, "invalid_request", f"Content-Type must be {_FORM}")
         form = await request.post()
@@ -233,13 +251,16 @@ class TokenServer:
             return _json_error(400, "unsupported_grant_type", f"Unsupported grant type: {grant_type}")
         scopes = self._clients[client_id].scopes
         token, jti, remaining = self._issue(client_id, scopes, self.token_lifetime)
-        return web.json_response({
-            "access_token": token,
-            "token_type": "bearer",
-            "expires_in": max(0, math.floor(remaining)),
-            "scope": " ".join(scopes),
-            "jti": jti,
-        }, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+        return web.json_response(
+            {
+                "access_token": token,
+                "token_type": "bearer",
+                "expires_in": max(0, math.floor(remaining)),
+                "scope": " ".join(scopes),
+                "jti": jti,
+            },
+            headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+        )
 
     def _authenticate(self, request: web.Request, form: dict[str, str]) -> str | None:
         """The authenticated client id, or None."""
@@ -275,15 +296,20 @@ class TokenServer:
         return web.json_response(self.public_jwks())
 
     async def _openid_configuration(self, request: web.Request) -> web.Response:
-        return web.json_response({
-            "issuer": self.token_url,
-            "token_endpoint": self.token_url,
-            "jwks_uri": self.jwks_url,
-            "grant_types_supported": ["client_credentials"],
-            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post",
-                                                      "tls_client_auth"],
-            "mtls_endpoint_aliases": {"token_endpoint": self.token_url},
-        })
+        return web.json_response(
+            {
+                "issuer": self.token_url,
+                "token_endpoint": self.token_url,
+                "jwks_uri": self.jwks_url,
+                "grant_types_supported": ["client_credentials"],
+                "token_endpoint_auth_methods_supported": [
+                    "client_secret_basic",
+                    "client_secret_post",
+                    "tls_client_auth",
+                ],
+                "mtls_endpoint_aliases": {"token_endpoint": self.token_url},
+            }
+        )
 
 
 def _peer_certificate(request: web.Request) -> bytes | None:

@@ -30,8 +30,12 @@ class Relay:
     @asynccontextmanager
     async def open(cls, config: RelayConfig, engine: Engine) -> AsyncIterator[Relay]:
         """Open the spool and listen; both are closed on exit. Raises ConfigError (spool, address)."""
-        spool = Spool(config.spool_dir, max_messages=config.max_spool_messages, max_bytes=config.max_spool_bytes,
-                      clock=engine.clock)
+        spool = Spool(
+            config.spool_dir,
+            max_messages=config.max_spool_messages,
+            max_bytes=config.max_spool_bytes,
+            clock=engine.clock,
+        )
         await spool.open()
         try:
             relay = cls(config, engine, spool)

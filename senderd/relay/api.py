@@ -65,12 +65,14 @@ class RelayApi:
         await self.site.stop()
 
     @web.middleware
-    async def _middleware(self, request: web.Request,
-                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         try:
             if self.token is not None and not self._authorised(request):
-                response: web.StreamResponse = _error(401, "unauthorized: send 'Authorization: Bearer <token>'",
-                                                      headers={"WWW-Authenticate": "Bearer"})
+                response: web.StreamResponse = _error(
+                    401, "unauthorized: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"}
+                )
             else:
                 response = await handler(request)
         except web.HTTPRequestEntityTooLarge:
@@ -106,8 +108,11 @@ class RelayApi:
         with anyio.move_on_after(self.config.read_timeout):
             body = await request.read()
         if body is None:
-            return _error(408, f"the body did not arrive within relay.read_timeout ({self.config.read_timeout:g}s)",
-                          headers={"Connection": "close"})
+            return _error(
+                408,
+                f"the body did not arrive within relay.read_timeout ({self.config.read_timeout:g}s)",
+                headers={"Connection": "close"},
+            )
         try:
             message_id, created = await self.spool.add(name, body, content_type, key)
         except SpoolFull:

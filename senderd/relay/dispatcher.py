@@ -76,8 +76,9 @@ class Dispatcher:
                     await self._refresh_oldest()
                     if free > 0 and not self.stopping:
                         busy_ordered = [m.flow for m in self._inflight.values() if m.flow in ordered]
-                        claimed = await self.spool.due(self.clock.time(), free, exclude_flows=busy_ordered,
-                                                       ordered_flows=ordered)
+                        claimed = await self.spool.due(
+                            self.clock.time(), free, exclude_flows=busy_ordered, ordered_flows=ordered
+                        )
                 except sqlite3.Error as exc:  # the spool's disk is failing: say so, try again shortly
                     log.error("spool_read_failed", error=str(exc))
                 for message in claimed:
@@ -145,22 +146,45 @@ class Dispatcher:
             return
         rounds = message.attempts + 1
         if self.engine.policy(flow).redeliverable(result.last) and rounds < self.config.max_deliveries:
-            delay = backoff(rounds, initial=self.config.redelivery_initial, maximum=self.config.redelivery_max,
-                            jitter=0.1, rng=self._rng)
+            delay = backoff(
+                rounds,
+                initial=self.config.redelivery_initial,
+                maximum=self.config.redelivery_max,
+                jitter=0.1,
+                rng=self._rng,
+            )
             await self._finish(message, result, "queued", retry_at=self.clock.time() + delay)
         else:
             await self._finish(message, result, "dead")
 
-    async def _finish(self, message: Message, result: SendResult | None, state: State, *, error: str | None = None,
-                      retry_at: float = 0.0) -> None:
+    async def _finish(
+        self,
+        message: Message,
+        result: SendResult | None,
+        state: State,
+        *,
+        error: str | None = None,
+        retry_at: float = 0.0,
+    ) -> None:
         if result is not None:
             error = result.last.error
         with anyio.CancelScope(shield=True):
-            await self.spool.finish(message, state, error=error, retry_at=retry_at,
-                                    correlation_id=result.correlation_id if result else None,
-                                    status=result.status if result else None)
+            await self.spool.finish(
+                message,
+                state,
+                error=error,
+                retry_at=retry_at,
+                correlation_id=result.correlation_id if result else None,
+                status=result.status if result else None,
+            )
         outcome = _RESULTS[state]
         self.engine.metrics.relay_delivery(message.flow, outcome)
         if state != "delivered":
-            log.warning("relay_delivery_failed", id=message.id, flow=message.flow, result=outcome,
-                        attempts=message.attempts + 1, error=error)
+            log.warning(
+                "relay_delivery_failed",
+                id=message.id,
+                flow=message.flow,
+                result=outcome,
+                attempts=message.attempts + 1,
+                error=error,
+            )

@@ -73,13 +73,23 @@ class Message:
 
     def summary(self) -> dict[str, Any]:
         """The JSON the relay API shows for this message."""
-        return {"id": self.id, "flow": self.flow, "status": self.state, "attempts": self.attempts,
-                "last_error": self.last_error, "correlation_id": self.correlation_id, "http_status": self.status,
-                "created_at": self.created_at, "updated_at": self.updated_at}
+        return {
+            "id": self.id,
+            "flow": self.flow,
+            "status": self.state,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "correlation_id": self.correlation_id,
+            "http_status": self.status,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
 
 
-_COLUMNS = ("id, flow, state, attempts, created_at, updated_at, content_type, body, last_error, correlation_id, "
-            "status, idempotency_key")
+_COLUMNS = (
+    "id, flow, state, attempts, created_at, updated_at, content_type, body, last_error, correlation_id, "
+    "status, idempotency_key"
+)
 
 
 _SELECT = f"SELECT {_COLUMNS} FROM messages"  # noqa: S608 - constant column list, values are parameters
@@ -87,9 +97,20 @@ _SELECT_NO_BODY = f"SELECT {_COLUMNS.replace('body', 'NULL')} FROM messages"  # 
 
 
 def _message(row: Sequence[Any]) -> Message:
-    return Message(id=row[0], flow=row[1], state=row[2], attempts=row[3], created_at=row[4], updated_at=row[5],
-                   content_type=row[6], body=bytes(row[7]) if row[7] is not None else b"", last_error=row[8],
-                   correlation_id=row[9], status=row[10], idempotency_key=row[11])
+    return Message(
+        id=row[0],
+        flow=row[1],
+        state=row[2],
+        attempts=row[3],
+        created_at=row[4],
+        updated_at=row[5],
+        content_type=row[6],
+        body=bytes(row[7]) if row[7] is not None else b"",
+        last_error=row[8],
+        correlation_id=row[9],
+        status=row[10],
+        idempotency_key=row[11],
+    )
 
 
 @dataclass
@@ -106,8 +127,9 @@ class _Pending:
 class Spool:
     """The outbox at `directory/spool.db`; open with `Spool.open` in an async context."""
 
-    def __init__(self, directory: Path, *, max_messages: int = 100_000, max_bytes: int = 1 << 30,
-                 clock: Clock | None = None) -> None:
+    def __init__(
+        self, directory: Path, *, max_messages: int = 100_000, max_bytes: int = 1 << 30, clock: Clock | None = None
+    ) -> None:
         self.path = directory / "spool.db"
         self.clock = clock or SystemClock()
         self.max_messages = max_messages
@@ -143,12 +165,14 @@ class Spool:
             db.executescript(_SCHEMA)
             db.execute("UPDATE messages SET state='queued' WHERE state='in_flight'")
             rows = db.execute(
-                "SELECT state, COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM messages GROUP BY state").fetchall()
+                "SELECT state, COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM messages GROUP BY state"
+            ).fetchall()
         except sqlite3.Error as exc:
             if db is not None:
                 db.close()
-            raise ConfigError(f"relay.spool_dir: cannot use {self.path} ({exc}): check the disk, or move the "
-                              "damaged file aside") from None
+            raise ConfigError(
+                f"relay.spool_dir: cannot use {self.path} ({exc}): check the disk, or move the damaged file aside"
+            ) from None
         for state, count, size in rows:
             self.counts[state] = count
             if state != "delivered":
@@ -173,8 +197,9 @@ class Spool:
 
     # --- adding, with group commit ---------------------------------------------------------------------
 
-    async def add(self, flow: str, body: bytes, content_type: str | None,
-                  idempotency_key: str | None = None) -> tuple[str, bool]:
+    async def add(
+        self, flow: str, body: bytes, content_type: str | None, idempotency_key: str | None = None
+    ) -> tuple[str, bool]:
         """Store a message durably; returns (id, created). A known idempotency key returns the first id."""
         if self._closed:
             raise SpoolError("spool closed: senderd is stopping")
@@ -208,7 +233,8 @@ class Spool:
     async def _commit(self, batch: list[_Pending]) -> None:
         try:
             results: list[tuple[str, bool] | BaseException] = await self._call(
-                functools.partial(self._insert_sync, batch))
+                functools.partial(self._insert_sync, batch)
+            )
         except sqlite3.Error as exc:  # a full disk, an I/O error: refuse this batch, keep running
             log.error("spool_write_failed", error=str(exc), messages=len(batch))
             results = [SpoolError(f"spool unavailable ({exc})") for _ in batch]
@@ -235,8 +261,9 @@ class Spool:
         try:
             for item in batch:
                 if item.idempotency_key is not None:
-                    row = db.execute("SELECT id FROM messages WHERE flow=? AND idempotency_key=?",
-                                     (item.flow, item.idempotency_key)).fetchone()
+                    row = db.execute(
+                        "SELECT id FROM messages WHERE flow=? AND idempotency_key=?", (item.flow, item.idempotency_key)
+                    ).fetchone()
                     if row is not None:
                         results.append((row[0], False))
                         continue
@@ -248,7 +275,8 @@ class Spool:
                 db.execute(
                     "INSERT INTO messages (id, flow, idempotency_key, content_type, body, state, created_at, "
                     "updated_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
-                    (message_id, item.flow, item.idempotency_key, item.content_type, item.body, now, now))
+                    (message_id, item.flow, item.idempotency_key, item.content_type, item.body, now, now),
+                )
                 results.append((message_id, True))
                 added_count += 1
                 added_bytes += len(item.body)
@@ -266,17 +294,18 @@ class Spool:
 
     async def get(self, message_id: str) -> Message | None:
         """The message with this id, without its body."""
-        row = await self._call(lambda: self.db.execute(
-            _SELECT_NO_BODY + " WHERE id=?", (message_id,)).fetchone())
+        row = await self._call(lambda: self.db.execute(_SELECT_NO_BODY + " WHERE id=?", (message_id,)).fetchone())
         return _message(row) if row is not None else None
 
-    async def due(self, now: float, limit: int, exclude_flows: Sequence[str] = (),
-                  ordered_flows: Sequence[str] = ()) -> list[Message]:
+    async def due(
+        self, now: float, limit: int, exclude_flows: Sequence[str] = (), ordered_flows: Sequence[str] = ()
+    ) -> list[Message]:
         """Up to `limit` queued messages due by `now`, oldest first, marked in_flight.
 
         For a flow in `ordered_flows`, only its oldest queued message is eligible (and only if due), so
         a message waiting for a retry holds back the ones behind it.
         """
+
         def claim() -> list[Message]:
             db = self.db
             blocked = tuple(exclude_flows)
@@ -288,16 +317,19 @@ class Spool:
                 params += blocked
             if ordered:  # an ordered flow offers only its head (the oldest queued or in flight)
                 marks = ",".join("?" * len(ordered))
-                sql += (f" AND (flow NOT IN ({marks}) OR seq IN (SELECT MIN(seq) FROM messages WHERE "  # noqa: S608
-                        f"state IN ('queued', 'in_flight') AND flow IN ({marks}) GROUP BY flow))")  # only '?' marks
+                sql += (
+                    f" AND (flow NOT IN ({marks}) OR seq IN (SELECT MIN(seq) FROM messages WHERE "  # noqa: S608
+                    f"state IN ('queued', 'in_flight') AND flow IN ({marks}) GROUP BY flow))"
+                )  # only '?' marks
                 params += ordered + ordered
             sql += " ORDER BY seq LIMIT ?"
             params.append(limit)
             db.execute("BEGIN IMMEDIATE")
             try:
                 chosen = [_message(row) for row in db.execute(sql, params).fetchall()]
-                db.executemany("UPDATE messages SET state='in_flight', updated_at=? WHERE id=?",
-                               [(now, m.id) for m in chosen])
+                db.executemany(
+                    "UPDATE messages SET state='in_flight', updated_at=? WHERE id=?", [(now, m.id) for m in chosen]
+                )
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -309,14 +341,24 @@ class Spool:
 
         return await self._call(claim)
 
-    async def finish(self, message: Message, state: State, *, error: str | None = None,
-                     correlation_id: str | None = None, status: int | None = None, retry_at: float = 0.0) -> None:
+    async def finish(
+        self,
+        message: Message,
+        state: State,
+        *,
+        error: str | None = None,
+        correlation_id: str | None = None,
+        status: int | None = None,
+        retry_at: float = 0.0,
+    ) -> None:
         """Record the end of a delivery attempt: delivered, back to queued (at `retry_at`), or dead."""
+
         def update() -> None:
             cursor = self.db.execute(
                 "UPDATE messages SET state=?, attempts=attempts+1, last_error=?, correlation_id=?, status=?, "
                 "updated_at=?, next_attempt_at=? WHERE id=? AND state='in_flight'",
-                (state, error, correlation_id, status, self.clock.time(), retry_at, message.id))
+                (state, error, correlation_id, status, self.clock.time(), retry_at, message.id),
+            )
             if cursor.rowcount:
                 self.counts["in_flight"] -= 1
                 self.counts[state] += 1
@@ -329,10 +371,12 @@ class Spool:
 
     async def requeue(self, message: Message) -> None:
         """Put an in-flight message back (a stop interrupted it), without counting an attempt."""
+
         def update() -> None:
             cursor = self.db.execute(
                 "UPDATE messages SET state='queued', updated_at=? WHERE id=? AND state='in_flight'",
-                (self.clock.time(), message.id))
+                (self.clock.time(), message.id),
+            )
             if cursor.rowcount:
                 self.counts["in_flight"] -= 1
                 self.counts["queued"] += 1
@@ -341,17 +385,19 @@ class Spool:
 
     async def dead(self, limit: int = 1000) -> list[Message]:
         """Dead messages, oldest first (without bodies)."""
-        rows = await self._call(lambda: self.db.execute(
-            _SELECT_NO_BODY + " WHERE state='dead' ORDER BY seq LIMIT ?",
-            (limit,)).fetchall())
+        rows = await self._call(
+            lambda: self.db.execute(_SELECT_NO_BODY + " WHERE state='dead' ORDER BY seq LIMIT ?", (limit,)).fetchall()
+        )
         return [_message(row) for row in rows]
 
     async def redrive(self, message_id: str) -> bool:
         """Queue a dead message again; False if there is no dead message with that id."""
+
         def update() -> bool:
             cursor = self.db.execute(
                 "UPDATE messages SET state='queued', next_attempt_at=0, updated_at=? WHERE id=? AND state='dead'",
-                (self.clock.time(), message_id))
+                (self.clock.time(), message_id),
+            )
             if cursor.rowcount:
                 self.counts["dead"] -= 1
                 self.counts["queued"] += 1
@@ -364,6 +410,7 @@ class Spool:
 
     async def prune(self, older_than: float) -> int:
         """Delete delivered messages last touched before `older_than` (Unix time)."""
+
         def delete() -> int:
             cursor = self.db.execute("DELETE FROM messages WHERE state='delivered' AND updated_at<?", (older_than,))
             self.counts["delivered"] -= cursor.rowcount
@@ -373,13 +420,18 @@ class Spool:
 
     async def oldest_queued_at(self) -> float | None:
         """Creation time of the oldest message not yet delivered or dead."""
-        row = await self._call(lambda: self.db.execute(
-            "SELECT MIN(created_at) FROM messages WHERE state IN ('queued', 'in_flight')").fetchone())
+        row = await self._call(
+            lambda: self.db.execute(
+                "SELECT MIN(created_at) FROM messages WHERE state IN ('queued', 'in_flight')"
+            ).fetchone()
+        )
         return float(row[0]) if row and row[0] is not None else None
 
     async def next_due_at(self, after: float) -> float | None:
         """When the next queued message that is not yet due (due after `after`) becomes due, if any."""
-        row = await self._call(lambda: self.db.execute(
-            "SELECT MIN(next_attempt_at) FROM messages WHERE state='queued' AND next_attempt_at>?",
-            (after,)).fetchone())
+        row = await self._call(
+            lambda: self.db.execute(
+                "SELECT MIN(next_attempt_at) FROM messages WHERE state='queued' AND next_attempt_at>?", (after,)
+            ).fetchone()
+        )
         return float(row[0]) if row and row[0] is not None else None
