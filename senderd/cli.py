@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import os
 import shlex
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="folder to write to")
     export.add_argument("--key-file", type=Path, help="private key file for an External Certificate key")
     export.add_argument("--passphrase-env", help="environment variable holding the key file's passphrase")
+    export.add_argument("--ca-file", type=Path, help="CA bundle (PEM) that the curl command should trust")
     _common(export, config=False)
 
     run = commands.add_parser("run", help="the daemon: send on schedules until SIGTERM/SIGINT")
@@ -96,8 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
+def config_path(args: argparse.Namespace) -> Path | None:
+    """The config file that `-c` or `$SENDERD_CONFIG` names, if any."""
+    if args.config is not None:
+        return Path(args.config)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else None
+
+
+def _config(args: argparse.Namespace, *, flows_needed: bool = False) -> Config:
+    """The config of `-c`/`$SENDERD_CONFIG` with the command line's credentials flags applied.
+
+    Without a config file, a command that needs flows, or one given no `--service-key` either, is told
+    how to name one (rather than what the empty default config lacks).
+    """
+    path = config_path(args)
+    if path is None and (flows_needed or getattr(args, "service_key", None) is None):
+        raise UsageError(f"no config file given: use -c FILE or ${CONFIG_ENV}")
+    config = load_config(path)
     overrides = {
         name: getattr(args, name)
         for name in ("service_key", "key_file", "ca_file")
@@ -108,9 +127,13 @@ def _config(args: argparse.Namespace) -> Config:
         credentials = {k: v for k, v in data["credentials"].items() if v is not None}
         if "service_key" in overrides:
             credentials.pop("service_key_env", None)
-        credentials.update({k: str(v.resolve()) for k, v in overrides.items()})
+        # absolute, but links kept: a Kubernetes Secret is a symlink that is swapped on update
+        credentials.update({k: os.path.abspath(v) for k, v in overrides.items()})
         data["credentials"] = credentials
-        config = config_from_dict(data, source=config.source if args.config else "command line")
+        config = config_from_dict(data, source=config.source if path else "command line")
+    if flows_needed:
+        config.require_flows()
+    _warn(config.warnings())
     return config
 
 
@@ -153,8 +176,10 @@ async def _check(args: argparse.Namespace) -> int:
     config = _config(args)
     key = load_credentials(config.credentials, source=config.source)
     _warn(key.notes)
+    if config_path(args) is not None:
+        config.require_flows()  # what `run` and `once` would refuse, `check` refuses too
     expiry = key.certificate_not_after
-    print(f"config OK: {config.source}")
+    print(f"config OK: {config.source} ({len(config.flows)} flows)")
     print(f"service key OK: {key.source} ({key.key_type}, client {key.client_id})")
     if expiry is not None:
         print(f"client certificate valid until {expiry:%Y-%m-%d %H:%M:%S} UTC")
@@ -190,44 +215,74 @@ def _key_export(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc}): choose a writable folder") from None
     print(f"wrote {cert_path} (certificate chain, leaf first)")
     print(f"wrote {key_path} (private key, mode 0600)")
+    trust = f" --cacert {shlex.quote(os.path.abspath(args.ca_file))}" if args.ca_file else ""
     print("get a token with:")
     print(
-        f"  curl --cert {shlex.quote(str(cert_path))} --key {shlex.quote(str(key_path))} \\\n"
+        f"  curl --cert {shlex.quote(str(cert_path))} --key {shlex.quote(str(key_path))}{trust} \\\n"
         f"    -d grant_type=client_credentials --data-urlencode {shlex.quote('client_id=' + key.client_id)} \\\n"
         f"    {shlex.quote(key.token_url)}"
     )
     return EXIT_OK
 
 
+def usable_dir(path: Path) -> Path:
+    """`--dir` as a folder senderd can write to (created if missing), or a UsageError saying why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".senderd-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--dir {path}: cannot use it ({exc.strerror or exc}): give a writable folder") from None
+    return path
+
+
+async def wait_for_stop(signals: AsyncIterator[int]) -> None:
+    """Return on the first SIGINT or SIGTERM from `signals` (a foreground tool stopped on purpose exits 0)."""
+    async for _ in signals:
+        return
+
+
 async def _emulator(args: argparse.Namespace) -> int:
     from senderd.emulator.stack import EmulatorStack
 
-    async with EmulatorStack.started(
-        args.dir, token_lifetime=args.token_lifetime, token_port=args.token_port, runtime_port=args.runtime_port
-    ) as stack:
+    started = EmulatorStack.started(
+        usable_dir(args.dir),
+        token_lifetime=args.token_lifetime,
+        token_port=args.token_port,
+        runtime_port=args.runtime_port,
+    )
+    try:
+        stack = await started.__aenter__()
+    except OSError as exc:
+        raise UsageError(
+            f"--token-port {args.token_port} / --runtime-port {args.runtime_port}: cannot listen "
+            f"({exc.strerror or exc}): choose free ports, or 0 for any"
+        ) from None
+    try:
         print(f"token server:  {stack.token_server.token_url}")
         print(f"runtime:       {stack.runtime.url}")
         print(f"service key:   {stack.service_key_path}")
         print(f"CA file:       {stack.ca_path}")
         print(f"config:        {stack.config_path}")
-        print("press Ctrl-C to stop", flush=True)
-        await anyio.sleep_forever()
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:  # before saying so
+            print("press Ctrl-C to stop")
+            await wait_for_stop(signals)
+    finally:
+        await started.__aexit__(None, None, None)
     return EXIT_OK
 
 
 async def _run(args: argparse.Namespace) -> int:
     from senderd.daemon import Daemon
 
-    config = _config(args)
+    config = _config(args, flows_needed=True)
     if args.listen:
         from senderd.config import parse_listen
 
         parse_listen(args.listen)
         config = config.model_copy(update={"server": config.server.model_copy(update={"listen": args.listen})})
-    if not config.flows:
-        raise ConfigError(f"{config.source}: flows: no flows configured: add at least one [[flows]] table")
-    path = args.config or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
-    await Daemon.create(config, config_path=path).serve()
+    await Daemon.create(config, config_path=config_path(args)).serve()
     return EXIT_OK
 
 
@@ -235,10 +290,8 @@ async def _once(args: argparse.Namespace) -> int:
     from senderd.engine import Engine
     from senderd.metrics import Metrics
 
-    config = _config(args)
+    config = _config(args, flows_needed=True)
     flows = [config.flow(name) for name in args.flow] if args.flow else list(config.flows)
-    if not flows:
-        raise ConfigError(f"{config.source}: flows: no flows configured: add at least one [[flows]] table")
     metrics = Metrics()
     for flow in flows:
         metrics.declare_flow(flow.name, flow.every)
@@ -256,7 +309,7 @@ async def _once(args: argparse.Namespace) -> int:
         except PushError as exc:
             print(f"senderd: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
-    rows = [("flow", "outcome", "status", "attempts", "latency", "correlation id")]
+    rows = [("flow", "outcome", "status", "attempts", "latency", "mpl id")]
     for result in results:
         rows.append(
             (
@@ -265,7 +318,7 @@ async def _once(args: argparse.Namespace) -> int:
                 str(result.status or "-"),
                 str(result.attempts),
                 f"{result.duration * 1000:.0f} ms",
-                result.correlation_id or "-",
+                result.mpl_id or "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -319,7 +372,12 @@ async def _send(args: argparse.Namespace) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     from senderd.demo import run_demo
 
-    return await run_demo(args.dir, token_lifetime=args.token_lifetime, every=args.every, stop_after=args.duration)
+    return await run_demo(
+        usable_dir(args.dir) if args.dir else None,
+        token_lifetime=args.token_lifetime,
+        every=args.every,
+        stop_after=args.duration,
+    )
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
@@ -368,6 +426,8 @@ def run_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `senderd` console script and `python -m senderd`."""
     args = build_parser().parse_args(argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # a line at a time, also into a pipe
     level = args.log_level or ("info" if args.command in DAEMON_COMMANDS else "error")
     configure_logging(level, args.log_format, stream=sys.stdout if args.command == "run" else sys.stderr)
     return run_command(args)

@@ -352,6 +352,22 @@ class Config(BaseModel):
             seen.add(flow.name)
         return self
 
+    def require_flows(self) -> None:
+        """Refuse a config that `run` and `once` cannot work with (what `check` also says)."""
+        if not self.flows:
+            raise ConfigError(f"{self.source}: flows: no flows configured: add at least one [[flows]] table")
+
+    def warnings(self) -> list[str]:
+        """What is allowed but most likely a mistake, one line each."""
+        lines = []
+        for flow in self.flows:
+            if flow.path.startswith("/") and not flow.path.lower().startswith("/http/"):
+                lines.append(
+                    f"{self.source}: flows.{flow.name}.path: {flow.path!r} does not start with /http/: Cloud "
+                    "Integration serves an iFlow's HTTPS sender at /http/<address>; check the path"
+                )
+        return lines
+
     def flow(self, name: str) -> FlowConfig:
         """The flow called `name`."""
         for flow in self.flows:
@@ -449,6 +465,8 @@ def _apply_defaults(data: dict[str, Any], source: str) -> None:
 def config_from_dict(data: dict[str, Any], *, source: str, base: Path | None = None) -> Config:
     """Validate a parsed config (`source` names it in errors; relative paths resolve against `base`)."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    if isinstance(data.get("flows"), dict):
+        raise ConfigError(f"{source}: flows: write [[flows]] (double brackets: one table per flow), not [flows]")
     if base is not None:
         _resolve_paths(data, base, source)
     if "source" in data:

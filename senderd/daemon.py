@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
-import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from senderd.auth.rotation import CredentialWatcher
@@ -30,6 +29,7 @@ from senderd.clock import Clock, SystemClock
 from senderd.config import Config, FlowConfig, load_config
 from senderd.engine import Engine
 from senderd.errors import SenderdError
+from senderd.logs import get_logger
 from senderd.metrics import Metrics
 from senderd.pool import Job, WorkerPool
 from senderd.scheduler import run_schedules
@@ -38,7 +38,7 @@ from senderd.server import ObservabilityServer
 if TYPE_CHECKING:
     from senderd.relay import Relay
 
-log = structlog.get_logger(component="daemon")
+log = get_logger("daemon")
 StartHook = Callable[[Engine, TaskGroup], Awaitable[None]]
 RESTART_SECTIONS = ("server", "relay", "pool", "runtime", "token")
 """Config sections a reload cannot apply to a running daemon (logged as needing a restart)."""

@@ -27,15 +27,17 @@ _UNIT_SECONDS = {"h": Fraction(3600), "m": Fraction(60), "s": Fraction(1), "ms":
 _SHOWN_MAX = 60
 
 
-def _invalid(value: object) -> ConfigError:
+def _shown(value: object) -> str:
     try:
         text = str(value)
     except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
         text = "a number too large to show"
-    if len(text) > _SHOWN_MAX:
-        text = text[: _SHOWN_MAX - 3] + "..."
+    return text[: _SHOWN_MAX - 3] + "..." if len(text) > _SHOWN_MAX else text
+
+
+def _invalid(value: object) -> ConfigError:
     # repr() quotes the text and escapes control characters, so the message stays on one line.
-    return ConfigError(f"invalid duration {text!r}: use a number with a unit, e.g. 500ms, 30s, 5m, 1h")
+    return ConfigError(f"invalid duration {_shown(value)!r}: use a number with a unit, e.g. 500ms, 30s, 5m, 1h")
 
 
 def parse_duration(text: str | int | float) -> float:
@@ -55,12 +57,17 @@ def parse_duration(text: str | int | float) -> float:
         seconds = _parse_text(text.strip(), original=text)
     else:
         raise _invalid(text)
-    if not math.isfinite(seconds) or seconds < 0:
+    if not math.isfinite(seconds):
         raise _invalid(text)
+    if seconds < 0:
+        raise ConfigError(f"invalid duration {_shown(text)!r}: a duration must be positive, e.g. 30s")
     return seconds + 0.0  # -0.0 becomes 0.0
 
 
 def _parse_text(text: str, *, original: str) -> float:
+    if text.startswith("-") and len(text) > 1:
+        _parse_text(text[1:], original=original)  # a valid duration behind the sign: say what is wrong
+        raise ConfigError(f"invalid duration {_shown(original)!r}: a duration must be positive, e.g. 30s")
     if _BARE_NUMBER.fullmatch(text):
         numbers = {"s": text}
     else:

@@ -7,13 +7,13 @@ event; `run_once(flows)` sends each flow once through a bounded pool (the CronJo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import aiohttp
 import anyio
-import structlog
 
 from senderd.auth.servicekey import ServiceKey, load_credentials
 from senderd.auth.tls import trust_context
@@ -21,13 +21,14 @@ from senderd.auth.token import TokenProvider
 from senderd.clock import Clock, SystemClock
 from senderd.config import Config, ConfigHolder, FlowConfig
 from senderd.errors import ConfigError
+from senderd.logs import get_logger
 from senderd.metrics import Metrics
 from senderd.pool import WorkerPool
-from senderd.result import SendResult
-from senderd.retry import RetryPolicy, deliver
+from senderd.result import Attempt, SendResult
+from senderd.retry import AttemptListener, RetryPolicy, deliver
 from senderd.sender import Sender, new_message_id
 
-log = structlog.get_logger(component="sender")
+log = get_logger("sender")
 SendListener = Callable[[SendResult], None]
 
 
@@ -126,6 +127,7 @@ class Engine:
                 sleep=clock.sleep,
                 monotonic=clock.monotonic,
                 message_id=message_id,
+                on_attempt=_log_attempt(flow) if log.is_enabled_for(logging.DEBUG) else None,
             )
         finally:
             self.metrics.inflight.dec()
@@ -168,6 +170,21 @@ class Engine:
         )
         for listener in self.listeners:
             listener(result)
+
+
+def _log_attempt(flow: FlowConfig) -> AttemptListener:
+    def attempt_finished(attempt: Attempt, number: int, retry_in: float | None) -> None:
+        log.debug(
+            "attempt_finished",
+            flow=flow.name,
+            attempt=number,
+            status=attempt.status,
+            outcome=attempt.outcome,
+            error=attempt.error,
+            retry_in_s=round(retry_in, 3) if retry_in is not None else None,
+        )
+
+    return attempt_finished
 
 
 def _snake(header: str) -> str:

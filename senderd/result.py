@@ -69,6 +69,11 @@ class SendResult:
         return self.last.headers
 
     @property
+    def mpl_id(self) -> str | None:
+        """The id of the message processing log that the runtime wrote for this message, if it said."""
+        return self.last.correlation.get("SAP_MessageProcessingLogID")
+
+    @property
     def correlation_id(self) -> str | None:
         """The message processing log id (or another correlation id) the runtime answered with."""
         values = self.last.correlation

@@ -17,6 +17,8 @@ from senderd.metrics import TRANSIENT_TOKEN_FAILURES
 from senderd.result import Attempt, SendResult
 
 _RNG = random.Random()
+AttemptListener = Callable[[Attempt, int, float | None], None]
+"""Told of each attempt: what it gave, its number (1 = the first), and the wait before the next (or None)."""
 
 
 def backoff(failures: int, *, initial: float, maximum: float, jitter: float | None, rng: random.Random) -> float:
@@ -73,10 +75,12 @@ async def deliver(
     monotonic: Callable[[], float],
     rng: random.Random | None = None,
     message_id: str | None = None,
+    on_attempt: AttemptListener | None = None,
 ) -> SendResult:
     """Run `attempt` until it succeeds, is not retryable, or the policy's bounds are reached.
 
     Gives up when the attempts are used up or when the next wait would end past the deadline.
+    `on_attempt` hears of every attempt, with the wait before the next one (None: no next one).
     """
     rng = rng or _RNG
     started = monotonic()
@@ -84,10 +88,14 @@ async def deliver(
     while True:
         last = await attempt()
         codes.append(str(last.status) if last.status is not None else "none")
-        if last.outcome == "success" or not policy.retryable(last) or len(codes) > policy.retries:
-            break
-        delay = policy.wait(len(codes), last.retry_after, rng)
-        if monotonic() - started + delay > policy.deadline:
+        delay: float | None = None
+        if last.outcome != "success" and policy.retryable(last) and len(codes) <= policy.retries:
+            delay = policy.wait(len(codes), last.retry_after, rng)
+            if monotonic() - started + delay > policy.deadline:
+                delay = None
+        if on_attempt is not None:
+            on_attempt(last, len(codes), delay)
+        if delay is None:
             break
         await sleep(delay)
     return SendResult(

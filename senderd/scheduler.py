@@ -9,16 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import anyio
-import structlog
 from anyio.abc import TaskStatus
 
 from senderd.clock import Clock
 from senderd.config import FlowConfig
+from senderd.logs import get_logger
 from senderd.metrics import SkipReason
 from senderd.pool import Job, WorkerPool
 from senderd.schedule import CronSchedule, IntervalSchedule, Schedule, spread_offset
 
-log = structlog.get_logger(component="scheduler")
+log = get_logger("scheduler")
 SkipListener = Callable[[str, SkipReason, int], None]
 """Called with the flow's name, why its ticks did not run, and how many."""
 

@@ -148,7 +148,7 @@ class Sender:
                 status,
                 headers,
                 body,
-                error=f"HTTP {status}{_excerpt(body)}",
+                error=_http_error(status, headers, body, urlsplit(self.url_of(flow)).path),
                 retry_after=parse_retry_after(headers.get("Retry-After"), now=self.clock.time()),
             )
         if flow.expect_body is not None:
@@ -195,6 +195,33 @@ def _short(exc: BaseException) -> str:
     return str(exc).split("\n")[0][:160] or type(exc).__name__
 
 
+_HTML = re.compile(rb"^\s*<(!doctype html|html)", re.IGNORECASE)
+_TITLE = re.compile(rb"<title>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
 def _excerpt(body: bytes) -> str:
-    text = body[:160].decode("utf-8", errors="replace").strip().replace("\n", " ")
+    """The start of an answer, on one line; an HTML page by its title."""
+    if _HTML.match(body[:64]):
+        title = _TITLE.search(body[:2048])
+        text = title.group(1).decode("utf-8", errors="replace").strip() if title else "an HTML page"
+    else:
+        text = body[:160].decode("utf-8", errors="replace").strip()
+    text = " ".join(text.split())
     return f": {text}" if text else ""
+
+
+def _http_error(status: int, headers: CIMultiDictProxy[str], body: bytes, path: str) -> str:
+    """What a non-expected status says, with what usually causes it."""
+    if status == 404 and (not body.strip() or _HTML.match(body[:64])):  # Tomcat's page: no flow there
+        return (
+            f"HTTP 404: no iFlow is deployed at {path}: check the flow's path (Cloud Integration serves an "
+            "HTTPS sender at /http/<address>) and that the iFlow is deployed and started"
+        )
+    if status in _REDIRECTS:
+        location = headers.get("Location", "")[:200] or "nowhere"
+        return (
+            f"HTTP {status}: redirected to {location}: usually a login page, i.e. a wrong URL (not the "
+            "runtime's /http/ endpoint) or an authentication mode this endpoint does not take"
+        )
+    return f"HTTP {status}{_excerpt(body)}"

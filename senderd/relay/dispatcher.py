@@ -14,11 +14,11 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 
 import anyio
-import structlog
 
 from senderd.config import RelayConfig
 from senderd.engine import Engine
 from senderd.errors import ConfigError
+from senderd.logs import get_logger
 from senderd.metrics import DeliveryResult
 from senderd.metrics import SpoolState as State
 from senderd.pool import WorkerPool
@@ -26,7 +26,7 @@ from senderd.relay.spool import Message, Spool
 from senderd.result import SendResult
 from senderd.retry import backoff
 
-log = structlog.get_logger(component="relay")
+log = get_logger("relay")
 _RESULTS: dict[State, DeliveryResult] = {"delivered": "delivered", "queued": "retry", "dead": "dead"}
 
 

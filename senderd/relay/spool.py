@@ -19,15 +19,15 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-import structlog
 from anyio import CapacityLimiter
 
 from senderd.clock import Clock, SystemClock
 from senderd.errors import ConfigError, SpoolError, SpoolFull
+from senderd.logs import get_logger
 from senderd.metrics import SPOOL_STATES
 from senderd.metrics import SpoolState as State
 
-log = structlog.get_logger(component="spool")
+log = get_logger("spool")
 T = TypeVar("T")
 
 _SCHEMA = """
