@@ -135,7 +135,7 @@ class FaultProxy:
                 try:
                     upstream = await anyio.connect_tcp(self.target_host, self.target_port)
                 except OSError:
-                    _abort_with_rst(client)
+                    abort_with_rst(client)
                     record.reset = True
                     return
                 async with upstream, anyio.create_task_group() as group:
@@ -179,11 +179,11 @@ class FaultProxy:
                 return
             record.response_bytes += len(data)
         if isinstance(mode, ResetAfterResponseBytes):
-            _abort_with_rst(client)
+            abort_with_rst(client)
             record.reset = True
 
 
-def _abort_with_rst(stream: anyio.abc.SocketStream) -> None:
+def abort_with_rst(stream: anyio.abc.SocketStream) -> None:
     """Make the coming close send a RST instead of a FIN (unsent data is dropped)."""
     raw = stream.extra(SocketAttribute.raw_socket)  # noqa: S610 - anyio, not Django
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from senderd.auth.servicekey import ServiceKey, load_service_key, parse_service_key
 from senderd.emulator.pki import IssuedCert, Pki
@@ -271,3 +274,48 @@ def test_missing_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(CredentialsError) as info:
         load_service_key(env="NOPE_KEY")
     assert str(info.value) == "$NOPE_KEY: environment variable is not set or empty: put the service key JSON in it"
+
+
+def _self_signed(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weak")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=90))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: rsa.generate_private_key(65537, 1024), "an RSA key of 1024 bits is too weak (at least 2048)"),  # noqa: S505
+        (lambda: ec.generate_private_key(ec.SECP256K1()), "EC curve secp256k1 is not supported"),
+    ],
+    ids=["rsa-1024", "secp256k1"],
+)
+def test_weak_or_odd_keys_are_refused(make: Any, message: str) -> None:
+    key = make()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    data = {"clientid": CLIENT_ID, "certificate": _self_signed(key), "key": pem.decode(), "tokenurl": TOKEN_URL}
+    with pytest.raises(CredentialsError, match=re.escape(f"key.json: field 'key': {message}")):
+        parse(data)
+
+
+def test_a_huge_client_id_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    huge = "x" * (5 * 1024 * 1024)
+    data = {"clientid": huge, "clientsecret": "s3cr3t", "tokenurl": TOKEN_URL}
+    with pytest.raises(CredentialsError) as caught:
+        parse(data)
+    assert str(caught.value).startswith("key.json: field 'clientid' is 5242880 characters long")
+    assert len(str(caught.value)) < 300
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps(data))  # as a file it is refused before it is read whole
+    with pytest.raises(CredentialsError, match="larger than 1024 KiB, too large for a service key"):
+        load_service_key(path)

@@ -6,6 +6,7 @@ while the HTTP fetches are real.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from collections.abc import AsyncIterator
@@ -14,15 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.streams.tls
 import pytest
 from anyio.abc import TaskGroup
 
 from senderd.auth.servicekey import ServiceKey, load_credentials
-from senderd.auth.token import Token, TokenProvider
+from senderd.auth.token import MAX_TOKEN_LIFETIME, RefreshPolicy, Token, TokenGrant, TokenProvider
 from senderd.config import CredentialsConfig, TokenConfig
+from senderd.emulator.pki import Pki
 from senderd.emulator.stack import EmulatorStack
 from senderd.errors import TokenError
+from senderd.metrics import TRANSIENT_TOKEN_FAILURES
 from senderd.testing import FakeClock
+from tests.faultproxy import abort_with_rst
 
 pytestmark = pytest.mark.anyio
 
@@ -266,8 +271,8 @@ async def test_server_demanding_a_certificate_refuses_a_secret_client(tmp_path: 
         error = await fetch_error(load_credentials(config), config)
     finally:
         await server.stop()
-    assert error.reason == "client_certificate"
-    assert "the server demands a client certificate and a ClientSecret key has none" in str(error)
+    assert error.reason == "unreachable"  # a TLS 1.3 server resets after the handshake: retried, and said
+    assert "the server may demand a client certificate, which a ClientSecret key has none of" in str(error)
 
 
 class _free_port:
@@ -304,3 +309,97 @@ def test_backoff_stays_capped_after_thousands_of_failures() -> None:
     assert policy.backoff(100_000, None, rng) <= 60.0
     assert 0.9 <= policy.backoff(1, None, rng) <= 1.1
     assert policy.backoff(3, 30.0, rng) == 30.0  # Retry-After wins when longer
+
+
+@asynccontextmanager
+async def resetting_server(pki: Pki, *, after_handshake: bool) -> AsyncIterator[int]:
+    """A TLS server on 127.0.0.1 that resets every connection, during or after the TLS handshake."""
+    context = pki.server_ssl_context(client_ca=True)
+
+    async def handle(client: anyio.abc.SocketStream) -> None:
+        if after_handshake:
+            tls = await anyio.streams.tls.TLSStream.wrap(client, server_side=True, ssl_context=context)
+            await tls.receive()  # the request arrived; the answer never does
+        else:
+            await client.receive()  # the ClientHello
+        abort_with_rst(client)
+        await client.aclose()
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        yield int(listener.extra(anyio.abc.SocketAttribute.local_port))  # noqa: S610 - anyio, not Django
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("after_handshake", "reason", "said"),
+    [
+        (True, "unreachable", "the connection broke after the TLS handshake"),
+        (False, "client_certificate", "TLS handshake refused"),
+    ],
+    ids=["after-handshake", "during-handshake"],
+)
+async def test_a_reset_is_classified_by_when_it_happened(
+    stack: EmulatorStack, tmp_path: Path, after_handshake: bool, reason: str, said: str
+) -> None:
+    async with resetting_server(stack.pki, after_handshake=after_handshake) as port:
+        key = json.loads(stack.service_key_path.read_text())
+        key["oauth"]["tokenurl"] = f"https://127.0.0.1:{port}"
+        path = tmp_path / "key.json"
+        path.write_text(json.dumps(key))
+        config = CredentialsConfig(service_key=path, ca_file=stack.ca_path)
+        error = await fetch_error(load_credentials(config), config)
+    assert error.reason == reason
+    assert said in str(error)
+    assert (error.reason in TRANSIENT_TOKEN_FAILURES) is after_handshake  # only a handshake refusal is final
+
+
+class FixedGrant:
+    """A token server stand-in (for the provider's own rules) that always answers with the same lifetime."""
+
+    def __init__(self, expires_in: float) -> None:
+        self.expires_in = expires_in
+        self.calls = 0
+
+    async def __call__(self) -> TokenGrant:
+        self.calls += 1
+        return TokenGrant(access_token=f"token-{self.calls}", expires_in=self.expires_in)
+
+
+async def test_an_absurdly_short_lifetime_is_a_failed_fetch_with_backoff_not_a_storm() -> None:
+    clock, grants = FakeClock(), FixedGrant(0.001)
+    provider = TokenProvider(grants, clock=clock, policy=RefreshPolicy(jitter=0))
+    async with anyio.create_task_group() as group:
+        await group.start(provider.run)
+        for _ in range(100):  # 10 s of fake time
+            clock.advance(0.1)
+            await anyio.wait_all_tasks_blocked()
+        group.cancel_scope.cancel()
+    assert grants.calls <= 5  # 1, 2, 4 s of backoff: a handful, not thousands
+    assert not provider.has_valid_token()
+    assert provider.last_error is not None and provider.last_error.reason == "bad_response"
+    assert "too short to use" in str(provider.last_error)
+
+
+async def test_an_absurdly_long_lifetime_is_clamped() -> None:
+    clock = FakeClock()
+    token = await TokenProvider(FixedGrant(1e12), clock=clock).get()
+    assert token.expires_at_wall == clock.time() + MAX_TOKEN_LIFETIME
+
+
+@pytest.mark.parametrize(
+    ("answer", "encoding", "said"),
+    [
+        (b'{"access_token": "abc", "expires_in": 3600, "token_type": "mac"}', None, "token_type 'mac' is not bearer"),
+        (b"{" + b" " * (1 << 20) + b"}", None, "larger than 64 KiB"),
+        (gzip.compress(b"{" + b" " * (50 << 20) + b"}"), "gzip", "without a usable access_token"),
+    ],
+    ids=["mac-token", "huge", "gzip-bomb"],
+)
+async def test_a_token_answer_senderd_cannot_trust_is_refused(
+    stack: EmulatorStack, answer: bytes, encoding: str | None, said: str
+) -> None:
+    stack.token_server.faults.answer, stack.token_server.faults.answer_encoding = answer, encoding
+    error = await fetch_error(load_credentials(creds(stack)), creds(stack))
+    assert error.reason == "bad_response"
+    assert said in str(error)

@@ -36,6 +36,16 @@ PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 KeyType = Literal["certificate", "clientsecret", "external-certificate"]
 
 EXPIRY_WARNING_DAYS = 30
+MAX_KEY_BYTES = 1 << 20
+"""A service key is a few KiB; anything beyond this is not one (and is not read whole)."""
+MAX_TEXT_CHARS = 64 * 1024
+"""Longest PEM field (certificate chain, private key) accepted."""
+MAX_FIELD_CHARS = {"clientid": 512, "clientsecret": 512, "tokenurl": 2048, "certurl": 2048, "url": 2048}
+_SINGLE_LINE_FIELDS = frozenset(MAX_FIELD_CHARS)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MIN_RSA_BITS = 2048
+ACCEPTED_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+"""The NIST curves that TLS libraries and SAP's certificate service agree on."""
 _PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
 
 
@@ -152,7 +162,13 @@ def load_service_key(
     if path is not None:
         source = str(path)
         try:
-            text = path.read_text(encoding="utf-8-sig")
+            with path.open("rb") as file:
+                data = file.read(MAX_KEY_BYTES + 1)
+            if len(data) > MAX_KEY_BYTES:
+                raise CredentialsError(
+                    f"{source}: larger than {MAX_KEY_BYTES // 1024} KiB, too large for a service key: check the path"
+                )
+            text = data.decode("utf-8-sig")
         except FileNotFoundError:
             raise CredentialsError(f"{source}: service key file not found: check the path") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -164,6 +180,8 @@ def load_service_key(
             raise CredentialsError(
                 f"{source}: environment variable is not set or empty: put the service key JSON in it"
             )
+        if len(value) > MAX_KEY_BYTES:
+            raise CredentialsError(f"{source}: larger than {MAX_KEY_BYTES // 1024} KiB, too large for a service key")
         text = value
     else:
         raise CredentialsError("no service key given: set credentials.service_key or --service-key")
@@ -205,7 +223,18 @@ def parse_service_key(
                 f"{source}: field '{where}{name}' is not valid Unicode (an unpaired surrogate escape): "
                 "copy it from the service key unchanged"
             ) from None
-        return value.strip() or None
+        value = value.strip()
+        if len(value) > MAX_FIELD_CHARS.get(name, MAX_TEXT_CHARS):
+            raise CredentialsError(
+                f"{source}: field '{where}{name}' is {len(value)} characters long, far more than a service key "
+                "holds: copy it from the service key unchanged"
+            )
+        if name in _SINGLE_LINE_FIELDS and _CONTROL.search(value):
+            raise CredentialsError(
+                f"{source}: field '{where}{name}' contains a control character (a line break or NUL): "
+                "copy it from the service key unchanged"
+            )
+        return value or None
 
     client_id = get("clientid")
     if client_id is None:
@@ -327,8 +356,13 @@ def _check_https(url: str, source: str, field_name: str) -> None:
         parts.port  # noqa: B018  (raises ValueError when out of range)
     except ValueError:
         parts = urlsplit("")
+    if "@" in parts.netloc:  # never echoed: it may hold a password
+        raise CredentialsError(
+            f"{source}: field '{field_name}' holds a user name or password (user:password@host): "
+            "use the URL from the service key unchanged"
+        )
     if parts.scheme != "https" or not parts.hostname:
-        raise CredentialsError(f"{source}: field '{field_name}' must be an https:// URL, found {url!r}")
+        raise CredentialsError(f"{source}: field '{field_name}' must be an https:// URL, found {url[:200]!r}")
 
 
 def _token_url(raw: str, source: str, field_name: str) -> str:
@@ -411,6 +445,21 @@ def _parse_private_key(data: bytes, *, source: str, field: str, passphrase: str 
         ) from None
     if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
         raise CredentialsError(f"{source}: field '{field}': only RSA and EC private keys are supported")
+    return _strong_enough(key, source, f"field '{field}'")
+
+
+def _strong_enough(key: PrivateKey, source: str, what: str) -> PrivateKey:
+    """Refuse keys that TLS peers refuse or that are too weak to trust: RSA under 2048 bits, odd curves."""
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
+        raise CredentialsError(
+            f"{source}: {what}: an RSA key of {key.key_size} bits is too weak (at least {MIN_RSA_BITS}): "
+            "create a new service key"
+        )
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in ACCEPTED_CURVES:
+        raise CredentialsError(
+            f"{source}: {what}: EC curve {key.curve.name} is not supported (use P-256, P-384 or P-521): "
+            "create a new service key"
+        )
     return key
 
 
@@ -430,7 +479,7 @@ def _parse_key_file(data: bytes, source: str, passphrase: str | None) -> tuple[P
     if key is None or not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
         raise CredentialsError(f"{source}: the PKCS#12 file holds no RSA or EC private key")
     certs = ([cert] if cert is not None else []) + list(extra)
-    return key, certs
+    return _strong_enough(key, source, "the private key"), certs
 
 
 def _public_numbers_match(cert: x509.Certificate, key: PrivateKey) -> bool:

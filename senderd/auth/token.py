@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import errno
 import json
 import math
@@ -26,6 +27,7 @@ import anyio
 
 from senderd.auth.servicekey import ServiceKey
 from senderd.auth.tls import client_context
+from senderd.bounded import read_bounded
 from senderd.clock import Clock, SystemClock
 from senderd.durations import parse_retry_after
 from senderd.errors import TokenError
@@ -36,6 +38,14 @@ if TYPE_CHECKING:
     from senderd.config import CredentialsConfig, TokenConfig
 
 log = get_logger("token")
+MIN_TOKEN_LIFETIME = 2.0
+"""Seconds: a token that lives shorter is refused (XSUAA's shortest is an hour; 2 s still lets tests run)."""
+MAX_TOKEN_LIFETIME = 7 * 86400.0
+"""Seconds: a longer `expires_in` is taken as this (XSUAA's longest is a day)."""
+MIN_REFRESH_INTERVAL = 1.0
+"""Seconds between two planned refreshes at the least, whatever the lifetime and the policy say."""
+MAX_ANSWER_BYTES = 64 * 1024
+"""A token server's answer is a few KiB; a longer one is refused without being read further."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,7 @@ class RefreshPolicy:
     def refresh_delay(self, lifetime: float, rng: random.Random) -> float:
         """Seconds after obtaining a token with `lifetime` at which to refresh it."""
         left = lifetime * self.refresh_left * (1 + rng.uniform(-self.jitter, self.jitter))
-        return max(0.0, lifetime - left)
+        return max(MIN_REFRESH_INTERVAL, lifetime - left)
 
     def backoff(self, failures: int, retry_after: float | None, rng: random.Random) -> float:
         """Delay before the next attempt after `failures` consecutive failures (1 = the first); at least
@@ -313,7 +323,7 @@ class TokenProvider:
             # Shielded: the fetch is shared, so it must not die with the caller that happened to start it
             # (its own timeout bounds it).
             with anyio.CancelScope(shield=True):
-                grant = await self._fetch()
+                grant = _usable(await self._fetch())
         except TokenError as exc:
             self._failures += 1
             self._last_error = exc
@@ -357,6 +367,20 @@ class TokenProvider:
             listener(duration, token, error)
 
 
+def _usable(grant: TokenGrant) -> TokenGrant:
+    """`grant`, unless its lifetime is too short to use (a refresh storm: a failed fetch, backed off); an
+    absurdly long one is clamped."""
+    if grant.expires_in < MIN_TOKEN_LIFETIME:
+        raise TokenError(
+            f"the token server gave a token valid for {grant.expires_in:g}s, too short to use (at least "
+            f"{MIN_TOKEN_LIFETIME:g}s): check the token server's token validity setting",
+            reason="bad_response",
+        )
+    if grant.expires_in > MAX_TOKEN_LIFETIME:
+        return dataclasses.replace(grant, expires_in=MAX_TOKEN_LIFETIME)
+    return grant
+
+
 class HttpTokenFetcher:
     """One client-credentials request to the service key's token URL over its own session."""
 
@@ -374,7 +398,9 @@ class HttpTokenFetcher:
     ) -> HttpTokenFetcher:
         """A fetcher with a new session: our client certificate when the key has one, `ca_file` trusted."""
         connector = aiohttp.TCPConnector(ssl=client_context(key, credentials.ca_file), limit=4)
-        return cls(key, aiohttp.ClientSession(connector=connector), timeout=timeout, clock=clock)
+        # Never inflated: a token is small, and a compressed answer could expand without bound.
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        return cls(key, session, timeout=timeout, clock=clock)
 
     async def aclose(self) -> None:
         """Close the session."""
@@ -383,7 +409,7 @@ class HttpTokenFetcher:
     async def __call__(self) -> TokenGrant:
         key = self.key
         form = {"grant_type": "client_credentials", "client_id": key.client_id}
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
         if not key.uses_certificate and key.client_secret is not None:
             pair = f"{key.client_id}:{key.client_secret.reveal()}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
@@ -396,8 +422,15 @@ class HttpTokenFetcher:
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as response:
-                body = await response.read()
-                return _grant_from_response(response.status, response.headers, body, host, self.clock.time())
+                body = await read_bounded(response, MAX_ANSWER_BYTES, drain=False)
+                if body.truncated:
+                    raise TokenError(
+                        f"token server {host}: answer {response.status} larger than {MAX_ANSWER_BYTES // 1024} KiB: "
+                        "not a token server's answer; check the service key's tokenurl",
+                        reason="bad_response",
+                        status=response.status,
+                    )
+                return _grant_from_response(response.status, response.headers, body.data, host, self.clock.time())
         except TokenError:
             raise
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -411,6 +444,10 @@ class HttpTokenFetcher:
                 _client_cert_message(host, exc, key.uses_certificate), reason="client_certificate"
             ) from None
         except aiohttp.ClientConnectorError as exc:
+            if exc.os_error.errno == errno.ECONNRESET:  # cut off while the TLS handshake was under way
+                raise TokenError(
+                    _client_cert_message(host, exc, key.uses_certificate), reason="client_certificate"
+                ) from None
             raise TokenError(
                 f"token server {host}: cannot connect ({exc.os_error.strerror or exc.os_error}): "
                 "check the service key's tokenurl and the network",
@@ -419,15 +456,32 @@ class HttpTokenFetcher:
         except TimeoutError:
             raise TokenError(f"token server {host}: no answer within {self.timeout:g}s", reason="timeout") from None
         except aiohttp.ClientError as exc:
-            reset = isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET
-            if reset or "CERTIFICATE" in str(exc).upper() or "ALERT" in str(exc).upper():
-                # TLS 1.3 servers that demand a client certificate reset the connection after the handshake
+            if _tls_alert(exc):  # TLS 1.3 servers refuse a client certificate after the handshake, by an alert
                 raise TokenError(
                     _client_cert_message(host, exc, key.uses_certificate), reason="client_certificate"
                 ) from None
+            # A reset or close after the handshake: the network, a proxy or the server, for now (retried);
+            # a TLS 1.3 server that refuses our certificate may also just reset, so the message says both.
+            cause = (
+                "the server may refuse the client certificate"
+                if key.uses_certificate
+                else "the server may demand a client certificate, which a ClientSecret key has none of"
+            )
             raise TokenError(
-                f"token server {host}: connection failed ({type(exc).__name__})", reason="unreachable"
+                f"token server {host}: the connection broke after the TLS handshake ({_short(exc)}): retrying; "
+                f"if it persists, {cause}, or a proxy in between drops the connection",
+                reason="unreachable",
             ) from None
+
+
+def _tls_alert(exc: BaseException) -> bool:
+    """True when the error is a TLS alert (the peer refused something in our handshake), not a bare reset."""
+    text = str(exc).upper()
+    return "ALERT" in text or "CERTIFICATE" in text
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc).split("\n")[0][:120] or type(exc).__name__).strip()
 
 
 def _ssl_reason(exc: BaseException) -> str:
@@ -481,6 +535,14 @@ def _grant_from_response(status: int, headers: Any, body: bytes, host: str, now:
         if not isinstance(token, str) or not token or not math.isfinite(expires_in) or expires_in <= 0:
             raise TokenError(
                 f"token server {host}: answer 200 with an invalid token", reason="bad_response", status=status
+            )
+        token_type = data.get("token_type", "bearer")
+        if not isinstance(token_type, str) or token_type.lower() != "bearer":
+            raise TokenError(
+                f"token server {host}: token_type {str(token_type)[:40]!r} is not bearer: senderd sends Bearer "
+                "tokens only; check the service key's tokenurl",
+                reason="bad_response",
+                status=status,
             )
         scope = data.get("scope")
         scopes = tuple(scope.split()) if isinstance(scope, str) else ()

@@ -30,12 +30,16 @@ _FORM = "application/x-www-form-urlencoded"
 
 @dataclass
 class TokenServerFaults:
-    """Faults applied to token requests, in this order: delay, down, rate_limited. Mutable at run time."""
+    """Faults applied to token requests, in this order: delay, down, answer, rate_limited. Mutable at run time."""
 
     down: bool = False
     rate_limited: int = 0
     retry_after: float = 1.0
     delay: float = 0.0
+    answer: bytes | None = None
+    """A raw 200 answer instead of a token (a misbehaving or impostor server)."""
+    answer_encoding: str | None = None
+    """The Content-Encoding header sent with `answer` (e.g. "gzip" for a compressed bomb)."""
 
 
 @dataclass
@@ -228,6 +232,9 @@ class TokenServer:
             await asyncio.sleep(faults.delay)
         if faults.down:
             return web.Response(status=503, text="Service Unavailable")
+        if faults.answer is not None:
+            headers = {"Content-Encoding": faults.answer_encoding} if faults.answer_encoding else {}
+            return web.Response(body=faults.answer, content_type="application/json", headers=headers)
         if faults.rate_limited != 0:
             if faults.rate_limited > 0:
                 faults.rate_limited -= 1
