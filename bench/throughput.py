@@ -52,8 +52,7 @@ async def senderd_child(config_path: Path, count: int, warmup: int, max_s: float
     configure_logging("info", "json", stream=log)
     config = load_config(config_path)
     flow = config.flows[0]
-    async with Engine.open(config) as engine, anyio.create_task_group() as group:
-        await group.start(engine.tokens.run)
+    async with Engine.open(config) as engine:
 
         async def burst(n: int) -> tuple[int, int]:
             sent = ok = 0
@@ -77,7 +76,6 @@ async def senderd_child(config_path: Path, count: int, warmup: int, max_s: float
         wall, cpu = time.perf_counter(), time.process_time()
         sent, ok = await burst(count)
         await _report(out, sent, ok, time.perf_counter() - wall, time.process_time() - cpu)
-        group.cancel_scope.cancel()
 
 
 async def aiohttp_child(url: str, ca: Path, token: str, count: int, warmup: int, max_s: float, out: Path) -> None:

@@ -276,13 +276,17 @@ async def _emulator(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace) -> int:
     from senderd.daemon import Daemon
 
-    config = _config(args, flows_needed=True)
-    if args.listen:
-        from senderd.config import parse_listen
+    def load() -> Config:
+        """The config with the command line applied: at start, and again at every SIGHUP."""
+        config = _config(args, flows_needed=True)
+        if args.listen:
+            from senderd.config import parse_listen
 
-        parse_listen(args.listen)
-        config = config.model_copy(update={"server": config.server.model_copy(update={"listen": args.listen})})
-    await Daemon.create(config, config_path=config_path(args)).serve()
+            parse_listen(args.listen)
+            config = config.model_copy(update={"server": config.server.model_copy(update={"listen": args.listen})})
+        return config
+
+    await Daemon.create(load(), loader=load if config_path(args) is not None else None).serve()
     return EXIT_OK
 
 

@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
 from pydantic import ValidationError
 
 from senderd.config import Config, FlowConfig, config_from_dict, format_validation_error
@@ -52,17 +51,8 @@ class Client:
         if runtime_url is not None:
             data["runtime"] = {"url": runtime_url}
         config: Config = config_from_dict(data, source="senderd.Client", base=Path.cwd())
-        error: Exception | None = None
-        async with Engine.open(config) as engine, anyio.create_task_group() as group:
-            await group.start(engine.tokens.run)
-            try:
-                yield cls(engine)
-            except Exception as exc:  # the caller's own error: re-raised as it is, not in a group
-                error = exc
-            finally:
-                group.cancel_scope.cancel()
-        if error is not None:
-            raise error
+        async with Engine.open(config) as engine:
+            yield cls(engine)
 
     async def send(
         self,

@@ -24,7 +24,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from senderd.auth.rotation import CredentialWatcher
-from senderd.auth.servicekey import ServiceKey, load_credentials
+from senderd.auth.servicekey import ServiceKey
 from senderd.clock import Clock, SystemClock
 from senderd.config import Config, FlowConfig, load_config
 from senderd.engine import Engine
@@ -32,7 +32,7 @@ from senderd.errors import SenderdError
 from senderd.logs import get_logger
 from senderd.metrics import Metrics
 from senderd.pool import Job, WorkerPool
-from senderd.scheduler import run_schedules
+from senderd.scheduler import Scheduler
 from senderd.server import ObservabilityServer
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 log = get_logger("daemon")
 StartHook = Callable[[Engine, TaskGroup], Awaitable[None]]
+ConfigLoader = Callable[[], Config]
 RESTART_SECTIONS = ("server", "relay", "pool", "runtime", "token")
 """Config sections a reload cannot apply to a running daemon (logged as needing a restart)."""
 
@@ -53,7 +54,8 @@ class Daemon:
     clock: Clock = field(default_factory=SystemClock)
     on_start: StartHook | None = None
     handle_signals: bool = True
-    config_path: Path | None = None
+    loader: ConfigLoader | None = None
+    """What SIGHUP re-reads: the config file with the command line's flags applied again (None: no reload)."""
     engine: Engine | None = None
     server: ObservabilityServer | None = None
     relay: Relay | None = None
@@ -63,7 +65,7 @@ class Daemon:
         self._stop = anyio.Event()
         self._force = anyio.Event()
         self.started = anyio.Event()
-        self._schedules = anyio.CancelScope()
+        self.scheduler: Scheduler | None = None
         self._reload_lock = anyio.Lock()
         self._pool: WorkerPool | None = None
         self._drained = anyio.Event()
@@ -78,15 +80,22 @@ class Daemon:
         on_start: StartHook | None = None,
         handle_signals: bool = True,
         config_path: Path | None = None,
+        loader: ConfigLoader | None = None,
     ) -> Daemon:
-        """A daemon for `config` (not started); `config_path` is what SIGHUP re-reads."""
+        """A daemon for `config` (not started); SIGHUP re-reads `config_path` (or calls `loader`)."""
+        if loader is None and config_path is not None:
+            path = config_path
+
+            def loader() -> Config:
+                return load_config(path)
+
         return cls(
             config=config,
             metrics=metrics or Metrics(),
             clock=clock or SystemClock(),
             on_start=on_start,
             handle_signals=handle_signals,
-            config_path=config_path,
+            loader=loader,
         )
 
     def stop(self) -> None:
@@ -140,14 +149,15 @@ class Daemon:
 
     async def _start_background(self, engine: Engine, group: TaskGroup) -> None:
         config = self.config
-        await group.start(engine.tokens.run)
+
+        def rotated(key: ServiceKey) -> None:
+            if key.certificate_not_after is not None:
+                self.metrics.certificate_expiry.set(key.certificate_not_after.timestamp())
+
+        self.watcher = CredentialWatcher(
+            config.credentials, config.token, engine.tokens, self.clock, engine.key, on_rotated=rotated
+        )
         if config.credentials.service_key is not None:
-
-            def rotated(key: ServiceKey) -> None:
-                if key.certificate_not_after is not None:
-                    self.metrics.certificate_expiry.set(key.certificate_not_after.timestamp())
-
-            self.watcher = CredentialWatcher(config.credentials, config.token, engine.tokens, self.clock, rotated)
             group.start_soon(self.watcher.run)
         if self.handle_signals:
             group.start_soon(self._watch_signals)
@@ -164,35 +174,19 @@ class Daemon:
                 self._drained.set()
 
         await work.start(workers)
-        await work.start(self._run_schedules, engine, pool)
-        if self.relay is not None:
-            await work.start(self.relay.run)
-        log.info("started", flows=len(self.config.flows), workers=self.config.pool.workers)
-        self.started.set()
 
-    async def _run_schedules(
-        self, engine: Engine, pool: WorkerPool, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
         def make_job(flow: FlowConfig, scheduled_at: float) -> Job:
             async def job() -> None:
                 await engine.send(flow, scheduled_at=scheduled_at)
 
             return job
 
-        status = task_status
-        while not self._stop.is_set():  # a reload cancels one round; the next takes the new flows
-            with anyio.CancelScope() as self._schedules:
-                await run_schedules(
-                    engine.config.flows,
-                    pool,
-                    make_job,
-                    clock=self.clock,
-                    on_skip=self.metrics.tick_skipped,
-                    task_status=status,
-                )
-                status = anyio.TASK_STATUS_IGNORED
-                await anyio.sleep_forever()  # no scheduled flow: wait for a reload or the stop
-            status = anyio.TASK_STATUS_IGNORED
+        self.scheduler = Scheduler(pool, make_job, clock=self.clock, on_skip=self.metrics.tick_skipped)
+        await work.start(self.scheduler.run, engine.config.flows)
+        if self.relay is not None:
+            await work.start(self.relay.run)
+        log.info("started", flows=len(self.config.flows), workers=self.config.pool.workers)
+        self.started.set()
 
     # --- main loop ------------------------------------------------------------------------------------------
 
@@ -205,27 +199,29 @@ class Daemon:
             return await self._reload()
 
     async def _reload(self) -> bool:
-        engine = self.engine
-        if self.config_path is None or engine is None:
+        engine, watcher, scheduler = self.engine, self.watcher, self.scheduler
+        if self.loader is None or engine is None or watcher is None or scheduler is None:
             return False
         running = engine.config
         try:
-            new = load_config(self.config_path)
-            key = load_credentials(new.credentials) if new.credentials != running.credentials else None
+            new = self.loader()
         except SenderdError as exc:
             return self._reload_failed(str(exc))
         restart_needed = [name for name in RESTART_SECTIONS if getattr(new, name) != getattr(running, name)]
-        if key is not None and self.watcher is not None and not await self.watcher.rotate(new.credentials):
+        # What a running daemon cannot change stays as it runs, for every component alike (said below).
+        new = new.model_copy(update={name: getattr(running, name) for name in restart_needed})
+        if not await watcher.rotate(new.credentials):  # the same key and settings: nothing happens
             return self._reload_failed("the new credentials are unusable (see credentials_reload_failed)")
         self.config = new
         engine.holder.swap(new)
         for flow in new.flows:
             self.metrics.declare_flow(flow.name, flow.every)
-        self._schedules.cancel()  # the scheduling loop starts again with the new flows
+        restarted = scheduler.update(new.flows)
         self.metrics.config_reload_ok.set(1)
         log.info(
             "config_reloaded",
             flows=[f.name for f in new.flows],
+            rescheduled=restarted,
             **({"restart_needed_for": restart_needed} if restart_needed else {}),
         )
         return True
@@ -252,8 +248,11 @@ class Daemon:
         pool, relay = self._pool, self.relay
         assert pool is not None
         log.info("stopping", inflight=pool.running, drain_timeout_s=self.config.pool.drain_timeout)
-        self._schedules.cancel()
+        if self.scheduler is not None:
+            self.scheduler.stop()
         pool.close()
+        assert self.engine is not None
+        self.engine.stop_waiting()  # only exchanges already on the wire drain
         if relay is not None:
             relay.stop_accepting()
 

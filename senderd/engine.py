@@ -1,8 +1,9 @@
 """The sending engine: everything one send needs, built once from a config and shared by all callers.
 
 `Engine.open(config)` loads the service key, opens the token session and the runtime session (each
-created once and reused), and gives `send(flow)`: a whole delivery with retries, metrics and one log
-event; `run_once(flows)` sends each flow once through a bounded pool (the CronJob mode).
+created once and reused), keeps a token fresh in the background, and gives `send(flow)`: a whole delivery
+with retries, metrics and one log event; `run_once(flows)` sends each flow once through a bounded pool
+(the CronJob mode).
 """
 
 from __future__ import annotations
@@ -49,12 +50,35 @@ class Engine:
     """Token provider, runtime session and metrics of one running senderd, over the config in `holder`."""
 
     holder: ConfigHolder
+    key: ServiceKey
+    """The service key the engine was opened with (`CredentialWatcher` owns the one in use after that)."""
     tokens: TokenProvider
     sender: Sender
     metrics: Metrics
     clock: Clock
     listeners: list[SendListener] = field(default_factory=list)
     _policies: dict[str, tuple[FlowConfig, RetryPolicy]] = field(default_factory=dict)
+    _stopping: anyio.Event = field(default_factory=anyio.Event)
+
+    def stop_waiting(self) -> None:
+        """Senderd is stopping: sends waiting for a token or for their next retry end at once (with what
+        they have); exchanges already on the wire finish."""
+        self._stopping.set()
+        self.tokens.stop()
+
+    async def _retry_sleep(self, seconds: float) -> None:
+        """The wait before a retry, cut short when senderd stops."""
+        if self._stopping.is_set():
+            return
+        async with anyio.create_task_group() as waits:
+
+            async def until_stopping() -> None:
+                await self._stopping.wait()
+                waits.cancel_scope.cancel()
+
+            waits.start_soon(until_stopping)
+            await self.clock.sleep(seconds)
+            waits.cancel_scope.cancel()
 
     @property
     def config(self) -> Config:
@@ -70,8 +94,13 @@ class Engine:
         metrics: Metrics | None = None,
         clock: Clock | None = None,
         key: ServiceKey | None = None,
+        refresh: bool = True,
     ) -> AsyncIterator[Engine]:
-        """Build the engine from `config`; sessions close on exit. Raises ConfigError/CredentialsError."""
+        """Build the engine from `config`; sessions close on exit. Raises ConfigError/CredentialsError.
+
+        `refresh=False` leaves the token provider without its background refresher (sends then fetch
+        for themselves): for tests that step a fake clock, which a refresher would keep moving.
+        """
         clock = clock or SystemClock()
         metrics = metrics or Metrics()
         key = key or load_credentials(config.credentials)
@@ -90,7 +119,21 @@ class Engine:
             # unsafe=True keeps cookies from IP-address hosts too (the CSRF session must come back)
             async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
                 sender = Sender(s, tokens, runtime_url, metrics, clock)
-                yield cls(holder=ConfigHolder(config), tokens=tokens, sender=sender, metrics=metrics, clock=clock)
+                engine = cls(
+                    holder=ConfigHolder(config), key=key, tokens=tokens, sender=sender, metrics=metrics, clock=clock
+                )
+                error: Exception | None = None
+                async with anyio.create_task_group() as background:
+                    if refresh:
+                        await background.start(tokens.run)  # fetches happen here, not in a send that may give up
+                    try:
+                        yield engine
+                    except Exception as exc:  # the caller's own error: re-raised as it is, not in a group
+                        error = exc
+                    finally:
+                        background.cancel_scope.cancel()
+                if error is not None:
+                    raise error
 
     def policy(self, flow: FlowConfig) -> RetryPolicy:
         """The flow's retry policy (built once per flow configuration)."""
@@ -124,9 +167,10 @@ class Engine:
                     flow, payload, headers, message_id, timeout=deadline_at - clock.monotonic()
                 ),
                 self.policy(flow),
-                sleep=clock.sleep,
+                sleep=self._retry_sleep,
                 monotonic=clock.monotonic,
                 message_id=message_id,
+                should_stop=self._stopping.is_set,
                 on_attempt=_log_attempt(flow) if log.is_enabled_for(logging.DEBUG) else None,
             )
         finally:

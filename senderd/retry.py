@@ -76,11 +76,13 @@ async def deliver(
     rng: random.Random | None = None,
     message_id: str | None = None,
     on_attempt: AttemptListener | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> SendResult:
     """Run `attempt` until it succeeds, is not retryable, or the policy's bounds are reached.
 
     Gives up when the attempts are used up or when the next wait would end past the deadline.
-    `on_attempt` hears of every attempt, with the wait before the next one (None: no next one).
+    `on_attempt` hears of every attempt, with the wait before the next one (None: no next one); once
+    `should_stop()` is true, no further attempt is made (the last one's result is the send's).
     """
     rng = rng or _RNG
     started = monotonic()
@@ -91,13 +93,15 @@ async def deliver(
         delay: float | None = None
         if last.outcome != "success" and policy.retryable(last) and len(codes) <= policy.retries:
             delay = policy.wait(len(codes), last.retry_after, rng)
-            if monotonic() - started + delay > policy.deadline:
+            if monotonic() - started + delay > policy.deadline or (should_stop is not None and should_stop()):
                 delay = None
         if on_attempt is not None:
             on_attempt(last, len(codes), delay)
         if delay is None:
             break
         await sleep(delay)
+        if should_stop is not None and should_stop():
+            break
     return SendResult(
         flow=flow_name,
         outcome=last.outcome,

@@ -1,4 +1,5 @@
-"""Turns schedules into ticks: one task per scheduled flow sleeps until its next fire and offers a job.
+"""Turns schedules into ticks: one task per scheduled flow sleeps until its next fire and offers a job;
+a reload changes only the flows whose schedule changed.
 
 The maths is in `schedule.py` (pure functions); this module only waits on the injected clock, and tells
 `on_skip` about every tick that did not run (the daemon counts them).
@@ -32,6 +33,110 @@ def schedule_of(flow: FlowConfig) -> Schedule | None:
     return None
 
 
+class Scheduler:
+    """One tick task per scheduled flow; `update` applies a new set of flows without disturbing the
+    flows whose schedule did not change (they keep their phase, their next fire and their overlap rule)."""
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        make_job: Callable[[FlowConfig, float], Job],
+        *,
+        clock: Clock,
+        on_skip: SkipListener,
+        spread: bool = True,
+    ) -> None:
+        self.pool = pool
+        self.make_job = make_job
+        self.clock = clock
+        self.on_skip = on_skip
+        self.spread = spread
+        self._ticks: dict[str, _Ticker] = {}
+        self._group: anyio.abc.TaskGroup | None = None
+        self._stopped = False
+
+    @property
+    def scheduled(self) -> list[str]:
+        """Names of the flows that have a tick task now."""
+        return sorted(self._ticks)
+
+    async def run(
+        self, flows: Sequence[FlowConfig] = (), *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Tick `flows` (and whatever `update` brings) until cancelled."""
+        async with anyio.create_task_group() as group:
+            self._group = group
+            self.update(flows)
+            task_status.started()
+            await anyio.sleep_forever()
+
+    def stop(self) -> None:
+        """End every tick task: nothing more is scheduled."""
+        self._stopped = True
+        for ticker in self._ticks.values():
+            ticker.scope.cancel()
+        self._ticks.clear()
+
+    def update(self, flows: Sequence[FlowConfig]) -> list[str]:
+        """Schedule `flows` from now on; returns the names whose tick task was (re)started."""
+        group = self._group
+        if group is None:
+            raise RuntimeError("the scheduler is not running")
+        if self._stopped:
+            return []
+        wanted = {flow.name: flow for flow in flows if schedule_of(flow) is not None}
+        for name in list(self._ticks):
+            if name not in wanted or self._ticks[name].timing != _timing(wanted[name]):
+                self._ticks.pop(name).scope.cancel()
+        started = []
+        for name, flow in wanted.items():
+            ticker = self._ticks.get(name)
+            if ticker is not None:
+                ticker.flow = flow  # same schedule: the next tick sends the new settings
+                continue
+            ticker = self._ticks[name] = _Ticker(flow)
+            group.start_soon(self._tick, ticker)
+            started.append(name)
+        return started
+
+    async def _tick(self, ticker: _Ticker) -> None:
+        with ticker.scope:
+            flow, clock = ticker.flow, self.clock
+            schedule = schedule_of(flow)
+            assert schedule is not None
+            spread = self.spread and flow.start == "spread" and flow.every is not None
+            offset = spread_offset(flow.name, flow.every) if spread and flow.every is not None else 0.0
+            fire = schedule.first_fire(clock.monotonic(), clock.time(), offset=offset)
+            while True:
+                await clock.sleep(fire - clock.monotonic())
+                flow = ticker.flow
+                verdict = self.pool.offer(flow.name, self.make_job(flow, fire))
+                if verdict == "overlap" or verdict == "queue_full":
+                    self.on_skip(flow.name, verdict, 1)
+                    log.warning("tick_skipped", flow=flow.name, reason=verdict)
+                elif verdict == "closed":
+                    return
+                following = schedule.advance(fire, clock.monotonic(), clock.time())
+                if following.skipped:
+                    self.on_skip(flow.name, "late", following.skipped)
+                    log.warning("ticks_missed", flow=flow.name, count=following.skipped, reason="late")
+                fire = following.at
+
+
+class _Ticker:
+    """A flow's tick task: the flow to send (swapped by `update`) and the scope that ends the task."""
+
+    def __init__(self, flow: FlowConfig) -> None:
+        self.flow = flow
+        self.timing = _timing(flow)
+        self.scope = anyio.CancelScope()
+
+
+def _timing(flow: FlowConfig) -> tuple[object, ...]:
+    """What decides when a flow fires: a change here restarts its ticks, anything else does not."""
+    return (flow.every, flow.cron, flow.timezone, flow.start)
+
+
 async def run_schedules(
     flows: Sequence[FlowConfig],
     pool: WorkerPool,
@@ -43,36 +148,5 @@ async def run_schedules(
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Tick every scheduled flow until cancelled; `make_job(flow, scheduled_at)` builds the work."""
-    async with anyio.create_task_group() as group:
-        for flow in flows:
-            schedule = schedule_of(flow)
-            if schedule is not None:
-                group.start_soon(_tick, flow, schedule, pool, make_job, clock, on_skip, spread)
-        task_status.started()
-
-
-async def _tick(
-    flow: FlowConfig,
-    schedule: Schedule,
-    pool: WorkerPool,
-    make_job: Callable[[FlowConfig, float], Job],
-    clock: Clock,
-    on_skip: SkipListener,
-    spread: bool,
-) -> None:
-    spread = spread and flow.start == "spread" and flow.every is not None
-    offset = spread_offset(flow.name, flow.every) if spread and flow.every is not None else 0.0
-    fire = schedule.first_fire(clock.monotonic(), clock.time(), offset=offset)
-    while True:
-        await clock.sleep(fire - clock.monotonic())
-        verdict = pool.offer(flow.name, make_job(flow, fire))
-        if verdict == "overlap" or verdict == "queue_full":
-            on_skip(flow.name, verdict, 1)
-            log.warning("tick_skipped", flow=flow.name, reason=verdict)
-        elif verdict == "closed":
-            return
-        following = schedule.advance(fire, clock.monotonic(), clock.time())
-        if following.skipped:
-            on_skip(flow.name, "late", following.skipped)
-            log.warning("ticks_missed", flow=flow.name, count=following.skipped, reason="late")
-        fire = following.at
+    scheduler = Scheduler(pool, make_job, clock=clock, on_skip=on_skip, spread=spread)
+    await scheduler.run(flows, task_status=task_status)

@@ -192,8 +192,10 @@ async def test_a_token_fetch_outlives_the_send_that_started_it(stack: EmulatorSt
     async with engine_for(stack, flow) as engine:
         first = await engine.send(engine.config.flow("ts"))
         stack.token_server.faults.delay = 0
+        await engine.tokens.wait_fetch()  # the fetch goes on in the background after the send gave up
         second = await engine.send(engine.config.flow("ts"))
     assert first.outcome == "timeout"
+    assert first.duration < 0.4  # the send kept to its own timeout; it did not wait for the slow fetch
     assert second.ok
     assert stack.token_server.stats.requests == 1  # the shared fetch finished and its token was kept
 

@@ -299,7 +299,8 @@ retries = 3
                 logs += chunk
             code = await process.wait()
     events = [json.loads(line) for line in logs.decode().splitlines() if line.startswith("{")]
-    sends = [e for e in events if e.get("event") == "send_finished"]
+    stop = next(i for i, e in enumerate(events) if e.get("event") == "stopping")
+    sends = [e for e in events[:stop] if e.get("event") == "send_finished"]  # at the stop, retries end early
     by_flow = {name: [e for e in sends if e["flow"] == name] for name in ("timestamp", "orders", "flaky")}
     print(
         f"\nindependent stack, {3 * LIFETIME + 1}s: {len(sends)} sends, {len(backend.tokens)} tokens, "

@@ -21,6 +21,7 @@ from senderd.config import config_from_dict
 from senderd.emulator.stack import EmulatorStack
 from senderd.engine import Engine
 from senderd.metrics import Metrics
+from senderd.testing import StepClock
 
 _INSTALL_HINTS = {
     "promtool": "apt-get install prometheus",
@@ -80,5 +81,6 @@ async def engine_for(
         },
         source="test.toml",
     )
-    async with Engine.open(config, metrics=Metrics(process=False), clock=clock) as engine:
+    stepping = isinstance(clock, StepClock)  # its sleeps jump time: a background refresher would race ahead
+    async with Engine.open(config, metrics=Metrics(process=False), clock=clock, refresh=not stepping) as engine:
         yield engine

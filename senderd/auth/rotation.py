@@ -18,8 +18,9 @@ log = get_logger("credentials")
 
 
 class CredentialWatcher:
-    """Notices a replaced service key file (as Kubernetes updates a mounted Secret: a symlink swap) and
-    moves the token provider to the new key; an invalid new key is refused and the old one keeps serving."""
+    """Owns which service key is in use: notices a replaced key file (as Kubernetes updates a mounted
+    Secret: a symlink swap) and takes a reload's new credentials, moving the token provider to the new
+    key; an invalid new key is refused and the old one keeps serving."""
 
     def __init__(
         self,
@@ -27,12 +28,14 @@ class CredentialWatcher:
         token: TokenConfig,
         provider: TokenProvider,
         clock: Clock,
+        key: ServiceKey,
         on_rotated: Callable[[ServiceKey], None] | None = None,
     ) -> None:
         self.config = config
         self.token = token
         self.provider = provider
         self.clock = clock
+        self.key = key
         self.on_rotated = on_rotated
         self._seen = self._fingerprint()
 
@@ -41,7 +44,7 @@ class CredentialWatcher:
         if path is None:
             return None
         try:
-            data = path.read_bytes()
+            data = path.read_bytes()  # the path as given: a swapped symlink is followed anew each time
         except OSError:
             return None
         key_file = self.config.key_file
@@ -51,13 +54,14 @@ class CredentialWatcher:
         return hashlib.sha256(data).digest()
 
     async def run(self) -> None:
-        """Check every `credentials.watch_interval` until cancelled."""
+        """Check every `credentials.watch_interval` until cancelled (a key from an environment variable
+        cannot change while the process runs: nothing to watch)."""
         while True:
             await self.clock.sleep(self.config.watch_interval)
             await self.check()
 
     async def check(self) -> bool:
-        """Reload if the files changed; True when a new key was taken into use."""
+        """Reload if the files changed; True when they did and their key is the one in use now."""
         current = self._fingerprint()
         if current is None or current == self._seen:
             return False
@@ -65,14 +69,17 @@ class CredentialWatcher:
         return await self.rotate(self.config)
 
     async def rotate(self, config: CredentialsConfig) -> bool:
-        """Load the key `config` names and use it for the next token fetch (False if it is unusable)."""
+        """Use the key `config` names for the next token fetch; False (and a log line) if it is unusable.
+        Nothing changes when it is the key and configuration already in use."""
         try:
             key = load_credentials(config)
+            if key == self.key and config == self.config:
+                return True
             fetcher = HttpTokenFetcher.create(key, config, timeout=self.token.timeout, clock=self.clock)
         except SenderdError as exc:  # e.g. an invalid key or an unreadable ca_file
             log.error("credentials_reload_failed", error=str(exc), keeping="the previous service key")
             return False
-        self.config = config
+        self.config, self.key = config, key
         self._seen = self._fingerprint()
         await self.provider.replace_fetcher(fetcher)
         expiry = key.certificate_not_after

@@ -161,7 +161,11 @@ class TokenProvider:
         self._failures = 0
         self._last_error: TokenError | None = None
         self._inflight: anyio.Event | None = None
+        self._fetched = anyio.Event()
+        """Set (and replaced) whenever a fetch ends, however it ends."""
         self._wake = anyio.Event()
+        self._running = False
+        self._stopping = False
 
     @classmethod
     @asynccontextmanager
@@ -244,24 +248,45 @@ class TokenProvider:
         return self._token is not None and self._token.usable(self._clock.monotonic())
 
     async def get(self) -> Token:
-        """A usable token: the cached one, or (only when none is usable) the result of a shared fetch."""
+        """A usable token: the cached one, or (only when none is usable) the result of a shared fetch.
+
+        While `run()` refreshes in the background, the fetch happens there (a caller that gives up waiting
+        leaves it running for the others); otherwise the first caller fetches and the others share it.
+        """
         while True:
             token = self._token
             now = self._clock.monotonic()
             if token is not None and token.usable(now):
                 return token
-            if self._inflight is not None:
-                await self._inflight.wait()
-                if (
-                    not self.has_valid_token()
-                    and self._last_error is not None
-                    and self._clock.monotonic() < self._retry_at
-                ):
-                    raise self._backing_off_error()
-                continue
-            if self._last_error is not None and now < self._retry_at:
+            if self._stopping:
+                raise TokenError("no token: senderd is stopping", reason=self._stop_reason())
+            if self._inflight is None and self._backing_off(now):
                 raise self._backing_off_error()
-            return await self._fetch_once()
+            if self._inflight is None and not self._running:
+                await self._fetch_once()
+                continue
+            fetched = self._fetched
+            if self._inflight is None:
+                self._wake.set()  # the refresher fetches now
+            await fetched.wait()
+            if not self.has_valid_token() and self._backing_off(self._clock.monotonic()):
+                raise self._backing_off_error()
+
+    def stop(self) -> None:
+        """Senderd is stopping: callers waiting for a token (and later ones, if none is valid) get a
+        TokenError at once instead of waiting for the token server."""
+        self._stopping = True
+        self._fetch_finished()
+
+    def _backing_off(self, now: float) -> bool:
+        return self._last_error is not None and now < self._retry_at
+
+    def _stop_reason(self) -> str:
+        return self._last_error.reason if self._last_error is not None else "unreachable"
+
+    def _fetch_finished(self) -> None:
+        self._fetched.set()
+        self._fetched = anyio.Event()
 
     def invalidate(self, token: Token) -> None:
         """The runtime refused `token` (401): drop it if it is still the current one, and refresh."""
@@ -273,22 +298,28 @@ class TokenProvider:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep a token fresh until cancelled: refresh ahead of expiry, back off on failure."""
-        task_status.started()
-        if self._token is None and self._policy.startup_jitter > 0:
-            await self._sleep_or_wake(self._rng.uniform(0, self._policy.startup_jitter))
-        while True:
-            now = self._clock.monotonic()
-            if self._inflight is not None:
-                await self._inflight.wait()
-                continue
-            if self._token is not None and now < self._refresh_at:
-                await self._sleep_or_wake(self._refresh_at - now)
-                continue
-            if now < self._retry_at:
-                await self._sleep_or_wake(self._retry_at - now)
-                continue
-            with contextlib.suppress(TokenError):  # logged and backed off; the cached token keeps serving
-                await self._fetch_once()
+        self._running = True
+        try:
+            task_status.started()
+            if self._token is None and self._policy.startup_jitter > 0:
+                await self._sleep_or_wake(self._rng.uniform(0, self._policy.startup_jitter))
+            while True:
+                now = self._clock.monotonic()
+                if self._inflight is not None:
+                    await self._inflight.wait()
+                    continue
+                token = self._token
+                if token is not None and token.usable(now) and now < self._refresh_at:
+                    await self._sleep_or_wake(self._refresh_at - now)
+                    continue
+                if now < self._retry_at:
+                    await self._sleep_or_wake(self._retry_at - now)
+                    continue
+                with contextlib.suppress(TokenError):  # logged and backed off; the cached token keeps serving
+                    await self._fetch_once()
+        finally:
+            self._running = False
+            self._fetch_finished()  # whoever waited for this refresher fetches for themselves now
 
     def _backing_off_error(self) -> TokenError:
         assert self._last_error is not None
@@ -320,10 +351,7 @@ class TokenProvider:
         self._inflight = event
         started = self._clock.monotonic()
         try:
-            # Shielded: the fetch is shared, so it must not die with the caller that happened to start it
-            # (its own timeout bounds it).
-            with anyio.CancelScope(shield=True):
-                grant = _usable(await self._fetch())
+            grant = _usable(await self._fetch())
         except TokenError as exc:
             self._failures += 1
             self._last_error = exc
@@ -342,6 +370,7 @@ class TokenProvider:
         finally:
             self._inflight = None
             event.set()
+            self._fetch_finished()
         # Lifetimes count from when the request went out: the server started the clock then at the latest.
         now = started
         token = Token(

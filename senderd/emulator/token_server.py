@@ -86,6 +86,7 @@ class TokenServer:
         self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self._kid = f"default-jwt-key-{secrets.randbelow(10**9)}"
         self._listener: TlsListener | None = None
+        self._request_seen = asyncio.Event()
 
     def __repr__(self) -> str:
         url = self._listener.url if self._listener else None
@@ -210,8 +211,15 @@ class TokenServer:
 
     # -- handlers ----------------------------------------------------------------------------------
 
+    async def wait_for_requests(self, count: int) -> None:
+        """Return once at least `count` token requests have arrived (for tests that act mid-request)."""
+        while self.stats.requests < count:
+            await self._request_seen.wait()
+
     async def _token(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
+        self._request_seen.set()
+        self._request_seen = asyncio.Event()
         try:
             response = await self._token_response(request)
         except web.HTTPException as exc:  # e.g. 413 from request.post()
