@@ -14,10 +14,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from senderd.durations import parse_duration
 from senderd.errors import ConfigError
+from senderd.logs import register_secret
 
 CONFIG_ENV = "SENDERD_CONFIG"
 
@@ -195,6 +205,9 @@ class FlowConfig(SendSettings):
     start: Literal["spread", "now"] = "spread"
     """First fire of an `every` flow: spread over the interval (default) or right at start-up."""
     ordered: bool = False
+    _payload: bytes | None = PrivateAttr(default=None)
+    probe: bool = False
+    """Whether `/probe?flow=NAME` may send this flow (a probe is a real send: off unless asked for)."""
 
     @field_validator("path")
     @classmethod
@@ -214,10 +227,12 @@ class FlowConfig(SendSettings):
                 IntervalSchedule(self.every)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
-        if self.body_file is not None and not os.access(self.body_file, os.R_OK):
-            raise ValueError(f"body_file {str(self.body_file)!r} is missing or unreadable: check the path")
         if self.body is not None and self.body_file is not None:
             raise ValueError("give body or body_file, not both")
+        if self.body_file is not None:
+            self._payload = _read_body(self.body_file)
+        elif self.body is not None:
+            self._payload = self.body.encode()
         if self.cron is None and self.timezone != "UTC":
             raise ValueError("timezone applies only to cron schedules: remove it or use cron")
         if self.cron is not None or self.timezone != "UTC":
@@ -235,15 +250,24 @@ class FlowConfig(SendSettings):
         return self.method in MODIFYING_METHODS
 
     def body_bytes(self) -> bytes | None:
-        """The configured body (from `body` or `body_file`), if any."""
-        if self.body_file is not None:
-            try:
-                return self.body_file.read_bytes()
-            except OSError as exc:
-                raise ConfigError(
-                    f"flows.{self.name}.body_file: cannot read {self.body_file} ({exc.strerror})"
-                ) from None
-        return self.body.encode() if self.body is not None else None
+        """The configured body (from `body`, or `body_file` as it was read at load or reload), if any."""
+        return self._payload
+
+
+MAX_BODY_FILE_BYTES = 64 * 1024 * 1024
+"""A body file is read whole at load; beyond this it is refused (SAP recommends payloads up to 40 MB)."""
+
+
+def _read_body(path: Path) -> bytes:
+    """A flow's body file, read once (at load and reload), so that its later fate cannot fail a send."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_BODY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"body_file {str(path)!r} is missing or unreadable ({exc.strerror}): check the path") from None
+    if len(data) > MAX_BODY_FILE_BYTES:
+        raise ValueError(f"body_file {str(path)!r} is larger than {MAX_BODY_FILE_BYTES >> 20} MiB: use a smaller body")
+    return data
 
 
 def check_listen(value: str) -> str:
@@ -264,11 +288,29 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def env_secret(variable: str | None, key: str) -> str | None:
+    """The secret in environment variable `variable` (None when no variable is configured); `key` names the
+    config key in the error when the variable is unset or empty."""
+    if variable is None:
+        return None
+    value = os.environ.get(variable)
+    if not value:
+        raise ConfigError(f"{key}: environment variable {variable} is not set or empty")
+    register_secret(value)
+    return value
+
+
 class ServerConfig(Section):
     """`[server]`: the metrics and health endpoint."""
 
     listen: str = "127.0.0.1:9464"
     enabled: bool = True
+    token_env: str | None = None
+    """Environment variable holding the bearer token that `/metrics` and `/probe` require (none: open)."""
+
+    def token(self) -> str | None:
+        """The bearer token that scrapers must present, from `token_env`."""
+        return env_secret(self.token_env, "server.token_env")
 
     @field_validator("listen")
     @classmethod
@@ -319,12 +361,7 @@ class RelayConfig(Section):
 
     def token(self) -> str | None:
         """The bearer token the app must present, from `token_env`."""
-        if self.token_env is None:
-            return None
-        value = os.environ.get(self.token_env)
-        if not value:
-            raise ConfigError(f"relay.token_env: environment variable {self.token_env} is not set or empty")
-        return value
+        return env_secret(self.token_env, "relay.token_env")
 
 
 class Config(BaseModel):

@@ -31,7 +31,8 @@ from senderd.engine import Engine
 from senderd.errors import SenderdError
 from senderd.logs import get_logger
 from senderd.metrics import Metrics
-from senderd.pool import Job, WorkerPool
+from senderd.pool import Job, Verdict, WorkerPool
+from senderd.result import SendResult
 from senderd.scheduler import Scheduler
 from senderd.server import ObservabilityServer
 
@@ -137,7 +138,9 @@ class Daemon:
                 dead=relay.spool.counts["dead"],
             )
         if config.server.enabled:
-            server = self.server = ObservabilityServer(engine, config.server.listen)
+            server = self.server = ObservabilityServer(
+                engine, config.server.listen, probe=self._probe, token=config.server.token()
+            )
             await server.start()
             resources.push_async_callback(server.stop)
             log.info("listening", url=server.url, endpoints=["/metrics", "/healthz", "/readyz", "/probe"])
@@ -165,7 +168,9 @@ class Daemon:
             await self.on_start(engine, group)
 
     async def _start_work(self, engine: Engine, work: TaskGroup) -> None:
-        pool = self._pool = WorkerPool(self.config.pool.workers, self.config.pool.queue)
+        pool = self._pool = WorkerPool(
+            self.config.pool.workers, self.config.pool.queue, on_error=lambda: self.metrics.internal_error("job")
+        )
 
         async def workers(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
             try:
@@ -187,6 +192,26 @@ class Daemon:
             await work.start(self.relay.run)
         log.info("started", flows=len(self.config.flows), workers=self.config.pool.workers)
         self.started.set()
+
+    async def _probe(self, flow: FlowConfig, deadline: float | None) -> SendResult | Verdict:
+        """A `/probe` send through the pool, under its overlap rule and its bound on sends at once."""
+        pool, engine = self._pool, self.engine
+        if pool is None or engine is None:
+            return "closed"
+        done = anyio.Event()
+        results: list[SendResult] = []
+
+        async def job() -> None:
+            try:
+                results.append(await engine.send(flow, probe=True, deadline=deadline))
+            finally:
+                done.set()
+
+        verdict = pool.offer(flow.name, job)
+        if verdict != "queued":
+            return verdict
+        await done.wait()
+        return results[0] if results else "closed"
 
     # --- main loop ------------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ with retries, metrics and one log event; `run_once(flows)` sends each flow once 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -150,8 +151,13 @@ class Engine:
         headers: dict[str, str] | None = None,
         message_id: str | None = None,
         scheduled_at: float | None = None,
+        probe: bool = False,
+        deadline: float | None = None,
     ) -> SendResult:
-        """Deliver to `flow` with its retry policy; counts, logs and tells the listeners."""
+        """Deliver to `flow` with its retry policy; counts, logs and tells the listeners.
+
+        A `probe` send is counted apart (`senderd_probe_sends_total`); `deadline` shortens the flow's own.
+        """
         clock = self.clock
         if scheduled_at is not None:
             self.metrics.schedule_lag.labels(flow.name).observe(max(0.0, clock.monotonic() - scheduled_at))
@@ -159,23 +165,32 @@ class Engine:
             message_id = new_message_id() if flow.application_id == "auto" else flow.application_id
         payload = body if body is not None else flow.body_bytes()
         self.metrics.inflight.inc()
-        deadline_at = clock.monotonic() + flow.deadline
+        policy = self.policy(flow)
+        if deadline is not None and deadline < flow.deadline:
+            policy = dataclasses.replace(policy, deadline=deadline)
+        deadline_at = clock.monotonic() + policy.deadline
+        started = clock.monotonic()
         try:
             result = await deliver(
                 flow.name,
                 lambda: self.sender.attempt(
                     flow, payload, headers, message_id, timeout=deadline_at - clock.monotonic()
                 ),
-                self.policy(flow),
+                policy,
                 sleep=self._retry_sleep,
                 monotonic=clock.monotonic,
                 message_id=message_id,
                 should_stop=self._stopping.is_set,
                 on_attempt=_log_attempt(flow) if log.is_enabled_for(logging.DEBUG) else None,
             )
+        except Exception as exc:  # a bug, or an error nobody foresaw: this send's outcome, not the daemon's end
+            log.exception("send_crashed", flow=flow.name)
+            self.metrics.internal_error("send")
+            failed = Attempt("internal_error", error=f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
+            result = SendResult(flow.name, "internal_error", 1, clock.monotonic() - started, failed, message_id)
         finally:
             self.metrics.inflight.dec()
-        self._record(flow, result)
+        self._record(flow, result, probe)
         return result
 
     async def run_once(self, flows: Sequence[FlowConfig]) -> list[SendResult]:
@@ -193,12 +208,15 @@ class Engine:
             pool.close()
         return [results[flow.name] for flow in flows]
 
-    def _record(self, flow: FlowConfig, result: SendResult) -> None:
-        sends, duration, last_success = self.metrics.flow_series(flow.name)
-        sends[result.outcome].inc()
-        duration.observe(result.duration)
-        if result.ok:
-            last_success.set(self.clock.time())
+    def _record(self, flow: FlowConfig, result: SendResult, probe: bool) -> None:
+        if probe:
+            self.metrics.probes.labels(flow.name, result.outcome).inc()
+        else:
+            sends, duration, last_success = self.metrics.flow_series(flow.name)
+            sends[result.outcome].inc()
+            duration.observe(result.duration)
+            if result.ok:
+                last_success.set(self.clock.time())
         event = log.info if result.ok else log.warning
         event(
             "send_finished",
@@ -211,9 +229,14 @@ class Engine:
             **{_snake(k): v for k, v in result.last.correlation.items()},
             **({"error": result.last.error} if result.last.error else {}),
             **({"message_id": result.message_id} if result.message_id else {}),
+            **({"trigger": "probe"} if probe else {}),
         )
         for listener in self.listeners:
-            listener(result)
+            try:
+                listener(result)
+            except Exception:  # a hook's bug is not the send's
+                log.exception("send_listener_crashed", flow=flow.name)
+                self.metrics.internal_error("send")
 
 
 def _log_attempt(flow: FlowConfig) -> AttemptListener:

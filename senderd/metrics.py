@@ -21,8 +21,11 @@ if TYPE_CHECKING:
     from senderd.auth.token import Token
     from senderd.errors import TokenError
 
-Outcome = Literal["success", "http_error", "check_failed", "timeout", "connection_error", "auth_error"]
-"""How a send ended: `senderd_sends_total{outcome}` and the `send_finished` log event."""
+Outcome = Literal[
+    "success", "http_error", "check_failed", "timeout", "connection_error", "auth_error", "internal_error"
+]
+"""How a send ended: `senderd_sends_total{outcome}` and the `send_finished` log event (`internal_error`: an
+exception senderd did not foresee, logged with its traceback as `send_crashed`)."""
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 TokenFailureReason = Literal[
     "bad_credentials",
@@ -47,6 +50,9 @@ SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
 DeliveryResult = Literal["delivered", "retry", "dead"]
 """How one relay delivery round ended: `senderd_relay_deliveries_total{result}`."""
 DELIVERY_RESULTS: tuple[DeliveryResult, ...] = get_args(DeliveryResult)
+ErrorComponent = Literal["send", "delivery", "job"]
+"""Where an unforeseen exception was caught and isolated: `senderd_internal_errors_total{component}`."""
+ERROR_COMPONENTS: tuple[ErrorComponent, ...] = get_args(ErrorComponent)
 SpoolState = Literal["queued", "in_flight", "delivered", "dead"]
 """A relay message's state: `senderd_spool_messages{state}` and the relay's status API."""
 SPOOL_STATES: tuple[SpoolState, ...] = get_args(SpoolState)
@@ -118,6 +124,12 @@ class Metrics:
             registry=r,
         )
         self.inflight = Gauge("senderd_inflight_sends", "Sends under way now.", registry=r)
+        self.probes = Counter(
+            "senderd_probe_sends",
+            "Sends made for /probe (apart from scheduled ones), by outcome.",
+            ["flow", "outcome"],
+            registry=r,
+        )
         self.schedule_lag = Histogram(
             "senderd_schedule_lag_seconds",
             "Start time minus scheduled time.",
@@ -137,6 +149,14 @@ class Metrics:
         self.config_reload_ok = Gauge(
             "senderd_config_last_reload_successful", "1 if the last configuration (re)load succeeded.", registry=r
         )
+        self.internal_errors = Counter(
+            "senderd_internal_errors",
+            "Unforeseen exceptions caught and isolated (each is logged with its traceback).",
+            ["component"],
+            registry=r,
+        )
+        for component in ERROR_COMPONENTS:
+            self.internal_errors.labels(component)
         self.build_info = Gauge(
             "senderd_build_info", "senderd's version and Python's.", ["version", "python"], registry=r
         )
@@ -187,6 +207,10 @@ class Metrics:
     def tick_skipped(self, flow: str, reason: SkipReason, count: int = 1) -> None:
         """Count `count` ticks of `flow` that did not run."""
         self.skipped_ticks.labels(flow, reason).inc(count)
+
+    def internal_error(self, component: ErrorComponent) -> None:
+        """Count an unforeseen exception that was caught and isolated in `component`."""
+        self.internal_errors.labels(component).inc()
 
     def runtime_auth_failure(self, reason: RuntimeFailureReason) -> None:
         """Count a 401 or 403 from the runtime."""

@@ -14,6 +14,9 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from senderd.logs import get_logger
+
+log = get_logger("pool")
 Job = Callable[[], Awaitable[None]]
 Verdict = Literal["queued", "overlap", "queue_full", "closed"]
 
@@ -21,8 +24,10 @@ Verdict = Literal["queued", "overlap", "queue_full", "closed"]
 class WorkerPool:
     """`workers` tasks taking jobs from a queue of at most `queue_size`."""
 
-    def __init__(self, workers: int, queue_size: int) -> None:
+    def __init__(self, workers: int, queue_size: int, *, on_error: Callable[[], None] | None = None) -> None:
         self.workers = workers
+        self.on_error = on_error
+        """Told of every job that ended with an exception (the daemon counts them)."""
         self._send, self._receive = anyio.create_memory_object_stream[tuple[str, Job]](queue_size)
         self._busy: set[str] = set()
         self._closed = False
@@ -72,6 +77,10 @@ class WorkerPool:
         self.running += 1
         try:
             await job()
+        except Exception:  # a job's own bug ends that job, never the pool (and with it the daemon)
+            log.exception("job_crashed", key=key)
+            if self.on_error is not None:
+                self.on_error()
         finally:
             self.running -= 1
             self._busy.discard(key)

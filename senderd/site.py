@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from aiohttp import web
@@ -50,3 +51,12 @@ class Site:
         """The base URL, with the real port once started."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+
+def bearer_authorised(header: str | None, token: str) -> bool:
+    """Whether an `Authorization` header presents `token` as a Bearer token (the scheme case-insensitive, as
+    RFC 6750 has it), compared in constant time. Bytes that are not ASCII simply do not match."""
+    scheme, _, given = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8"))

@@ -115,7 +115,7 @@ def test_client_key_is_loaded_from_memory_and_gone_after(pki: Pki, tmp_path: Pat
         ),
         (
             "[[flows]]\nname = 'a'\npath = '/a'\nbody_file = '/no/such/file'\n",
-            "flows[0]: body_file '/no/such/file' is missing or unreadable: check the path",
+            "flows[0]: body_file '/no/such/file' is missing or unreadable (No such file or directory): check the path",
         ),
         (
             "[[flows]]\nname = 'a'\npath = '/a'\nexpect_body = '('\n",

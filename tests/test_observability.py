@@ -24,9 +24,9 @@ from tests.tools import free_port, require_tool, wait_for_port
 pytestmark = pytest.mark.anyio
 
 FLOWS = (
-    '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "200ms"\nstart = "now"\n'
-    '[[flows]]\nname = "failing"\npath = "/http/Failing"\n'
-    '[[flows]]\nname = "orders"\npath = "/http/Orders"\nmethod = "POST"\ncsrf = true\nbody = "<o/>"\n'
+    '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "200ms"\nstart = "now"\nprobe = true\n'
+    '[[flows]]\nname = "failing"\npath = "/http/Failing"\nprobe = true\n'
+    '[[flows]]\nname = "orders"\npath = "/http/Orders"\nmethod = "POST"\ncsrf = true\nbody = "<o/>"\nprobe = true\n'
 )
 
 

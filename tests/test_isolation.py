@@ -1,0 +1,92 @@
+"""One flow's failure is that send's outcome, never the daemon's end: a body file that vanishes, or an
+exception nobody foresaw inside a send, ends that send only (logged with its traceback, counted)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from senderd.config import FlowConfig, load_config
+from senderd.daemon import Daemon
+from senderd.emulator.stack import EmulatorStack
+from senderd.result import Attempt, SendResult
+from senderd.sender import Sender
+from tests.conftest import CapturedLogs
+
+pytestmark = pytest.mark.anyio
+
+
+async def run_until(stack: EmulatorStack, done: Callable[[list[SendResult]], bool]) -> tuple[Daemon, list[SendResult]]:
+    """Run a daemon on the stack's config until `done(results)`; return it (stopped) and the results."""
+    daemon = Daemon.create(load_config(stack.config_path), handle_signals=False)
+    results: list[SendResult] = []
+    changed = anyio.Event()
+
+    def seen(result: SendResult) -> None:
+        nonlocal changed
+        results.append(result)
+        changed.set()
+        changed = anyio.Event()
+
+    async def hook(engine: Any, _group: object) -> None:
+        engine.listeners.append(seen)
+
+    daemon.on_start = hook
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as group:
+            group.start_soon(daemon.serve)
+            await daemon.started.wait()
+            while not done(results):
+                await changed.wait()
+            daemon.stop()
+    return daemon, results
+
+
+async def test_a_body_file_that_vanishes_while_running_changes_nothing(tmp_path: Path) -> None:
+    body = tmp_path / "order.xml"
+    body.write_text("<Order/>")
+    extra = (
+        f'[[flows]]\nname = "orders"\npath = "/http/Orders"\nmethod = "POST"\ncsrf = true\nbody_file = "{body}"\n'
+        'every = "100ms"\nstart = "now"\n'
+    )
+    async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
+
+        def vanished_after_first(results: list[SendResult]) -> bool:
+            if len(results) == 1:
+                body.unlink()  # read at load: the daemon does not need it any more
+            return len(results) >= 4
+
+        _, results = await run_until(stack, vanished_after_first)
+    assert [r.outcome for r in results[:4]] == ["success"] * 4
+    assert all(m.body == b"<Order/>" for m in stack.runtime.stats.messages)
+
+
+async def test_an_exception_inside_one_send_ends_only_that_send(
+    tmp_path: Path, logs: CapturedLogs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real: Callable[..., Awaitable[Attempt]] = Sender.attempt
+
+    async def buggy(self: Sender, flow: FlowConfig, *args: Any, **kwargs: Any) -> Attempt:
+        if flow.name == "broken":
+            raise RuntimeError("a bug in one send")  # what no handler foresaw
+        return await real(self, flow, *args, **kwargs)
+
+    monkeypatch.setattr(Sender, "attempt", buggy)
+    extra = (
+        '[[flows]]\nname = "broken"\npath = "/http/GetTimestamp"\nevery = "100ms"\nstart = "now"\n'
+        '[[flows]]\nname = "fine"\npath = "/http/GetTimestamp"\nevery = "100ms"\nstart = "now"\n'
+    )
+    async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
+        daemon, results = await run_until(stack, lambda r: sum(x.flow == "fine" for x in r) >= 3)
+    broken = [r for r in results if r.flow == "broken"]
+    assert broken and all(r.outcome == "internal_error" for r in broken)
+    assert all(r.ok for r in results if r.flow == "fine")
+    count = daemon.metrics.registry.get_sample_value("senderd_internal_errors_total", {"component": "send"})
+    assert count == len(broken)
+    crashes = [json.loads(line) for line in logs.text.splitlines() if '"send_crashed"' in line]
+    assert crashes and crashes[0]["level"] == "error" and "RuntimeError: a bug in one send" in crashes[0]["exception"]
