@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import signal
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,7 @@ from senderd.metrics import Metrics
 from senderd.pool import Job, WorkerPool
 from senderd.scheduler import run_schedules
 from senderd.testing import FakeClock
-from tests.conftest import secrets_in
+from tests.tools import senderd, senderd_run
 
 pytestmark = pytest.mark.anyio
 
@@ -125,13 +122,6 @@ async def test_three_second_tokens_over_20_seconds_never_expire_at_the_runtime(t
     assert len({m.token_jti for m in stats.messages}) >= 10
 
 
-async def senderd(*args: str) -> tuple[int, str, str]:
-    result = await anyio.run_process([sys.executable, "-m", "senderd", *args], check=False)
-    out, err = result.stdout.decode(), result.stderr.decode()
-    assert not secrets_in(out + err), f"a secret in senderd's output: {secrets_in(out + err)}"
-    return result.returncode, out, err
-
-
 async def test_once_exit_codes_and_summary(tmp_path: Path) -> None:
     extra = (
         '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nexpect_body = "Current time"\n'
@@ -158,35 +148,6 @@ async def test_once_exit_codes_and_summary(tmp_path: Path) -> None:
         assert out.rstrip().endswith("<hello/>")
 
 
-@contextlib.contextmanager
-def kill_on_failure(process: anyio.abc.Process) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        process.kill()
-        raise
-
-
-class Output:
-    """Reads a subprocess's stdout as it comes, to wait for a log event instead of sleeping."""
-
-    def __init__(self, process: anyio.abc.Process) -> None:
-        assert process.stdout is not None
-        self.stream = process.stdout
-        self.text = ""
-
-    async def wait_for(self, marker: str) -> None:
-        while marker not in self.text:
-            self.text += (await self.stream.receive()).decode()
-
-    async def rest(self) -> str:
-        try:
-            while True:
-                self.text += (await self.stream.receive()).decode()
-        except anyio.EndOfStream:
-            return self.text
-
-
 async def test_sigterm_drains_the_send_in_flight(tmp_path: Path) -> None:
     extra = (
         '[pool]\ndrain_timeout = "20s"\n'
@@ -194,21 +155,17 @@ async def test_sigterm_drains_the_send_in_flight(tmp_path: Path) -> None:
     )
     async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
         stack.runtime.add_flow(FlowSpec("/Slow", latency=1.5, body="done"))
-        process = await anyio.open_process([sys.executable, "-m", "senderd", "run", "-c", str(stack.config_path)])
-        async with process:
-            with kill_on_failure(process):
-                output = Output(process)
-                with anyio.fail_after(20):
-                    await output.wait_for('"event": "started"')
-                    await stack.runtime.wait_for_requests(1)
-                    process.send_signal(signal.SIGTERM)
-                    logs = await output.rest()
-                    code = await process.wait()
+        async with senderd_run("-c", str(stack.config_path)) as daemon:
+            with anyio.fail_after(20):
+                await daemon.wait_for("started")
+                await stack.runtime.wait_for_requests(1)
+                daemon.send_signal(signal.SIGTERM)
+                code = await daemon.wait()
     assert code == 0
     assert stack.runtime.stats.by_status[200] == 1
-    assert '"event": "stopping"' in logs
-    assert '"outcome": "success"' in logs  # the send finished during the drain
-    assert '"event": "stopped"' in logs
+    assert daemon.logged("stopping")
+    assert [e["outcome"] for e in daemon.logged("send_finished")] == ["success"]  # it finished during the drain
+    assert daemon.logged("stopped")
 
 
 async def test_a_second_sigterm_forces_the_stop(tmp_path: Path) -> None:
@@ -218,19 +175,15 @@ async def test_a_second_sigterm_forces_the_stop(tmp_path: Path) -> None:
     )
     async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
         stack.runtime.add_flow(FlowSpec("/Slow", latency=30, body="done"))
-        process = await anyio.open_process([sys.executable, "-m", "senderd", "run", "-c", str(stack.config_path)])
-        async with process:
-            with kill_on_failure(process):
-                output = Output(process)
-                with anyio.fail_after(15):  # far less than the 30 s send or the 60 s drain
-                    await stack.runtime.wait_for_requests(1)
-                    process.send_signal(signal.SIGTERM)
-                    await output.wait_for('"event": "stopping"')
-                    process.send_signal(signal.SIGTERM)
-                    logs = await output.rest()
-                    code = await process.wait()
+        async with senderd_run("-c", str(stack.config_path)) as daemon:
+            with anyio.fail_after(15):  # far less than the 30 s send or the 60 s drain
+                await stack.runtime.wait_for_requests(1)
+                daemon.send_signal(signal.SIGTERM)
+                await daemon.wait_for("stopping")
+                daemon.send_signal(signal.SIGTERM)
+                code = await daemon.wait()
     assert code == 0
-    assert '"event": "drain_cut_short"' in logs
+    assert daemon.logged("drain_cut_short")
     assert stack.runtime.stats.by_status.get(200, 0) == 0
 
 

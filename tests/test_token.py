@@ -23,26 +23,13 @@ from senderd.config import CredentialsConfig, TokenConfig
 from senderd.emulator.stack import EmulatorStack
 from senderd.errors import TokenError
 from senderd.testing import FakeClock
+from tests.tools import Recorder
 
 pytestmark = pytest.mark.anyio
 
 
-class FetchWatcher:
-    """A provider listener that lets a test wait for the n-th finished fetch."""
-
-    def __init__(self) -> None:
-        self.results: list[tuple[Token | None, TokenError | None]] = []
-        self._changed = anyio.Event()
-
-    def __call__(self, _duration: float, token: Token | None, error: TokenError | None) -> None:
-        self.results.append((token, error))
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def wait_for(self, count: int) -> None:
-        with anyio.fail_after(10):
-            while len(self.results) < count:
-                await self._changed.wait()
+Fetches = Recorder[tuple[Token | None, TokenError | None]]
+"""What each finished fetch gave: the token or the error."""
 
 
 def creds(stack: EmulatorStack) -> CredentialsConfig:
@@ -52,21 +39,25 @@ def creds(stack: EmulatorStack) -> CredentialsConfig:
 @asynccontextmanager
 async def provider_for(
     stack: EmulatorStack, clock: FakeClock | None = None, **token_config: Any
-) -> AsyncIterator[tuple[TokenProvider, FetchWatcher]]:
-    watcher = FetchWatcher()
+) -> AsyncIterator[tuple[TokenProvider, Fetches]]:
+    fetches = Fetches()
     config = creds(stack)
     token_config.setdefault("startup_jitter", 0)
     async with TokenProvider.open(
-        load_credentials(config), config, TokenConfig(**token_config), clock=clock, listeners=[watcher]
+        load_credentials(config),
+        config,
+        TokenConfig(**token_config),
+        clock=clock,
+        listeners=[lambda _duration, token, error: fetches((token, error))],
     ) as provider:
-        yield provider, watcher
+        yield provider, fetches
 
 
-async def settle(provider: TokenProvider, watcher: FetchWatcher) -> None:
+async def settle(provider: TokenProvider, fetches: Fetches) -> None:
     """Let woken tasks run; if that started a fetch, wait for it to finish."""
     await anyio.wait_all_tasks_blocked()
     if provider.fetching:
-        await watcher.wait_for(len(watcher.results) + 1)
+        await fetches.wait_for(len(fetches) + 1, timeout=10)
         await anyio.wait_all_tasks_blocked()
 
 
@@ -115,35 +106,35 @@ async def test_refresh_ahead_never_hands_out_a_token_below_threshold(stack: Emul
     stack.token_server.token_lifetime = lifetime
     clock = FakeClock()
     step = lifetime / 50
-    async with provider_for(stack, clock) as (provider, watcher), anyio.create_task_group() as group:
+    async with provider_for(stack, clock) as (provider, fetches), anyio.create_task_group() as group:
         await group.start(provider.run)
-        await settle(provider, watcher)
+        await settle(provider, fetches)
         for _ in range(250):  # five lifetimes
             clock.advance(step)
-            await settle(provider, watcher)
+            await settle(provider, fetches)
             token = await provider.get()
             # refresh_left (a third) with the jitter's worst case, of the lifetime the server granted
             assert token.remaining(clock.monotonic()) >= token.lifetime / 3 * (1 - 0.1)
         group.cancel_scope.cancel()
     # one fetch per (granted lifetime - latest refresh point) at most, plus the first
-    granted = watcher.results[0][0].lifetime if watcher.results[0][0] else lifetime
-    assert len(watcher.results) <= math.ceil(5 * lifetime / (granted * (1 - 1 / 3 * 1.1))) + 1
-    assert all(error is None for _, error in watcher.results)
+    granted = fetches.items[0][0].lifetime if fetches.items[0][0] else lifetime
+    assert len(fetches.items) <= math.ceil(5 * lifetime / (granted * (1 - 1 / 3 * 1.1))) + 1
+    assert all(error is None for _, error in fetches.items)
 
 
 async def test_outage_serves_cached_token_and_backs_off(stack: EmulatorStack) -> None:
     stack.token_server.token_lifetime = 30
     clock = FakeClock()
-    async with provider_for(stack, clock) as (provider, watcher), anyio.create_task_group() as group:
+    async with provider_for(stack, clock) as (provider, fetches), anyio.create_task_group() as group:
         await group.start(provider.run)
-        await settle(provider, watcher)
+        await settle(provider, fetches)
         first = await provider.get()
         stack.token_server.faults.down = True
         down_at = clock.monotonic()
         served_while_valid = 0
         while clock.monotonic() - down_at < 60:  # twice the lifetime
             clock.advance(0.25)
-            await settle(provider, watcher)
+            await settle(provider, fetches)
             if first.usable(clock.monotonic()):
                 assert await provider.get() is first  # the cached token keeps serving
                 served_while_valid += 1
@@ -152,7 +143,7 @@ async def test_outage_serves_cached_token_and_backs_off(stack: EmulatorStack) ->
                     await provider.get()
                 assert info.value.reason == "server_error"
                 assert not provider.has_valid_token()
-        failures = [e for _, e in watcher.results if e is not None]
+        failures = [e for _, e in fetches.items if e is not None]
         # the outage begins at the refresh point (~20 s); 40 s of backoff 1, 2, 4, 8, 16 (+-10 %), and
         # get() adds a fetch only when no backoff is pending.
         assert 4 <= len(failures) <= 7, len(failures)
@@ -163,7 +154,7 @@ async def test_outage_serves_cached_token_and_backs_off(stack: EmulatorStack) ->
         up_at = clock.monotonic()
         while provider.current is None or not provider.has_valid_token():
             clock.advance(0.25)
-            await settle(provider, watcher)
+            await settle(provider, fetches)
         assert clock.monotonic() - up_at <= next_try + 0.25
         group.cancel_scope.cancel()
 
@@ -172,18 +163,18 @@ async def test_429_retry_after_is_honoured(stack: EmulatorStack) -> None:
     stack.token_server.faults.rate_limited = 1
     stack.token_server.faults.retry_after = 7
     clock = FakeClock()
-    async with provider_for(stack, clock) as (provider, watcher), anyio.create_task_group() as group:
+    async with provider_for(stack, clock) as (provider, fetches), anyio.create_task_group() as group:
         await group.start(provider.run)
-        await settle(provider, watcher)
-        token, error = watcher.results[0]
+        await settle(provider, fetches)
+        token, error = fetches.items[0]
         assert token is None and error is not None and error.reason == "rate_limited"
         assert error.retry_after == 7
         assert provider.next_attempt_in == pytest.approx(7, abs=0.01)
         clock.advance(6.9)
-        await settle(provider, watcher)
+        await settle(provider, fetches)
         assert stack.token_server.stats.requests == 1  # waited as told
         clock.advance(0.2)
-        await settle(provider, watcher)
+        await settle(provider, fetches)
         assert stack.token_server.stats.requests == 2
         assert provider.has_valid_token()
         group.cancel_scope.cancel()
@@ -285,11 +276,11 @@ class _free_port:
 
 
 async def test_run_fetches_at_start_and_stops_on_cancel(stack: EmulatorStack) -> None:
-    async with provider_for(stack) as (provider, watcher):
+    async with provider_for(stack) as (provider, fetches):
         group: TaskGroup
         async with anyio.create_task_group() as group:
             await group.start(provider.run)
-            await watcher.wait_for(1)
+            await fetches.wait_for(1, timeout=10)
             group.cancel_scope.cancel()
     assert provider.has_valid_token()
 
