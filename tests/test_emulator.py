@@ -23,6 +23,7 @@ from senderd.emulator import (
     FlowSpec,
     IssuedCert,
     Pki,
+    RevokedTokenError,
     Runtime,
     TokenServer,
     client_id_for,
@@ -419,3 +420,13 @@ def test_verify_has_no_leeway(pki: Pki) -> None:
     with pytest.raises(jwt.ExpiredSignatureError):
         server.verify(token)
     assert server.verify(token, leeway=30)["client_id"] == "c"
+
+
+def test_revoked_tokens_fail_verification_and_later_ones_do_not(pki: Pki) -> None:
+    server = TokenServer(pki)
+    before = server.mint("c", lifetime=60, scopes=[SEND_SCOPE])
+    assert server.revoke_issued() == 1
+    after = server.mint("c", lifetime=60, scopes=[SEND_SCOPE])
+    with pytest.raises(RevokedTokenError):
+        server.verify(before)
+    assert server.verify(after)["client_id"] == "c"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -242,17 +243,35 @@ async def test_group_commit_shares_fsyncs(tmp_path: Path) -> None:
     await reopened.close()
 
 
-async def test_in_flight_messages_are_queued_again_after_a_crash(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
+CLAIM_THEN_CRASH = """
+import os, signal, sys
+from pathlib import Path
+
+import anyio
+
+from senderd.relay.spool import Spool
+
+
+async def main() -> None:
+    spool = Spool(Path(sys.argv[1]))
     await spool.open()
     async with anyio.create_task_group() as group:
         await group.start(spool.run_writer)
         await spool.add("f", b"a", "text/plain")
         group.cancel_scope.cancel()
     claimed = await spool.due(1e12, 10)
-    assert [m.state for m in claimed] == ["queued"] and spool.counts["in_flight"] == 1
-    spool.db.close()  # the process dies here: nothing else is written
-    spool._db = None
+    assert [m.state for m in claimed] == ["queued"] and spool.counts["in_flight"] == 1, claimed
+    os.kill(os.getpid(), signal.SIGKILL)  # the process dies here: nothing else is written
+
+
+anyio.run(main)
+"""
+"""A process that spools one message, claims it for delivery, and is killed before delivering it."""
+
+
+async def test_in_flight_messages_are_queued_again_after_a_crash(tmp_path: Path) -> None:
+    crashed = await anyio.run_process([sys.executable, "-c", CLAIM_THEN_CRASH, str(tmp_path / "spool")], check=False)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()
     reopened = Spool(tmp_path / "spool")
     await reopened.open()
     assert reopened.counts == {"queued": 1, "in_flight": 0, "delivered": 0, "dead": 0}

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from senderd.emulator.listener import TlsListener
 from senderd.emulator.pki import Pki
-from senderd.emulator.token_server import TokenServer
+from senderd.emulator.token_server import RevokedTokenError, TokenServer
 
 ALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 MODIFYING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -92,6 +92,7 @@ class RuntimeStats:
     by_status: collections.Counter[int] = field(default_factory=collections.Counter)
     by_address: collections.Counter[str] = field(default_factory=collections.Counter)
     expired_tokens: int = 0
+    revoked_tokens: int = 0
     invalid_tokens: int = 0
     missing_tokens: int = 0
     csrf_fetches: int = 0
@@ -233,6 +234,9 @@ class Runtime:
             claims = self._token_server.verify(token.strip())
         except jwt.ExpiredSignatureError:
             self.stats.expired_tokens += 1
+            return _unauthorized()
+        except RevokedTokenError:
+            self.stats.revoked_tokens += 1
             return _unauthorized()
         except jwt.InvalidTokenError:
             self.stats.invalid_tokens += 1

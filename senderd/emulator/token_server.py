@@ -28,6 +28,11 @@ from senderd.emulator.pki import Pki
 _FORM = "application/x-www-form-urlencoded"
 
 
+class RevokedTokenError(jwt.InvalidTokenError):
+    """`TokenServer.verify` of a token that `TokenServer.revoke_issued` revoked: valid in form and time,
+    refused all the same (the runtime answers 401)."""
+
+
 @dataclass
 class TokenServerFaults:
     """Faults applied to token requests, in this order: delay, down, rate_limited. Mutable at run time."""
@@ -82,6 +87,8 @@ class TokenServer:
         self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self._kid = f"default-jwt-key-{secrets.randbelow(10**9)}"
         self._listener: TlsListener | None = None
+        self._issued_ids: set[str] = set()
+        self._revoked_ids: set[str] = set()
 
     def __repr__(self) -> str:
         url = self._listener.url if self._listener else None
@@ -152,10 +159,19 @@ class TokenServer:
             ]
         }
 
+    def revoke_issued(self) -> int:
+        """Revoke every token issued so far (as a UAA does when a client's tokens are revoked): `verify`
+        refuses them from now on, so the runtime answers 401 although they have not expired. Tokens issued
+        afterwards are valid. Returns how many tokens were revoked."""
+        revoked = len(self._issued_ids)
+        self._revoked_ids |= self._issued_ids
+        self._issued_ids = set()
+        return revoked
+
     def verify(self, token: str, *, leeway: float = 0) -> dict[str, Any]:
         """Check the RS256 signature and `exp` (strictly, unless `leeway`) and return the claims.
 
-        Raises `jwt.ExpiredSignatureError` or another `jwt.InvalidTokenError`.
+        Raises `jwt.ExpiredSignatureError`, `RevokedTokenError` or another `jwt.InvalidTokenError`.
         """
         header = jwt.get_unverified_header(token)
         if header.get("kid") != self._kid:
@@ -167,6 +183,8 @@ class TokenServer:
             leeway=leeway,
             options={"require": ["exp", "iat"], "verify_aud": False},
         )
+        if claims.get("jti") in self._revoked_ids:
+            raise RevokedTokenError("the token was revoked")
         return claims
 
     def mint(self, client_id: str, *, lifetime: float, scopes: Sequence[str] | None = None) -> str:
@@ -182,6 +200,7 @@ class TokenServer:
         iat = int(now)
         exp = int(now + lifetime)  # floor: never valid for longer than promised
         jti = uuid.uuid4().hex
+        self._issued_ids.add(jti)
         audiences = [s.split(".", 1)[0] for s in scopes if "." in s]
         claims = {
             "jti": jti,
