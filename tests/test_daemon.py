@@ -1,5 +1,5 @@
-"""The daemon: ticks on a fake clock, the pool's overlap and overflow policy, a 20-second run with
-3-second tokens, and the CronJob/one-send commands and SIGTERM drain as real subprocesses."""
+"""The daemon: ticks on a fake clock, the pool's overlap and overflow policy, 20 seconds (of a fake clock)
+with 3-second tokens, and the CronJob/one-send commands and SIGTERM drain as real subprocesses."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from senderd.config import FlowConfig, load_config
 from senderd.daemon import Daemon
 from senderd.emulator.runtime import FlowSpec
 from senderd.emulator.stack import EmulatorStack
+from senderd.engine import Engine
 from senderd.metrics import Metrics
 from senderd.pool import Job, WorkerPool
+from senderd.result import SendResult
 from senderd.scheduler import run_schedules
 from senderd.testing import FakeClock
-from tests.tools import senderd, senderd_run
+from tests.tools import Recorder, senderd, senderd_run, settle
 
 pytestmark = pytest.mark.anyio
 
@@ -102,20 +104,33 @@ async def test_a_flow_never_overlaps_itself_and_a_full_queue_drops() -> None:
 
 
 async def test_three_second_tokens_over_20_seconds_never_expire_at_the_runtime(tmp_path: Path) -> None:
-    extra = '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "200ms"\n'
-    async with EmulatorStack.started(tmp_path / "emu", token_lifetime=3, config_extra=extra) as stack:
-        daemon = Daemon.create(load_config(stack.config_path), handle_signals=False)
+    """20 s of a 200 ms flow with 3 s tokens, on one fake clock for senderd and the emulator: it moves in
+    50 ms steps, and the sends and token fetches (real HTTPS) that a step starts finish before the next."""
+    clock, step = FakeClock(), 0.05
+    extra = '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "200ms"\nretries = 0\n'
+    async with EmulatorStack.started(tmp_path / "emu", token_lifetime=3, config_extra=extra, now=clock.time) as stack:
+        daemon = Daemon.create(load_config(stack.config_path), handle_signals=False, clock=clock)
+        sends = Recorder[SendResult]()
+
+        async def hook(engine: Engine, _group: object) -> None:
+            engine.listeners.append(sends)
+
+        daemon.on_start = hook
         async with anyio.create_task_group() as group:
             group.start_soon(daemon.serve)
             await daemon.started.wait()
-            await anyio.sleep(20)  # the duration under test, not a synchronisation
+            assert daemon.engine is not None
+            for _ in range(round(20 / step)):  # the duration under test, in fake time
+                clock.advance(step)
+                await settle(daemon.engine, sends)
             daemon.stop()
     stats = stack.runtime.stats
     print(
         f"\n20 s with 3 s tokens: {len(stats.messages)} sends, {stack.token_server.stats.issued} tokens, "
         f"{stats.expired_tokens} expired, {stats.by_status.get(401, 0)} x 401"
     )
-    assert len(stats.messages) >= 90
+    assert len(stats.messages) >= 99  # one every 200 ms, the first within the first 200 ms
+    assert all(result.ok for result in sends.items)
     assert stats.expired_tokens == 0
     assert stats.by_status.get(401, 0) == 0
     assert stack.token_server.stats.issued >= 10

@@ -8,7 +8,6 @@ import json
 import os
 import random
 import signal
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 
 from senderd.auth.servicekey import load_service_key
 from senderd.auth.token import Token, TokenProvider
+from senderd.clock import Clock
 from senderd.config import CredentialsConfig, TokenConfig, load_config
 from senderd.daemon import Daemon
 from senderd.emulator.stack import EmulatorStack
@@ -27,20 +27,24 @@ from senderd.errors import TokenError
 from senderd.result import SendResult
 from senderd.testing import FakeClock
 from tests.conftest import CapturedLogs
-from tests.tools import Recorder, senderd_run
+from tests.tools import Recorder, senderd_run, settle
 
 pytestmark = pytest.mark.anyio
 
 
 @asynccontextmanager
-async def daemon_on(stack: EmulatorStack) -> AsyncIterator[tuple[Daemon, Recorder[tuple[float, SendResult]]]]:
-    """A daemon on the stack's config; yields once its first send has finished, with a recorder of the
-    sends and the (wall) time each one finished."""
-    daemon = Daemon.create(load_config(stack.config_path), handle_signals=False, config_path=stack.config_path)
+async def daemon_on(
+    stack: EmulatorStack, clock: Clock | None = None
+) -> AsyncIterator[tuple[Daemon, Recorder[tuple[float, SendResult]]]]:
+    """A daemon on the stack's config (and `clock`); yields once its first send has finished, with a
+    recorder of the sends and the (wall) time on the daemon's clock at which each one finished."""
+    daemon = Daemon.create(
+        load_config(stack.config_path), handle_signals=False, config_path=stack.config_path, clock=clock
+    )
     results = Recorder[tuple[float, SendResult]]()
 
     async def hook(engine: Any, _group: object) -> None:
-        engine.listeners.append(lambda result: results((time.time(), result)))
+        engine.listeners.append(lambda result: results((daemon.clock.time(), result)))
 
     daemon.on_start = hook
     async with anyio.create_task_group() as group:
@@ -59,50 +63,60 @@ async def readyz(daemon: Daemon) -> int:
 
 
 async def test_token_server_down_for_twice_the_lifetime(tmp_path: Path) -> None:
-    lifetime = 4
+    """The token server goes down just after senderd fetched a 4 s token, for 8 s. One fake clock serves
+    senderd and the emulator; it moves in 50 ms steps, and the sends and token fetches (real HTTPS) that a
+    step starts finish before the next. /readyz is asked at every step."""
+    lifetime, step = 4, 0.05
+    clock = FakeClock()
     extra = (
         '[token]\nstartup_jitter = "0s"\n'
         '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "250ms"\nstart = "now"\nretries = 0\n'
     )
     async with (
-        EmulatorStack.started(tmp_path / "emu", token_lifetime=lifetime, config_extra=extra) as stack,
-        daemon_on(stack) as (daemon, results),
+        EmulatorStack.started(tmp_path / "emu", token_lifetime=lifetime, config_extra=extra, now=clock.time) as stack,
+        daemon_on(stack, clock) as (daemon, results),
     ):
         assert daemon.engine is not None
         tokens = daemon.engine.tokens
         fetches = Recorder[tuple[float, Token | None, TokenError | None]]()
-        tokens.listeners.append(lambda _duration, token, error: fetches((time.time(), token, error)))
+        tokens.listeners.append(lambda _duration, token, error: fetches((clock.time(), token, error)))
         cached = await tokens.get()
-        down_at = time.time()
+        down_at = clock.time()
         stack.token_server.faults.down = True
-        ready_while_valid = await readyz(daemon)
-        with anyio.fail_after(3 * lifetime):
-            while time.time() < down_at + 2 * lifetime:  # the outage lasts twice the token lifetime
-                await anyio.sleep(0.25)  # sampling readiness over time, not synchronising
-                if not tokens.has_valid_token():
-                    break
-        ready_after_expiry = await readyz(daemon)
-        await anyio.sleep(max(0.0, down_at + 2 * lifetime - time.time()))
+        readiness: list[tuple[bool, int]] = []  # (a valid token is held, /readyz status), at every step
+        while clock.time() < down_at + 2 * lifetime:  # the outage lasts twice the token lifetime
+            readiness.append((tokens.has_valid_token(), await readyz(daemon)))
+            clock.advance(step)
+            await settle(daemon.engine, results)
         stack.token_server.faults.down = False
-        up_at = time.time()
+        up_at = clock.time()
+        next_try = tokens.next_attempt_in
         failures_in_outage = [t for t, _, e in fetches.items if e is not None]
-        await fetches.wait_until(lambda fetched: any(t >= up_at and token for t, token, _ in fetched), timeout=70)
-        recovered_in = time.time() - up_at
+        while not any(token for t, token, _ in fetches.items if t >= up_at):
+            assert clock.time() < up_at + 70, "no token within 70 s of the server's return"
+            clock.advance(step)
+            await settle(daemon.engine, results)
+        recovered_in = clock.time() - up_at
         last_wait = tokens.next_attempt_in
     expiry = cached.expires_at_wall
     failed_while_valid = [r for t, r in results.items if down_at <= t < expiry - 0.5 and not r.ok]
+    failed_after_expiry = [r for t, r in results.items if expiry <= t < up_at and not r.ok]
     print(
         f"\noutage {2 * lifetime}s with {lifetime}s tokens: {len(failures_in_outage)} fetch attempts, "
         f"{len(failed_while_valid)} sends failed while the token was valid, token back {recovered_in:.2f}s "
         f"after the server"
     )
     assert failed_while_valid == []
-    assert ready_while_valid == 200
-    assert ready_after_expiry == 503
-    # backoff 1, 2, 4 s (+-10 %) over the outage: at most one attempt per step
+    assert failed_after_expiry  # the outage outlasted the token: without one, sends fail
+    assert all(status == (200 if valid else 503) for valid, status in readiness), readiness
+    assert readiness[0] == (True, 200)  # ready while the cached token is valid
+    assert readiness[-1] == (False, 503)  # not ready once it has expired
+    # backoff 1, 2, 4 s (+-10 %) over the outage, an attempt at the first step after each wait
     assert 2 <= len(failures_in_outage) <= 5
     gaps = [b - a for a, b in itertools.pairwise(failures_in_outage)]
-    assert all(gap >= 0.85 * 2**n for n, gap in enumerate(gaps)), gaps
+    assert all(0.9 * 2**n - 1e-6 <= gap <= 1.1 * 2**n + step + 1e-6 for n, gap in enumerate(gaps)), gaps
+    assert next_try is not None
+    assert recovered_in <= next_try + step + 1e-6  # at the attempt the backoff had planned, not later
     assert recovered_in <= 8 * 1.1 + 0.5  # within one backoff step (the next one was at most 8 s away)
     assert last_wait is None
 

@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import pytest
 
 from senderd.clock import Clock
@@ -123,6 +124,30 @@ class Recorder(Generic[T]):
     async def wait_for(self, count: int, timeout: float = 15) -> list[T]:
         """Wait until at least `count` items have been recorded; return them all."""
         return await self.wait_until(lambda items: len(items) >= count, timeout)
+
+
+async def all_blocked() -> None:
+    """`anyio.wait_all_tasks_blocked()`, mostly without the 0.1 s naps it takes on asyncio whenever a task is
+    still runnable when it looks: a few checkpoints first let chains of woken tasks run their course."""
+    for _ in range(20):
+        await anyio.lowlevel.checkpoint()
+    await anyio.wait_all_tasks_blocked()
+
+
+async def settle(engine: Engine, sends: Recorder[Any]) -> None:
+    """After a step of a fake clock: let the tasks it woke run, then wait for the real I/O they started, the
+    token fetch (`engine.tokens.fetching`) and the sends (`senderd_inflight_sends`; `sends` records those
+    that finish). A send that waits on the fake clock (a retry) would never finish: flows driven this way
+    have `retries = 0`."""
+    with anyio.fail_after(15):
+        while True:
+            await all_blocked()
+            if engine.tokens.fetching:
+                await engine.tokens.wait_fetch()
+            elif engine.metrics.registry.get_sample_value("senderd_inflight_sends"):
+                await sends.wait_for(len(sends) + 1)
+            else:
+                return
 
 
 def _check_output(args: tuple[str, ...], out: str, err: str) -> None:

@@ -9,7 +9,6 @@ import math
 import random
 import secrets
 import string
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -109,7 +108,9 @@ def _normalise(address: str) -> str:
 
 
 class Runtime:
-    """Serves flows at /http/<address> behind Bearer-token auth, CSRF and per-flow faults."""
+    """Serves flows at /http/<address> behind Bearer-token auth, CSRF and per-flow faults.
+
+    Its time (token expiry, `ReceivedMessage.at`, the timestamp flow's answer) is the token server's `now`."""
 
     def __init__(
         self,
@@ -298,7 +299,7 @@ class Runtime:
                 headers=_recorded_headers(request),
                 query=dict(request.query),
                 mpl_id=mpl_id,
-                at=time.time(),
+                at=self._token_server.now(),
                 token_jti=jti,
             )
         )
@@ -310,7 +311,8 @@ class Runtime:
         text = flow.body or ""
         if flow.kind == "timestamp":
             text = (flow.body or f"Current time (UTC): {TIMESTAMP_PLACEHOLDER}").replace(
-                TIMESTAMP_PLACEHOLDER, datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+                TIMESTAMP_PLACEHOLDER,
+                datetime.fromtimestamp(self._token_server.now(), UTC).strftime("%Y-%m-%d %H:%M:%S"),
             )
         headers["Content-Type"] = flow.content_type
         return web.Response(status=flow.status, body=text.encode(), headers=headers)

@@ -12,7 +12,7 @@ import secrets
 import ssl
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,9 +74,18 @@ class TokenServer:
     """`POST /oauth/token`, `GET /token_keys`, `GET /.well-known/openid-configuration`, like XSUAA."""
 
     def __init__(
-        self, pki: Pki, *, token_lifetime: float = 3600, require_client_cert: bool = False, subdomain: str = "emulator"
+        self,
+        pki: Pki,
+        *,
+        token_lifetime: float = 3600,
+        require_client_cert: bool = False,
+        subdomain: str = "emulator",
+        now: Callable[[], float] = time.time,
     ) -> None:
+        """`now` is the Unix time the server issues (`iat`, `exp`), verifies and records tokens by; a test on a
+        fake clock passes that clock's `time`, so that tokens expire when the fake clock says so."""
         self.token_lifetime = token_lifetime
+        self.now = now
         self.faults = TokenServerFaults()
         self.stats = TokenServerStats()
         self._pki = pki
@@ -180,9 +189,18 @@ class TokenServer:
             token,
             self._signing_key.public_key(),
             algorithms=["RS256"],
-            leeway=leeway,
-            options={"require": ["exp", "iat"], "verify_aud": False},
+            options={"require": ["exp", "iat"], "verify_aud": False, "verify_exp": False, "verify_iat": False},
         )
+        # PyJWT's own iat and exp checks, on this server's clock rather than the machine's
+        try:
+            issued_at, expires_at = int(claims["iat"]), int(claims["exp"])
+        except (TypeError, ValueError):
+            raise jwt.DecodeError("iat and exp must be integers") from None
+        now = self.now()
+        if issued_at > now + leeway:
+            raise jwt.ImmatureSignatureError("The token is not yet valid (iat)")
+        if expires_at <= now - leeway:
+            raise jwt.ExpiredSignatureError("Signature has expired")
         if claims.get("jti") in self._revoked_ids:
             raise RevokedTokenError("the token was revoked")
         return claims
@@ -196,7 +214,7 @@ class TokenServer:
 
     def _issue(self, client_id: str, scopes: tuple[str, ...], lifetime: float) -> tuple[str, str, float]:
         """(token, jti, seconds until exp)."""
-        now = time.time()
+        now = self.now()
         iat = int(now)
         exp = int(now + lifetime)  # floor: never valid for longer than promised
         jti = uuid.uuid4().hex
@@ -236,7 +254,7 @@ class TokenServer:
         self.stats.statuses[response.status] += 1
         if response.status == 200:
             self.stats.issued += 1
-            self.stats.issued_at.append(time.time())
+            self.stats.issued_at.append(self.now())
         else:
             self.stats.rejected += 1
         return response
