@@ -214,6 +214,13 @@ async def test_secret_client_basic_and_body(pki: Pki, token_server: TokenServer,
         form = {"grant_type": "client_credentials", "client_id": "secret-client", "client_secret": "s3cr3t"}
         body = await s.post(token_server.token_url, data=form)
         assert body.status == 200
+        both = await s.post(token_server.token_url, data=form, headers={"Authorization": f"Basic {basic}"})
+        assert both.status == 400  # RFC 6749 5.2: one authentication method per request
+        assert (await both.json())["error"] == "invalid_request"
+        assert token_server.stats.authentications == [
+            ("secret-client", "client_secret_basic"),
+            ("secret-client", "client_secret_post"),
+        ]
         bad = await s.post(
             token_server.token_url,
             data={"grant_type": "client_credentials"},

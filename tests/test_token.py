@@ -70,6 +70,7 @@ async def test_certificate_key_gets_a_token_over_mtls(stack: EmulatorStack) -> N
     assert token.scopes == tuple(stack.scopes)
     assert 3590 < token.lifetime <= 3600
     assert stack.token_server.stats.issued == 1
+    assert stack.token_server.stats.authentications == [(stack.client_id, "tls_client_auth")]  # no secret sent
 
 
 async def test_client_secret_key_uses_basic_auth(stack: EmulatorStack, tmp_path: Path) -> None:
@@ -84,6 +85,8 @@ async def test_client_secret_key_uses_basic_auth(stack: EmulatorStack, tmp_path:
     async with TokenProvider.open(load_credentials(config), config, TokenConfig()) as provider:
         token = await provider.get()
     assert stack.token_server.verify(token.value)["client_id"] == "sb-secret!b1|it-rt-x!b2"
+    # HTTP Basic: the secret goes in the Authorization header, and not in the form body as well
+    assert stack.token_server.stats.authentications == [("sb-secret!b1|it-rt-x!b2", "client_secret_basic")]
 
 
 async def test_single_flight_100_callers_one_fetch(stack: EmulatorStack) -> None:

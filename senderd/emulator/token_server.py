@@ -52,6 +52,9 @@ class TokenServerStats:
     rejected: int = 0
     statuses: collections.Counter[int] = field(default_factory=collections.Counter)
     issued_at: list[float] = field(default_factory=list)
+    authentications: list[tuple[str, str]] = field(default_factory=list)
+    """(client id, method) of every request whose client authenticated; the methods are named as in the
+    OpenID discovery document: client_secret_basic, client_secret_post, tls_client_auth."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -278,9 +281,13 @@ class TokenServer:
             return _json_error(400, "invalid_request", f"Content-Type must be {_FORM}")
         form = await request.post()
         values = {k: v for k, v in form.items() if isinstance(v, str)}
-        client_id = self._authenticate(request, values)
-        if client_id is None:
+        if request.headers.get("Authorization") and "client_secret" in values:  # RFC 6749 5.2
+            return _json_error(400, "invalid_request", "more than one client authentication method")
+        authenticated = self._authenticate(request, values)
+        if authenticated is None:
             return _json_error(401, "unauthorized", "Bad credentials")
+        self.stats.authentications.append(authenticated)
+        client_id = authenticated[0]
         grant_type = values.get("grant_type")
         if grant_type is None:
             return _json_error(400, "invalid_request", "Missing grant type")
@@ -299,8 +306,8 @@ class TokenServer:
             headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
         )
 
-    def _authenticate(self, request: web.Request, form: dict[str, str]) -> str | None:
-        """The authenticated client id, or None."""
+    def _authenticate(self, request: web.Request, form: dict[str, str]) -> tuple[str, str] | None:
+        """The authenticated client id and how it authenticated, or None."""
         auth = request.headers.get("Authorization", "")
         if auth:
             scheme, _, encoded = auth.partition(" ")
@@ -311,23 +318,23 @@ class TokenServer:
             except (binascii.Error, UnicodeDecodeError):
                 return None
             client_id, sep, secret = decoded.partition(":")
-            return self._check_secret(client_id, secret) if sep else None
+            return self._check_secret(client_id, secret, "client_secret_basic") if sep else None
         client_id = form.get("client_id", "")
         if "client_secret" in form:
-            return self._check_secret(client_id, form["client_secret"])
+            return self._check_secret(client_id, form["client_secret"], "client_secret_post")
         client = self._clients.get(client_id)
         if client is None or client.cert_der is None:
             return None
         peer = _peer_certificate(request)
         if peer is None or not hmac.compare_digest(peer, client.cert_der):
             return None
-        return client_id
+        return client_id, "tls_client_auth"
 
-    def _check_secret(self, client_id: str, secret: str) -> str | None:
+    def _check_secret(self, client_id: str, secret: str, method: str) -> tuple[str, str] | None:
         client = self._clients.get(client_id)
         if client is None or client.secret is None:
             return None
-        return client_id if hmac.compare_digest(client.secret.encode(), secret.encode()) else None
+        return (client_id, method) if hmac.compare_digest(client.secret.encode(), secret.encode()) else None
 
     async def _token_keys(self, request: web.Request) -> web.Response:
         return web.json_response(self.public_jwks())
