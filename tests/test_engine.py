@@ -78,6 +78,19 @@ async def test_503_with_retry_after_is_retried_and_honoured(stack: EmulatorStack
     assert clock.sleeps == [3.0, 3.0]  # as told by Retry-After, not the backoff
 
 
+@pytest.mark.parametrize(("setting", "cap"), [({}, 60.0), ({"retry_after_max": "5s"}, 5.0)], ids=["default", "5s"])
+async def test_a_runtime_retry_after_is_capped_by_retry_after_max(
+    stack: EmulatorStack, setting: dict[str, str], cap: float
+) -> None:
+    stack.runtime.add_flow(FlowSpec("/Busy", unavailable=1, retry_after=100_000))
+    clock = StepClock()
+    async with engine_for(stack, {"name": "busy", "path": "/http/Busy", **setting}, clock=clock) as engine:
+        result = await engine.send(engine.config.flow("busy"))
+    assert result.ok
+    assert result.attempt_codes == ("503", "200")
+    assert clock.sleeps == [cap]  # not the 100000 s the runtime asked for
+
+
 @pytest.mark.parametrize(("status", "outcome"), [(400, "http_error"), (500, "http_error"), (404, "http_error")])
 async def test_client_and_flow_errors_are_not_retried(stack: EmulatorStack, status: int, outcome: str) -> None:
     if status == 400:

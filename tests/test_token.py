@@ -183,6 +183,26 @@ async def test_429_retry_after_is_honoured(stack: EmulatorStack) -> None:
         group.cancel_scope.cancel()
 
 
+async def test_a_429_retry_after_beyond_the_cap_waits_only_the_cap(stack: EmulatorStack) -> None:
+    stack.token_server.faults.rate_limited = 1
+    stack.token_server.faults.retry_after = 100_000
+    clock = FakeClock()
+    async with provider_for(stack, clock) as (provider, fetches), anyio.create_task_group() as group:
+        await group.start(provider.run)
+        await settle(provider, fetches)
+        _, error = fetches.items[0]
+        assert error is not None and error.retry_after == 100_000  # what the server said
+        assert provider.next_attempt_in == pytest.approx(600, abs=0.01)  # RefreshPolicy.retry_after_max
+        clock.advance(599.9)
+        await settle(provider, fetches)
+        assert stack.token_server.stats.requests == 1
+        clock.advance(0.2)
+        await settle(provider, fetches)
+        assert stack.token_server.stats.requests == 2
+        assert provider.has_valid_token()
+        group.cancel_scope.cancel()
+
+
 async def test_invalidate_only_clears_the_current_token(stack: EmulatorStack) -> None:
     async with provider_for(stack) as (provider, _):
         old = await provider.get()
