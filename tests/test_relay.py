@@ -220,6 +220,18 @@ async def test_ordered_flow_keeps_order_through_redeliveries(tmp_path: Path) -> 
     assert received == ids
 
 
+async def test_the_spool_is_a_wal_database_that_syncs_every_commit(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    try:
+        synchronous = spool.db.execute("PRAGMA synchronous").fetchone()[0]
+        journal_mode = spool.db.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        await spool.close()
+    assert synchronous == 2  # FULL: a commit is on disk when it returns (NORMAL, 1, may lose it on power loss)
+    assert journal_mode == "wal"
+
+
 async def test_group_commit_shares_fsyncs(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     await spool.open()
