@@ -17,7 +17,7 @@ from senderd.emulator.stack import EmulatorStack
 from senderd.engine import Engine
 from senderd.result import SendResult
 from senderd.testing import FakeClock
-from tests.tools import Recorder, senderd, senderd_run, settle
+from tests.tools import Recorder, all_blocked, senderd, senderd_run, settle
 
 pytestmark = pytest.mark.anyio
 
@@ -140,6 +140,6 @@ async def test_a_daemon_without_scheduled_flows_does_not_spin(tmp_path: Path, mo
             group.start_soon(daemon.serve)
             await daemon.started.wait()
             for _ in range(20):
-                await anyio.wait_all_tasks_blocked()
+                await all_blocked()
             daemon.stop()
     assert rounds == 1  # one scheduling round that waits, not a loop that restarts at once

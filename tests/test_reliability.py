@@ -27,7 +27,7 @@ from senderd.errors import TokenError
 from senderd.result import SendResult
 from senderd.testing import FakeClock
 from tests.conftest import CapturedLogs
-from tests.tools import Recorder, senderd_run, settle
+from tests.tools import Recorder, all_blocked, senderd_run, settle
 
 pytestmark = pytest.mark.anyio
 
@@ -140,10 +140,10 @@ async def test_replicas_starting_together_do_not_stampede(tmp_path: Path) -> Non
                         await p.run()
 
                 group.start_soon(one)
-            await anyio.wait_all_tasks_blocked()
+            await all_blocked()
             for _ in range(60):  # 6 s of fake time, in steps
                 clock.advance(0.1)
-                await anyio.wait_all_tasks_blocked()
+                await all_blocked()
                 for provider in providers:  # real HTTP fetches under way: let them land
                     await provider.wait_fetch()
             group.cancel_scope.cancel()

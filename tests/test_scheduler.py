@@ -13,6 +13,7 @@ from senderd.metrics import Metrics
 from senderd.pool import Job, WorkerPool
 from senderd.scheduler import run_schedules
 from senderd.testing import FakeClock
+from tests.tools import all_blocked
 
 pytestmark = pytest.mark.anyio
 
@@ -47,7 +48,7 @@ async def test_ticks_follow_the_grid_without_drift() -> None:
         )
         for _ in range(1000):  # 100 s in 0.1 s steps
             clock.advance(0.1)
-            await anyio.wait_all_tasks_blocked()
+            await all_blocked()
         group.cancel_scope.cancel()
     a, b = fired["a"], fired["b"]
     assert 0 <= a[0] - start < 10 and 0 <= b[0] - start < 3  # first fires spread over the interval
@@ -79,7 +80,7 @@ async def test_a_flow_never_overlaps_itself_and_a_full_queue_drops() -> None:
         )
         for _ in range(5):
             clock.advance(1.0)
-            await anyio.wait_all_tasks_blocked()
+            await all_blocked()
         release.set()
         group.cancel_scope.cancel()
 

@@ -23,7 +23,7 @@ from senderd.config import CredentialsConfig, TokenConfig
 from senderd.emulator.stack import EmulatorStack
 from senderd.errors import TokenError
 from senderd.testing import FakeClock
-from tests.tools import Recorder
+from tests.tools import Recorder, all_blocked
 
 pytestmark = pytest.mark.anyio
 
@@ -55,10 +55,10 @@ async def provider_for(
 
 async def settle(provider: TokenProvider, fetches: Fetches) -> None:
     """Let woken tasks run; if that started a fetch, wait for it to finish."""
-    await anyio.wait_all_tasks_blocked()
+    await all_blocked()
     if provider.fetching:
         await fetches.wait_for(len(fetches) + 1, timeout=10)
-        await anyio.wait_all_tasks_blocked()
+        await all_blocked()
 
 
 async def test_certificate_key_gets_a_token_over_mtls(stack: EmulatorStack) -> None:
