@@ -1,17 +1,19 @@
-"""The clock protocol every component takes (monotonic time, wall time, a way to wait) and the system clock.
+"""The clock protocol every component takes (monotonic time, wall time, a way to wait, a timeout) and the
+system clock.
 
 Tests pass the fake clocks of `senderd.testing` instead, so that timing is tested without sleeping."""
 
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import anyio
 
 
 class Clock(Protocol):
-    """Monotonic time for scheduling, wall time for reporting, and a way to wait."""
+    """Monotonic time for scheduling, wall time for reporting, a way to wait, and a timeout."""
 
     def monotonic(self) -> float:
         """Seconds on a clock that never goes back."""
@@ -23,6 +25,11 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None:
         """Wait `seconds` on this clock."""
+        ...
+
+    def fail_after(self, seconds: float) -> AbstractContextManager[anyio.CancelScope]:
+        """A scope whose body is cancelled, and TimeoutError raised, once `seconds` have passed on this clock
+        (what `anyio.fail_after` is for the system clock)."""
         ...
 
 
@@ -37,3 +44,6 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(max(0.0, seconds))
+
+    def fail_after(self, seconds: float) -> AbstractContextManager[anyio.CancelScope]:
+        return anyio.fail_after(seconds)

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import stat
-import sys
 from pathlib import Path
 
-import anyio
 import pytest
 
 from senderd.emulator.stack import EmulatorStack
-from tests.conftest import secrets_in
+from tests.tools import senderd
 
 pytestmark = pytest.mark.anyio
-
-
-async def senderd(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run `python -m senderd ARGS`; return exit code, stdout, stderr."""
-    result = await anyio.run_process(
-        [sys.executable, "-m", "senderd", *args], check=False, env={**os.environ, **(env or {})}
-    )
-    out, err = result.stdout.decode(), result.stderr.decode()
-    assert not secrets_in(err), f"a secret in senderd's stderr: {secrets_in(err)}"
-    if "--raw" not in args:  # the one way to see a token on purpose
-        assert not secrets_in(out), f"a secret in senderd's stdout: {secrets_in(out)}"
-    return result.returncode, out, err
 
 
 async def test_token_prints_claims_not_the_token(stack: EmulatorStack) -> None:

@@ -23,6 +23,7 @@ from senderd.emulator import (
     FlowSpec,
     IssuedCert,
     Pki,
+    RevokedTokenError,
     Runtime,
     TokenServer,
     client_id_for,
@@ -213,6 +214,13 @@ async def test_secret_client_basic_and_body(pki: Pki, token_server: TokenServer,
         form = {"grant_type": "client_credentials", "client_id": "secret-client", "client_secret": "s3cr3t"}
         body = await s.post(token_server.token_url, data=form)
         assert body.status == 200
+        both = await s.post(token_server.token_url, data=form, headers={"Authorization": f"Basic {basic}"})
+        assert both.status == 400  # RFC 6749 5.2: one authentication method per request
+        assert (await both.json())["error"] == "invalid_request"
+        assert token_server.stats.authentications == [
+            ("secret-client", "client_secret_basic"),
+            ("secret-client", "client_secret_post"),
+        ]
         bad = await s.post(
             token_server.token_url,
             data={"grant_type": "client_credentials"},
@@ -419,3 +427,13 @@ def test_verify_has_no_leeway(pki: Pki) -> None:
     with pytest.raises(jwt.ExpiredSignatureError):
         server.verify(token)
     assert server.verify(token, leeway=30)["client_id"] == "c"
+
+
+def test_revoked_tokens_fail_verification_and_later_ones_do_not(pki: Pki) -> None:
+    server = TokenServer(pki)
+    before = server.mint("c", lifetime=60, scopes=[SEND_SCOPE])
+    assert server.revoke_issued() == 1
+    after = server.mint("c", lifetime=60, scopes=[SEND_SCOPE])
+    with pytest.raises(RevokedTokenError):
+        server.verify(before)
+    assert server.verify(after)["client_id"] == "c"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from senderd.auth.token import Token
 from senderd.client import Client
 from senderd.emulator.runtime import FlowSpec
 from senderd.emulator.stack import EmulatorStack
@@ -79,6 +78,19 @@ async def test_503_with_retry_after_is_retried_and_honoured(stack: EmulatorStack
     assert clock.sleeps == [3.0, 3.0]  # as told by Retry-After, not the backoff
 
 
+@pytest.mark.parametrize(("setting", "cap"), [({}, 60.0), ({"retry_after_max": "5s"}, 5.0)], ids=["default", "5s"])
+async def test_a_runtime_retry_after_is_capped_by_retry_after_max(
+    stack: EmulatorStack, setting: dict[str, str], cap: float
+) -> None:
+    stack.runtime.add_flow(FlowSpec("/Busy", unavailable=1, retry_after=100_000))
+    clock = StepClock()
+    async with engine_for(stack, {"name": "busy", "path": "/http/Busy", **setting}, clock=clock) as engine:
+        result = await engine.send(engine.config.flow("busy"))
+    assert result.ok
+    assert result.attempt_codes == ("503", "200")
+    assert clock.sleeps == [cap]  # not the 100000 s the runtime asked for
+
+
 @pytest.mark.parametrize(("status", "outcome"), [(400, "http_error"), (500, "http_error"), (404, "http_error")])
 async def test_client_and_flow_errors_are_not_retried(stack: EmulatorStack, status: int, outcome: str) -> None:
     if status == 400:
@@ -129,19 +141,14 @@ async def test_expect_body_mismatch_is_check_failed(stack: EmulatorStack) -> Non
 
 async def test_a_401_invalidates_that_token_and_retries_once(stack: EmulatorStack) -> None:
     async with engine_for(stack, {"name": "ts", "path": "/http/GetTimestamp"}) as engine:
-        good = await engine.tokens.get()
-        expired = Token(
-            value=stack.token_server.mint(stack.client_id, lifetime=-5),
-            obtained_at=good.obtained_at,
-            expires_at=good.expires_at,
-            expires_at_wall=good.expires_at_wall,
-        )
-        engine.tokens._token = expired  # the runtime thinks otherwise: a token revoked or clock-skewed
+        revoked = await engine.tokens.get()
+        assert stack.token_server.revoke_issued() == 1  # valid for an hour, yet the runtime refuses it now
         result = await engine.send(engine.config.flow("ts"))
-        assert engine.tokens.current is not expired
+        assert engine.tokens.current is not revoked
     assert result.ok
     assert result.attempt_codes == ("200",)  # the 401 was handled inside the attempt
-    assert stack.runtime.stats.expired_tokens == 1
+    assert stack.runtime.stats.revoked_tokens == 1
+    assert stack.token_server.stats.issued == 2  # the refused token and the one fetched after the 401
     assert sample(engine, "senderd_send_attempts_total", {"flow": "ts", "code": "401"}) == 1
     assert sample(engine, "senderd_auth_failures_total", {"stage": "runtime", "reason": "unauthorized"}) == 1
 

@@ -23,15 +23,14 @@ import anyio.lowlevel
 import pytest
 from aiohttp import web
 
-from senderd.clock import SystemClock
 from senderd.emulator.pki import Pki
 from senderd.emulator.runtime import FlowSpec, Runtime
 from senderd.emulator.stack import EmulatorStack
 from senderd.engine import Engine
 from senderd.result import SendResult
-from senderd.testing import StepClock
+from senderd.testing import FakeClock, StepClock
 from tests.faultproxy import Blackhole, CloseImmediately, FaultProxy, Pass, ResetAfterResponseBytes
-from tests.tools import engine_for
+from tests.tools import Recorder, all_blocked, engine_for
 
 pytestmark = pytest.mark.anyio
 
@@ -166,7 +165,10 @@ async def test_a_blackhole_is_a_timeout_not_a_hang(stack: EmulatorStack) -> None
 
 
 async def test_a_blackhole_send_ends_by_its_deadline(stack: EmulatorStack) -> None:
-    deadline = 0.5
+    """Attempts of 400 ms into a blackhole under a 500 ms deadline, on a fake clock moved in 10 ms steps:
+    the second attempt gets only what is left of the deadline, and the send ends with it."""
+    deadline, step = 0.5, 0.01
+    clock = FakeClock()
     async with FaultProxy.running("127.0.0.1", runtime_port(stack), Blackhole()) as proxy:
         flow = {
             "name": "hole",
@@ -176,13 +178,30 @@ async def test_a_blackhole_send_ends_by_its_deadline(stack: EmulatorStack) -> No
             "backoff_initial": "1ms",
             "deadline": f"{deadline * 1000:g}ms",
         }
-        async with engine_for(stack, flow, clock=SystemClock()) as engine:
+        async with engine_for(stack, flow, clock=clock) as engine:
             await engine.tokens.get()  # the token fetch is not what is being timed
-            started = time.monotonic()
-            result = await send(engine, "hole", f"proxy blackhole, deadline {deadline:g} s")
-            elapsed = time.monotonic() - started
+            finished = Recorder[tuple[float, SendResult]]()
+            engine.listeners.append(lambda result: finished((clock.monotonic(), result)))
+            started = clock.monotonic()
+            with anyio.fail_after(BOUND):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(engine.send, engine.config.flow("hole"))
+                    while not finished.items:
+                        await all_blocked()  # the attempt under way is waiting for an answer that never comes
+                        clock.advance(step)
+    ended_at, result = finished.items[0]
+    print(
+        f"\nproxy blackhole, deadline {deadline:g} s: {result.outcome} after {result.attempts} attempts "
+        f"in {ended_at - started:.2f} s of fake time ({result.last.error})"
+    )
     assert result.outcome == "timeout"
-    assert elapsed < deadline + 0.15  # README: deadline is the "total time of one send"
+    assert ended_at - started <= deadline + step + 1e-6  # README: deadline is the "total time of one send"
+    assert result.attempt_codes == ("none", "none")  # 400 ms, a wait under 1 ms, then what was left
+    error = result.last.error or ""
+    assert error.startswith("no answer within ") and error.endswith("s"), error
+    second = float(error.removeprefix("no answer within ").removesuffix("s"))
+    assert deadline - 0.4 - 2 * step - 1e-6 <= second <= deadline - 0.4  # the rest, after a step or two
+    assert len(proxy.connections) == 2
 
 
 async def test_a_connection_closed_at_once_is_a_connection_error_and_retried(stack: EmulatorStack) -> None:

@@ -24,8 +24,7 @@ from senderd.emulator.stack import EmulatorStack
 from senderd.logs import configure_logging
 from senderd.metrics import Metrics
 from tests.conftest import CapturedLogs
-from tests.test_cli import senderd
-from tests.tools import engine_for, require_tool
+from tests.tools import engine_for, require_tool, senderd
 
 pytestmark = pytest.mark.anyio
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from aiohttp import web
 
 from senderd.emulator.pki import Pki
 from senderd.emulator.servicekey import client_id_for, service_key_dict
-from tests.tools import free_port, require_tool, wait_for_port
+from tests.tools import free_port, require_tool, senderd, senderd_run, wait_for_port
 
 pytestmark = pytest.mark.anyio
 LIFETIME = 3
@@ -192,21 +191,8 @@ http {{
 
 async def test_token_through_nginx_mtls_terminator(nginx_oauth: tuple[int, OAuthBackend, Path], tmp_path: Path) -> None:
     _, backend, key_path = nginx_oauth
-    result = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "senderd",
-            "token",
-            "--service-key",
-            str(key_path),
-            "--ca-file",
-            str(tmp_path / "ca.pem"),
-        ],
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr.decode()
-    out = result.stdout.decode()
+    code, out, err = await senderd("token", "--service-key", str(key_path), "--ca-file", str(tmp_path / "ca.pem"))
+    assert code == 0, err
     assert f"lifetime:   {LIFETIME}s" in out
     assert backend.seen == [
         {
@@ -235,21 +221,8 @@ async def test_nginx_refuses_a_handshake_without_certificate(
             }
         )
     )
-    result = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "senderd",
-            "token",
-            "--service-key",
-            str(secret_key),
-            "--ca-file",
-            str(tmp_path / "ca.pem"),
-        ],
-        check=False,
-    )
-    assert result.returncode == 1
-    err = result.stderr.decode()
+    code, _, err = await senderd("token", "--service-key", str(secret_key), "--ca-file", str(tmp_path / "ca.pem"))
+    assert code == 1
     # nginx answers 400 "No required SSL certificate was sent" over HTTP rather than failing the handshake
     assert "token server localhost:" in err
     assert backend.seen == []
@@ -289,18 +262,13 @@ every = "1s"
 start = "now"
 retries = 3
 """)
-    async with await anyio.open_process([sys.executable, "-m", "senderd", "run", "-c", str(config)]) as process:
-        with anyio.fail_after(30):
-            await anyio.sleep(3 * LIFETIME + 1)  # the span under test: several token lifetimes of sends
-            process.send_signal(signal.SIGTERM)
-            assert process.stdout is not None
-            logs = b""
-            async for chunk in process.stdout:
-                logs += chunk
-            code = await process.wait()
-    events = [json.loads(line) for line in logs.decode().splitlines() if line.startswith("{")]
-    stop = next(i for i, e in enumerate(events) if e.get("event") == "stopping")
-    sends = [e for e in events[:stop] if e.get("event") == "send_finished"]  # at the stop, retries end early
+    async with senderd_run("-c", str(config)) as daemon:
+        await daemon.wait_for("started")
+        await anyio.sleep(3 * LIFETIME + 1)  # the span under test: several token lifetimes of sends
+        daemon.send_signal(signal.SIGTERM)
+        code = await daemon.wait()
+    stop = next(i for i, e in enumerate(daemon.events) if e.get("event") == "stopping")
+    sends = [e for e in daemon.events[:stop] if e.get("event") == "send_finished"]  # at the stop, retries end early
     by_flow = {name: [e for e in sends if e["flow"] == name] for name in ("timestamp", "orders", "flaky")}
     print(
         f"\nindependent stack, {3 * LIFETIME + 1}s: {len(sends)} sends, {len(backend.tokens)} tokens, "

@@ -4,7 +4,6 @@ promtool, a Prometheus server scraping senderd, and a Pushgateway receiving `sen
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,9 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from senderd.config import load_config
 from senderd.daemon import Daemon
 from senderd.emulator.stack import EmulatorStack
+from senderd.engine import Engine
+from senderd.errors import TokenError
 from senderd.result import SendResult
 from tests.deploy_names import PUBLIC_METRICS, metric_names_in_alerts, metric_names_in_dashboard
-from tests.tools import free_port, require_tool, wait_for_port
+from tests.tools import Recorder, free_port, require_tool, senderd, wait_for_port
 
 pytestmark = pytest.mark.anyio
 
@@ -34,26 +35,17 @@ FLOWS = (
 async def running_daemon(stack: EmulatorStack, sends: int = 1) -> AsyncIterator[tuple[Daemon, str]]:
     """A daemon on the stack's config; yields once `sends` sends have finished."""
     daemon = Daemon.create(load_config(stack.config_path), handle_signals=False)
-    finished = anyio.Event()
-    count = 0
+    finished = Recorder[SendResult]()
 
-    def seen(_result: SendResult) -> None:
-        nonlocal count
-        count += 1
-        if count >= sends:
-            finished.set()
-
-    async def hook(engine: object, _group: object) -> None:
-        assert daemon.engine is not None
-        daemon.engine.listeners.append(seen)
+    async def hook(engine: Engine, _group: object) -> None:
+        engine.listeners.append(finished)
 
     daemon.on_start = hook
     async with anyio.create_task_group() as group:
         group.start_soon(daemon.serve)
         with anyio.fail_after(15):
             await daemon.started.wait()
-            if sends:
-                await finished.wait()
+        await finished.wait_for(sends)
         assert daemon.server is not None
         yield daemon, daemon.server.url
         daemon.stop()
@@ -141,10 +133,10 @@ async def test_readyz_is_503_with_a_reason_while_no_token_is_held(flows_stack: E
         assert status == 503
         expected = ("no valid token yet", f"no valid token: {daemon.engine.tokens.last_error}")
         assert json.loads(body)["reason"] in expected
-        failed = anyio.Event()
-        daemon.engine.tokens.listeners.append(lambda _d, _t, error: failed.set() if error else None)
-        with anyio.fail_after(10):
-            await failed.wait()  # the first fetch waits up to token.startup_jitter, then fails
+        fetch_errors = Recorder[TokenError | None]()
+        daemon.engine.tokens.listeners.append(lambda _duration, _token, error: fetch_errors(error))
+        # the first fetch waits up to token.startup_jitter, then fails
+        await fetch_errors.wait_until(lambda errors: any(errors), timeout=10)
         status, _, body = await get(f"{url}/readyz")
         assert status == 503
         reason = json.loads(body)
@@ -204,23 +196,10 @@ async def test_once_pushes_to_a_real_pushgateway(flows_stack: EmulatorStack, tmp
     async with process:
         try:
             await wait_for_port(port)
-            result = await anyio.run_process(
-                [
-                    sys.executable,
-                    "-m",
-                    "senderd",
-                    "once",
-                    "-c",
-                    str(flows_stack.config_path),
-                    "--flow",
-                    "ts",
-                    "--push-gateway",
-                    f"http://127.0.0.1:{port}",
-                ],
-                check=False,
+            code, out, err = await senderd(
+                "once", "-c", str(flows_stack.config_path), "--flow", "ts", "--push-gateway", f"http://127.0.0.1:{port}"
             )
-            out = result.stdout.decode()
-            assert result.returncode == 0, result.stderr.decode()
+            assert code == 0, err
             assert f"pushed metrics to http://127.0.0.1:{port} (job senderd, instance " in out
             _, _, text = await get(f"http://127.0.0.1:{port}/metrics")
         finally:
@@ -237,22 +216,9 @@ async def test_once_pushes_to_a_real_pushgateway(flows_stack: EmulatorStack, tmp
 
 
 async def test_push_failure_is_exit_1_with_one_line(flows_stack: EmulatorStack) -> None:
-    result = await anyio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "senderd",
-            "once",
-            "-c",
-            str(flows_stack.config_path),
-            "--flow",
-            "ts",
-            "--push-gateway",
-            f"http://127.0.0.1:{free_port()}",
-        ],
-        check=False,
+    code, _, err = await senderd(
+        "once", "-c", str(flows_stack.config_path), "--flow", "ts", "--push-gateway", f"http://127.0.0.1:{free_port()}"
     )
-    assert result.returncode == 1
-    err = result.stderr.decode()
+    assert code == 1
     assert err.strip().splitlines()[-1].startswith("senderd: error: push to gateway http://127.0.0.1:")
     assert "Traceback" not in err  # above it: the JSON log lines of the run itself

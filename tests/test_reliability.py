@@ -8,8 +8,6 @@ import json
 import os
 import random
 import signal
-import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +19,7 @@ import pytest
 
 from senderd.auth.servicekey import load_service_key
 from senderd.auth.token import Token, TokenProvider
+from senderd.clock import Clock
 from senderd.config import CredentialsConfig, TokenConfig, load_config
 from senderd.daemon import Daemon
 from senderd.emulator.stack import EmulatorStack
@@ -28,29 +27,31 @@ from senderd.errors import TokenError
 from senderd.result import SendResult
 from senderd.testing import FakeClock
 from tests.conftest import CapturedLogs
+from tests.tools import Recorder, all_blocked, senderd_run, settle
 
 pytestmark = pytest.mark.anyio
 
 
 @asynccontextmanager
-async def daemon_on(stack: EmulatorStack) -> AsyncIterator[tuple[Daemon, list[tuple[float, SendResult]]]]:
-    daemon = Daemon.create(load_config(stack.config_path), handle_signals=False, config_path=stack.config_path)
-    results: list[tuple[float, SendResult]] = []
-    first = anyio.Event()
-
-    def seen(result: SendResult) -> None:
-        results.append((time.time(), result))
-        first.set()
+async def daemon_on(
+    stack: EmulatorStack, clock: Clock | None = None
+) -> AsyncIterator[tuple[Daemon, Recorder[tuple[float, SendResult]]]]:
+    """A daemon on the stack's config (and `clock`); yields once its first send has finished, with a
+    recorder of the sends and the (wall) time on the daemon's clock at which each one finished."""
+    daemon = Daemon.create(
+        load_config(stack.config_path), handle_signals=False, config_path=stack.config_path, clock=clock
+    )
+    results = Recorder[tuple[float, SendResult]]()
 
     async def hook(engine: Any, _group: object) -> None:
-        engine.listeners.append(seen)
+        engine.listeners.append(lambda result: results((daemon.clock.time(), result)))
 
     daemon.on_start = hook
     async with anyio.create_task_group() as group:
         group.start_soon(daemon.serve)
         with anyio.fail_after(15):
             await daemon.started.wait()
-            await first.wait()
+        await results.wait_for(1)
         yield daemon, results
         daemon.stop()
 
@@ -62,58 +63,60 @@ async def readyz(daemon: Daemon) -> int:
 
 
 async def test_token_server_down_for_twice_the_lifetime(tmp_path: Path) -> None:
-    lifetime = 4
+    """The token server goes down just after senderd fetched a 4 s token, for 8 s. One fake clock serves
+    senderd and the emulator; it moves in 50 ms steps, and the sends and token fetches (real HTTPS) that a
+    step starts finish before the next. /readyz is asked at every step."""
+    lifetime, step = 4, 0.05
+    clock = FakeClock()
     extra = (
         '[token]\nstartup_jitter = "0s"\n'
         '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "250ms"\nstart = "now"\nretries = 0\n'
     )
     async with (
-        EmulatorStack.started(tmp_path / "emu", token_lifetime=lifetime, config_extra=extra) as stack,
-        daemon_on(stack) as (daemon, results),
+        EmulatorStack.started(tmp_path / "emu", token_lifetime=lifetime, config_extra=extra, now=clock.time) as stack,
+        daemon_on(stack, clock) as (daemon, results),
     ):
         assert daemon.engine is not None
         tokens = daemon.engine.tokens
-        fetched: list[tuple[float, Token | None, TokenError | None]] = []
-        back = anyio.Event()
-
-        def seen(_duration: float, token: Token | None, error: TokenError | None) -> None:
-            fetched.append((time.time(), token, error))
-            if token is not None and stack.token_server.faults.down is False:
-                back.set()
-
-        tokens.listeners.append(seen)
+        fetches = Recorder[tuple[float, Token | None, TokenError | None]]()
+        tokens.listeners.append(lambda _duration, token, error: fetches((clock.time(), token, error)))
         cached = await tokens.get()
-        down_at = time.time()
+        down_at = clock.time()
         stack.token_server.faults.down = True
-        ready_while_valid = await readyz(daemon)
-        with anyio.fail_after(3 * lifetime):
-            while time.time() < down_at + 2 * lifetime:  # the outage lasts twice the token lifetime
-                await anyio.sleep(0.25)  # sampling readiness over time, not synchronising
-                if not tokens.has_valid_token():
-                    break
-        ready_after_expiry = await readyz(daemon)
-        await anyio.sleep(max(0.0, down_at + 2 * lifetime - time.time()))
+        readiness: list[tuple[bool, int]] = []  # (a valid token is held, /readyz status), at every step
+        while clock.time() < down_at + 2 * lifetime:  # the outage lasts twice the token lifetime
+            readiness.append((tokens.has_valid_token(), await readyz(daemon)))
+            clock.advance(step)
+            await settle(daemon.engine, results)
         stack.token_server.faults.down = False
-        up_at = time.time()
-        failures_in_outage = [t for t, _, e in fetched if e is not None]
-        with anyio.fail_after(70):
-            await back.wait()
-        recovered_in = time.time() - up_at
+        up_at = clock.time()
+        next_try = tokens.next_attempt_in
+        failures_in_outage = [t for t, _, e in fetches.items if e is not None]
+        while not any(token for t, token, _ in fetches.items if t >= up_at):
+            assert clock.time() < up_at + 70, "no token within 70 s of the server's return"
+            clock.advance(step)
+            await settle(daemon.engine, results)
+        recovered_in = clock.time() - up_at
         last_wait = tokens.next_attempt_in
     expiry = cached.expires_at_wall
-    failed_while_valid = [r for t, r in results if down_at <= t < expiry - 0.5 and not r.ok]
+    failed_while_valid = [r for t, r in results.items if down_at <= t < expiry - 0.5 and not r.ok]
+    failed_after_expiry = [r for t, r in results.items if expiry <= t < up_at and not r.ok]
     print(
         f"\noutage {2 * lifetime}s with {lifetime}s tokens: {len(failures_in_outage)} fetch attempts, "
         f"{len(failed_while_valid)} sends failed while the token was valid, token back {recovered_in:.2f}s "
         f"after the server"
     )
     assert failed_while_valid == []
-    assert ready_while_valid == 200
-    assert ready_after_expiry == 503
-    # backoff 1, 2, 4 s (+-10 %) over the outage: at most one attempt per step
+    assert failed_after_expiry  # the outage outlasted the token: without one, sends fail
+    assert all(status == (200 if valid else 503) for valid, status in readiness), readiness
+    assert readiness[0] == (True, 200)  # ready while the cached token is valid
+    assert readiness[-1] == (False, 503)  # not ready once it has expired
+    # backoff 1, 2, 4 s (+-10 %) over the outage, an attempt at the first step after each wait
     assert 2 <= len(failures_in_outage) <= 5
     gaps = [b - a for a, b in itertools.pairwise(failures_in_outage)]
-    assert all(gap >= 0.85 * 2**n for n, gap in enumerate(gaps)), gaps
+    assert all(0.9 * 2**n - 1e-6 <= gap <= 1.1 * 2**n + step + 1e-6 for n, gap in enumerate(gaps)), gaps
+    assert next_try is not None
+    assert recovered_in <= next_try + step + 1e-6  # at the attempt the backoff had planned, not later
     assert recovered_in <= 8 * 1.1 + 0.5  # within one backoff step (the next one was at most 8 s away)
     assert last_wait is None
 
@@ -137,10 +140,10 @@ async def test_replicas_starting_together_do_not_stampede(tmp_path: Path) -> Non
                         await p.run()
 
                 group.start_soon(one)
-            await anyio.wait_all_tasks_blocked()
+            await all_blocked()
             for _ in range(60):  # 6 s of fake time, in steps
                 clock.advance(0.1)
-                await anyio.wait_all_tasks_blocked()
+                await all_blocked()
                 for provider in providers:  # real HTTP fetches under way: let them land
                     await provider.wait_fetch()
             group.cancel_scope.cancel()
@@ -175,83 +178,50 @@ async def test_service_key_rotation_is_picked_up_without_restart(tmp_path: Path,
         )
         async with daemon_on(stack) as (daemon, results):
             assert daemon.engine is not None
-            fetched: list[tuple[Token | None, TokenError | None]] = []
-            rotated_fetch = anyio.Event()
-
-            def seen(_duration: float, token: Token | None, error: TokenError | None) -> None:
-                fetched.append((token, error))
-                if token is not None:
-                    rotated_fetch.set()
-
-            daemon.engine.tokens.listeners.append(seen)
+            fetches = Recorder[TokenError | None]()
+            daemon.engine.tokens.listeners.append(lambda _duration, _token, error: fetches(error))
             new_client = stack.pki.issue_client("rotated-client")
             stack.token_server.add_certificate_client(stack.client_id, new_client.cert, stack.scopes)  # old is out
             swap_key(keys, "v2", json.dumps(stack.service_key(client=new_client)))
             assert daemon.watcher is not None
             assert await daemon.watcher.check()  # what the watcher's loop does every watch_interval
-            with anyio.fail_after(10):
-                await rotated_fetch.wait()  # the next fetch can only succeed with the new certificate
+            await fetches.wait_for(1, timeout=10)  # the next fetch can only succeed with the new certificate
             expiry = daemon.metrics.registry.get_sample_value("senderd_client_certificate_expiry_timestamp_seconds")
             swap_key(keys, "v3", "{ not json")
             assert not await daemon.watcher.check()  # refused: the old key keeps serving
             sends_before = len(results)
             with anyio.fail_after(10):
                 await stack.runtime.wait_for_messages(len(stack.runtime.stats.messages) + 5)
-    assert all(error is None for _, error in fetched)
+    assert fetches.items == [None] * len(fetches)  # every fetch succeeded, the first with the new certificate
     assert expiry == new_client.cert.not_valid_after_utc.timestamp()
-    assert all(result.ok for _, result in results[sends_before:])  # the old key kept serving
+    assert all(result.ok for _, result in results.items[sends_before:])  # the old key kept serving
     assert "credentials_rotated" in logs.text
-
-
-class DaemonLogs:
-    """Drains a subprocess's stdout and lets a test wait for a log event."""
-
-    def __init__(self, process: anyio.abc.Process) -> None:
-        self.process = process
-        self.text = ""
-        self._changed = anyio.Event()
-
-    async def run(self) -> None:
-        assert self.process.stdout is not None
-        async for chunk in self.process.stdout:
-            self.text += chunk.decode()
-            self._changed.set()
-            self._changed = anyio.Event()
-
-    async def wait_for(self, event: str, count: int = 1) -> dict[str, Any]:
-        while self.text.count(f'"event": "{event}"') < count:
-            await self._changed.wait()
-        lines = [line for line in self.text.splitlines() if f'"event": "{event}"' in line]
-        return dict(json.loads(lines[count - 1]))
 
 
 async def test_sighup_reloads_and_refuses_an_invalid_config(tmp_path: Path) -> None:
     async with EmulatorStack.started(tmp_path / "emu") as stack:
         base = stack.config_text(default_flow=False)
         stack.config_path.write_text(base + '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "1h"\n')
-        command = [sys.executable, "-m", "senderd", "run", "-c", str(stack.config_path)]
-        async with await anyio.open_process(command) as process, anyio.create_task_group() as group:
-            logs = DaemonLogs(process)
-            group.start_soon(logs.run)
+        async with senderd_run("-c", str(stack.config_path)) as daemon:
             with anyio.fail_after(30):
-                url = (await logs.wait_for("listening"))["url"]
-                await logs.wait_for("started")  # signal handlers are installed by then
+                url = (await daemon.wait_for("listening"))["url"]
+                await daemon.wait_for("started")  # signal handlers are installed by then
                 stack.config_path.write_text(
                     base + '[[flows]]\nname = "orders"\npath = "/http/Orders"\nmethod = "POST"\nbody = "<o/>"\n'
                     'every = "200ms"\nstart = "now"\n'
                 )
-                process.send_signal(signal.SIGHUP)
-                reloaded = await logs.wait_for("config_reloaded")
+                daemon.send_signal(signal.SIGHUP)
+                reloaded = await daemon.wait_for("config_reloaded")
                 await stack.runtime.wait_for_messages(1)  # the new flow runs without a restart
                 stack.config_path.write_text(base + "[[flows]]\nname = 'x'\n")  # no path: invalid
-                process.send_signal(signal.SIGHUP)
-                failed = await logs.wait_for("config_reload_failed")
+                daemon.send_signal(signal.SIGHUP)
+                failed = await daemon.wait_for("config_reload_failed")
                 async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
                     metrics = await response.text()
                 before = len(stack.runtime.stats.messages)
                 await stack.runtime.wait_for_messages(before + 2)  # still sending with the old config
-                process.send_signal(signal.SIGTERM)
-                code = await process.wait()
+                daemon.send_signal(signal.SIGTERM)
+                code = await daemon.wait()
     assert reloaded["flows"] == ["orders"]
     assert stack.runtime.stats.messages[0].address == "/orders"
     assert "flows[0].path: required key is missing" in failed["error"]

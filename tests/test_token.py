@@ -28,26 +28,13 @@ from senderd.errors import TokenError
 from senderd.metrics import TRANSIENT_TOKEN_FAILURES
 from senderd.testing import FakeClock
 from tests.faultproxy import abort_with_rst
+from tests.tools import Recorder, all_blocked
 
 pytestmark = pytest.mark.anyio
 
 
-class FetchWatcher:
-    """A provider listener that lets a test wait for the n-th finished fetch."""
-
-    def __init__(self) -> None:
-        self.results: list[tuple[Token | None, TokenError | None]] = []
-        self._changed = anyio.Event()
-
-    def __call__(self, _duration: float, token: Token | None, error: TokenError | None) -> None:
-        self.results.append((token, error))
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def wait_for(self, count: int) -> None:
-        with anyio.fail_after(10):
-            while len(self.results) < count:
-                await self._changed.wait()
+Fetches = Recorder[tuple[Token | None, TokenError | None]]
+"""What each finished fetch gave: the token or the error."""
 
 
 def creds(stack: EmulatorStack) -> CredentialsConfig:
@@ -57,22 +44,26 @@ def creds(stack: EmulatorStack) -> CredentialsConfig:
 @asynccontextmanager
 async def provider_for(
     stack: EmulatorStack, clock: FakeClock | None = None, **token_config: Any
-) -> AsyncIterator[tuple[TokenProvider, FetchWatcher]]:
-    watcher = FetchWatcher()
+) -> AsyncIterator[tuple[TokenProvider, Fetches]]:
+    fetches = Fetches()
     config = creds(stack)
     token_config.setdefault("startup_jitter", 0)
     async with TokenProvider.open(
-        load_credentials(config), config, TokenConfig(**token_config), clock=clock, listeners=[watcher]
+        load_credentials(config),
+        config,
+        TokenConfig(**token_config),
+        clock=clock,
+        listeners=[lambda _duration, token, error: fetches((token, error))],
     ) as provider:
-        yield provider, watcher
+        yield provider, fetches
 
 
-async def settle(provider: TokenProvider, watcher: FetchWatcher) -> None:
+async def settle(provider: TokenProvider, fetches: Fetches) -> None:
     """Let woken tasks run; if that started a fetch, wait for it to finish."""
-    await anyio.wait_all_tasks_blocked()
+    await all_blocked()
     if provider.fetching:
-        await watcher.wait_for(len(watcher.results) + 1)
-        await anyio.wait_all_tasks_blocked()
+        await fetches.wait_for(len(fetches) + 1, timeout=10)
+        await all_blocked()
 
 
 async def test_certificate_key_gets_a_token_over_mtls(stack: EmulatorStack) -> None:
@@ -84,6 +75,7 @@ async def test_certificate_key_gets_a_token_over_mtls(stack: EmulatorStack) -> N
     assert token.scopes == tuple(stack.scopes)
     assert 3590 < token.lifetime <= 3600
     assert stack.token_server.stats.issued == 1
+    assert stack.token_server.stats.authentications == [(stack.client_id, "tls_client_auth")]  # no secret sent
 
 
 async def test_client_secret_key_uses_basic_auth(stack: EmulatorStack, tmp_path: Path) -> None:
@@ -98,6 +90,8 @@ async def test_client_secret_key_uses_basic_auth(stack: EmulatorStack, tmp_path:
     async with TokenProvider.open(load_credentials(config), config, TokenConfig()) as provider:
         token = await provider.get()
     assert stack.token_server.verify(token.value)["client_id"] == "sb-secret!b1|it-rt-x!b2"
+    # HTTP Basic: the secret goes in the Authorization header, and not in the form body as well
+    assert stack.token_server.stats.authentications == [("sb-secret!b1|it-rt-x!b2", "client_secret_basic")]
 
 
 async def test_single_flight_100_callers_one_fetch(stack: EmulatorStack) -> None:
@@ -120,35 +114,35 @@ async def test_refresh_ahead_never_hands_out_a_token_below_threshold(stack: Emul
     stack.token_server.token_lifetime = lifetime
     clock = FakeClock()
     step = lifetime / 50
-    async with provider_for(stack, clock) as (provider, watcher), anyio.create_task_group() as group:
+    async with provider_for(stack, clock) as (provider, fetches), anyio.create_task_group() as group:
         await group.start(provider.run)
-        await settle(provider, watcher)
+        await settle(provider, fetches)
         for _ in range(250):  # five lifetimes
             clock.advance(step)
-            await settle(provider, watcher)
+            await settle(provider, fetches)
             token = await provider.get()
             # refresh_left (a third) with the jitter's worst case, of the lifetime the server granted
             assert token.remaining(clock.monotonic()) >= token.lifetime / 3 * (1 - 0.1)
         group.cancel_scope.cancel()
     # one fetch per (granted lifetime - latest refresh point) at most, plus the first
-    granted = watcher.results[0][0].lifetime if watcher.results[0][0] else lifetime
-    assert len(watcher.results) <= math.ceil(5 * lifetime / (granted * (1 - 1 / 3 * 1.1))) + 1
-    assert all(error is None for _, error in watcher.results)
+    granted = fetches.items[0][0].lifetime if fetches.items[0][0] else lifetime
+    assert len(fetches.items) <= math.ceil(5 * lifetime / (granted * (1 - 1 / 3 * 1.1))) + 1
+    assert all(error is None for _, error in fetches.items)
 
 
 async def test_outage_serves_cached_token_and_backs_off(stack: EmulatorStack) -> None:
     stack.token_server.token_lifetime = 30
     clock = FakeClock()
-    async with provider_for(stack, clock) as (provider, watcher), anyio.create_task_group() as group:
+    async with provider_for(stack, clock) as (provider, fetches), anyio.create_task_group() as group:
         await group.start(provider.run)
-        await settle(provider, watcher)
+        await settle(provider, fetches)
         first = await provider.get()
         stack.token_server.faults.down = True
         down_at = clock.monotonic()
         served_while_valid = 0
         while clock.monotonic() - down_at < 60:  # twice the lifetime
             clock.advance(0.25)
-            await settle(provider, watcher)
+            await settle(provider, fetches)
             if first.usable(clock.monotonic()):
                 assert await provider.get() is first  # the cached token keeps serving
                 served_while_valid += 1
@@ -157,7 +151,7 @@ async def test_outage_serves_cached_token_and_backs_off(stack: EmulatorStack) ->
                     await provider.get()
                 assert info.value.reason == "server_error"
                 assert not provider.has_valid_token()
-        failures = [e for _, e in watcher.results if e is not None]
+        failures = [e for _, e in fetches.items if e is not None]
         # the outage begins at the refresh point (~20 s); 40 s of backoff 1, 2, 4, 8, 16 (+-10 %), and
         # get() adds a fetch only when no backoff is pending.
         assert 4 <= len(failures) <= 7, len(failures)
@@ -168,7 +162,7 @@ async def test_outage_serves_cached_token_and_backs_off(stack: EmulatorStack) ->
         up_at = clock.monotonic()
         while provider.current is None or not provider.has_valid_token():
             clock.advance(0.25)
-            await settle(provider, watcher)
+            await settle(provider, fetches)
         assert clock.monotonic() - up_at <= next_try + 0.25
         group.cancel_scope.cancel()
 
@@ -177,18 +171,38 @@ async def test_429_retry_after_is_honoured(stack: EmulatorStack) -> None:
     stack.token_server.faults.rate_limited = 1
     stack.token_server.faults.retry_after = 7
     clock = FakeClock()
-    async with provider_for(stack, clock) as (provider, watcher), anyio.create_task_group() as group:
+    async with provider_for(stack, clock) as (provider, fetches), anyio.create_task_group() as group:
         await group.start(provider.run)
-        await settle(provider, watcher)
-        token, error = watcher.results[0]
+        await settle(provider, fetches)
+        token, error = fetches.items[0]
         assert token is None and error is not None and error.reason == "rate_limited"
         assert error.retry_after == 7
         assert provider.next_attempt_in == pytest.approx(7, abs=0.01)
         clock.advance(6.9)
-        await settle(provider, watcher)
+        await settle(provider, fetches)
         assert stack.token_server.stats.requests == 1  # waited as told
         clock.advance(0.2)
-        await settle(provider, watcher)
+        await settle(provider, fetches)
+        assert stack.token_server.stats.requests == 2
+        assert provider.has_valid_token()
+        group.cancel_scope.cancel()
+
+
+async def test_a_429_retry_after_beyond_the_cap_waits_only_the_cap(stack: EmulatorStack) -> None:
+    stack.token_server.faults.rate_limited = 1
+    stack.token_server.faults.retry_after = 100_000
+    clock = FakeClock()
+    async with provider_for(stack, clock) as (provider, fetches), anyio.create_task_group() as group:
+        await group.start(provider.run)
+        await settle(provider, fetches)
+        _, error = fetches.items[0]
+        assert error is not None and error.retry_after == 100_000  # what the server said
+        assert provider.next_attempt_in == pytest.approx(600, abs=0.01)  # RefreshPolicy.retry_after_max
+        clock.advance(599.9)
+        await settle(provider, fetches)
+        assert stack.token_server.stats.requests == 1
+        clock.advance(0.2)
+        await settle(provider, fetches)
         assert stack.token_server.stats.requests == 2
         assert provider.has_valid_token()
         group.cancel_scope.cancel()
@@ -290,11 +304,11 @@ class _free_port:
 
 
 async def test_run_fetches_at_start_and_stops_on_cancel(stack: EmulatorStack) -> None:
-    async with provider_for(stack) as (provider, watcher):
+    async with provider_for(stack) as (provider, fetches):
         group: TaskGroup
         async with anyio.create_task_group() as group:
             await group.start(provider.run)
-            await watcher.wait_for(1)
+            await fetches.wait_for(1, timeout=10)
             group.cancel_scope.cancel()
     assert provider.has_valid_token()
 

@@ -6,7 +6,7 @@ Never imported by the daemon's hot path.
 from senderd.emulator.pki import IssuedCert, Pki, PrivateKey, create_pki
 from senderd.emulator.runtime import FlowSpec, ReceivedMessage, Runtime, RuntimeStats, default_flows
 from senderd.emulator.servicekey import client_id_for, service_key_dict
-from senderd.emulator.token_server import TokenServer, TokenServerFaults, TokenServerStats
+from senderd.emulator.token_server import RevokedTokenError, TokenServer, TokenServerFaults, TokenServerStats
 
 __all__ = [
     "FlowSpec",
@@ -14,6 +14,7 @@ __all__ = [
     "Pki",
     "PrivateKey",
     "ReceivedMessage",
+    "RevokedTokenError",
     "Runtime",
     "RuntimeStats",
     "TokenServer",

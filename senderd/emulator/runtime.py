@@ -9,7 +9,6 @@ import math
 import random
 import secrets
 import string
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,7 +19,7 @@ from aiohttp import web
 
 from senderd.emulator.listener import TlsListener
 from senderd.emulator.pki import Pki
-from senderd.emulator.token_server import TokenServer
+from senderd.emulator.token_server import RevokedTokenError, TokenServer
 
 ALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 MODIFYING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -92,6 +91,7 @@ class RuntimeStats:
     by_status: collections.Counter[int] = field(default_factory=collections.Counter)
     by_address: collections.Counter[str] = field(default_factory=collections.Counter)
     expired_tokens: int = 0
+    revoked_tokens: int = 0
     invalid_tokens: int = 0
     missing_tokens: int = 0
     csrf_fetches: int = 0
@@ -108,7 +108,9 @@ def _normalise(address: str) -> str:
 
 
 class Runtime:
-    """Serves flows at /http/<address> behind Bearer-token auth, CSRF and per-flow faults."""
+    """Serves flows at /http/<address> behind Bearer-token auth, CSRF and per-flow faults.
+
+    Its time (token expiry, `ReceivedMessage.at`, the timestamp flow's answer) is the token server's `now`."""
 
     def __init__(
         self,
@@ -234,6 +236,9 @@ class Runtime:
         except jwt.ExpiredSignatureError:
             self.stats.expired_tokens += 1
             return _unauthorized()
+        except RevokedTokenError:
+            self.stats.revoked_tokens += 1
+            return _unauthorized()
         except jwt.InvalidTokenError:
             self.stats.invalid_tokens += 1
             return _unauthorized()
@@ -294,7 +299,7 @@ class Runtime:
                 headers=_recorded_headers(request),
                 query=dict(request.query),
                 mpl_id=mpl_id,
-                at=time.time(),
+                at=self._token_server.now(),
                 token_jti=jti,
             )
         )
@@ -306,7 +311,8 @@ class Runtime:
         text = flow.body or ""
         if flow.kind == "timestamp":
             text = (flow.body or f"Current time (UTC): {TIMESTAMP_PLACEHOLDER}").replace(
-                TIMESTAMP_PLACEHOLDER, datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+                TIMESTAMP_PLACEHOLDER,
+                datetime.fromtimestamp(self._token_server.now(), UTC).strftime("%Y-%m-%d %H:%M:%S"),
             )
         headers["Content-Type"] = flow.content_type
         return web.Response(status=flow.status, body=text.encode(), headers=headers)

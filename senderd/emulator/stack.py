@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,10 +105,13 @@ class EmulatorStack:
         runtime_port: int = 0,
         flows: Sequence[FlowSpec] | None = None,
         config_extra: str = "",
+        now: Callable[[], float] = time.time,
     ) -> AsyncIterator[EmulatorStack]:
-        """Start token server and runtime on 127.0.0.1, write the files, stop both on exit."""
+        """Start token server and runtime on 127.0.0.1, write the files, stop both on exit.
+
+        `now` is the emulator's Unix time (see `TokenServer`): a fake clock's `time` in tests."""
         pki = create_pki()
-        token_server = TokenServer(pki, token_lifetime=token_lifetime, subdomain=TENANT)
+        token_server = TokenServer(pki, token_lifetime=token_lifetime, subdomain=TENANT, now=now)
         client = pki.issue_client("senderd-emulator-client")
         client_id = client_id_for(TENANT)
         runtime = Runtime(pki, token_server, flows)

@@ -12,7 +12,7 @@ import secrets
 import ssl
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,11 @@ from senderd.emulator.listener import TlsListener
 from senderd.emulator.pki import Pki
 
 _FORM = "application/x-www-form-urlencoded"
+
+
+class RevokedTokenError(jwt.InvalidTokenError):
+    """`TokenServer.verify` of a token that `TokenServer.revoke_issued` revoked: valid in form and time,
+    refused all the same (the runtime answers 401)."""
 
 
 @dataclass
@@ -51,6 +56,9 @@ class TokenServerStats:
     rejected: int = 0
     statuses: collections.Counter[int] = field(default_factory=collections.Counter)
     issued_at: list[float] = field(default_factory=list)
+    authentications: list[tuple[str, str]] = field(default_factory=list)
+    """(client id, method) of every request whose client authenticated; the methods are named as in the
+    OpenID discovery document: client_secret_basic, client_secret_post, tls_client_auth."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -73,9 +81,18 @@ class TokenServer:
     """`POST /oauth/token`, `GET /token_keys`, `GET /.well-known/openid-configuration`, like XSUAA."""
 
     def __init__(
-        self, pki: Pki, *, token_lifetime: float = 3600, require_client_cert: bool = False, subdomain: str = "emulator"
+        self,
+        pki: Pki,
+        *,
+        token_lifetime: float = 3600,
+        require_client_cert: bool = False,
+        subdomain: str = "emulator",
+        now: Callable[[], float] = time.time,
     ) -> None:
+        """`now` is the Unix time the server issues (`iat`, `exp`), verifies and records tokens by; a test on a
+        fake clock passes that clock's `time`, so that tokens expire when the fake clock says so."""
         self.token_lifetime = token_lifetime
+        self.now = now
         self.faults = TokenServerFaults()
         self.stats = TokenServerStats()
         self._pki = pki
@@ -87,6 +104,8 @@ class TokenServer:
         self._kid = f"default-jwt-key-{secrets.randbelow(10**9)}"
         self._listener: TlsListener | None = None
         self._request_seen = asyncio.Event()
+        self._issued_ids: set[str] = set()
+        self._revoked_ids: set[str] = set()
 
     def __repr__(self) -> str:
         url = self._listener.url if self._listener else None
@@ -157,10 +176,19 @@ class TokenServer:
             ]
         }
 
+    def revoke_issued(self) -> int:
+        """Revoke every token issued so far (as a UAA does when a client's tokens are revoked): `verify`
+        refuses them from now on, so the runtime answers 401 although they have not expired. Tokens issued
+        afterwards are valid. Returns how many tokens were revoked."""
+        revoked = len(self._issued_ids)
+        self._revoked_ids |= self._issued_ids
+        self._issued_ids = set()
+        return revoked
+
     def verify(self, token: str, *, leeway: float = 0) -> dict[str, Any]:
         """Check the RS256 signature and `exp` (strictly, unless `leeway`) and return the claims.
 
-        Raises `jwt.ExpiredSignatureError` or another `jwt.InvalidTokenError`.
+        Raises `jwt.ExpiredSignatureError`, `RevokedTokenError` or another `jwt.InvalidTokenError`.
         """
         header = jwt.get_unverified_header(token)
         if header.get("kid") != self._kid:
@@ -169,9 +197,20 @@ class TokenServer:
             token,
             self._signing_key.public_key(),
             algorithms=["RS256"],
-            leeway=leeway,
-            options={"require": ["exp", "iat"], "verify_aud": False},
+            options={"require": ["exp", "iat"], "verify_aud": False, "verify_exp": False, "verify_iat": False},
         )
+        # PyJWT's own iat and exp checks, on this server's clock rather than the machine's
+        try:
+            issued_at, expires_at = int(claims["iat"]), int(claims["exp"])
+        except (TypeError, ValueError):
+            raise jwt.DecodeError("iat and exp must be integers") from None
+        now = self.now()
+        if issued_at > now + leeway:
+            raise jwt.ImmatureSignatureError("The token is not yet valid (iat)")
+        if expires_at <= now - leeway:
+            raise jwt.ExpiredSignatureError("Signature has expired")
+        if claims.get("jti") in self._revoked_ids:
+            raise RevokedTokenError("the token was revoked")
         return claims
 
     def mint(self, client_id: str, *, lifetime: float, scopes: Sequence[str] | None = None) -> str:
@@ -183,10 +222,11 @@ class TokenServer:
 
     def _issue(self, client_id: str, scopes: tuple[str, ...], lifetime: float) -> tuple[str, str, float]:
         """(token, jti, seconds until exp)."""
-        now = time.time()
+        now = self.now()
         iat = int(now)
         exp = int(now + lifetime)  # floor: never valid for longer than promised
         jti = uuid.uuid4().hex
+        self._issued_ids.add(jti)
         audiences = [s.split(".", 1)[0] for s in scopes if "." in s]
         claims = {
             "jti": jti,
@@ -229,7 +269,7 @@ class TokenServer:
         self.stats.statuses[response.status] += 1
         if response.status == 200:
             self.stats.issued += 1
-            self.stats.issued_at.append(time.time())
+            self.stats.issued_at.append(self.now())
         else:
             self.stats.rejected += 1
         return response
@@ -256,9 +296,13 @@ class TokenServer:
             return _json_error(400, "invalid_request", f"Content-Type must be {_FORM}")
         form = await request.post()
         values = {k: v for k, v in form.items() if isinstance(v, str)}
-        client_id = self._authenticate(request, values)
-        if client_id is None:
+        if request.headers.get("Authorization") and "client_secret" in values:  # RFC 6749 5.2
+            return _json_error(400, "invalid_request", "more than one client authentication method")
+        authenticated = self._authenticate(request, values)
+        if authenticated is None:
             return _json_error(401, "unauthorized", "Bad credentials")
+        self.stats.authentications.append(authenticated)
+        client_id = authenticated[0]
         grant_type = values.get("grant_type")
         if grant_type is None:
             return _json_error(400, "invalid_request", "Missing grant type")
@@ -277,8 +321,8 @@ class TokenServer:
             headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
         )
 
-    def _authenticate(self, request: web.Request, form: dict[str, str]) -> str | None:
-        """The authenticated client id, or None."""
+    def _authenticate(self, request: web.Request, form: dict[str, str]) -> tuple[str, str] | None:
+        """The authenticated client id and how it authenticated, or None."""
         auth = request.headers.get("Authorization", "")
         if auth:
             scheme, _, encoded = auth.partition(" ")
@@ -289,23 +333,23 @@ class TokenServer:
             except (binascii.Error, UnicodeDecodeError):
                 return None
             client_id, sep, secret = decoded.partition(":")
-            return self._check_secret(client_id, secret) if sep else None
+            return self._check_secret(client_id, secret, "client_secret_basic") if sep else None
         client_id = form.get("client_id", "")
         if "client_secret" in form:
-            return self._check_secret(client_id, form["client_secret"])
+            return self._check_secret(client_id, form["client_secret"], "client_secret_post")
         client = self._clients.get(client_id)
         if client is None or client.cert_der is None:
             return None
         peer = _peer_certificate(request)
         if peer is None or not hmac.compare_digest(peer, client.cert_der):
             return None
-        return client_id
+        return client_id, "tls_client_auth"
 
-    def _check_secret(self, client_id: str, secret: str) -> str | None:
+    def _check_secret(self, client_id: str, secret: str, method: str) -> tuple[str, str] | None:
         client = self._clients.get(client_id)
         if client is None or client.secret is None:
             return None
-        return client_id if hmac.compare_digest(client.secret.encode(), secret.encode()) else None
+        return (client_id, method) if hmac.compare_digest(client.secret.encode(), secret.encode()) else None
 
     async def _token_keys(self, request: web.Request) -> web.Response:
         return web.json_response(self.public_jwks())

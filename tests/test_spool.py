@@ -1,0 +1,116 @@
+"""The relay's spool on its own: a WAL database that syncs every commit, group commit, crash recovery, a
+full disk and a damaged file."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from senderd.relay.spool import Spool
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_the_spool_is_a_wal_database_that_syncs_every_commit(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    try:
+        synchronous = spool.db.execute("PRAGMA synchronous").fetchone()[0]
+        journal_mode = spool.db.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        await spool.close()
+    assert synchronous == 2  # FULL: a commit is on disk when it returns (NORMAL, 1, may lose it on power loss)
+    assert journal_mode == "wal"
+
+
+async def test_group_commit_shares_fsyncs(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        ids: list[str] = []
+
+        async def add(n: int) -> None:
+            ids.append((await spool.add("f", b"x" * n, "text/plain"))[0])
+
+        async with anyio.create_task_group() as posters:
+            for n in range(200):
+                posters.start_soon(add, n)
+        group.cancel_scope.cancel()
+    await spool.close()
+    assert len(set(ids)) == 200
+    assert spool.commits < 50, spool.commits  # 200 durable adds, far fewer commits
+    reopened = Spool(tmp_path / "spool")
+    await reopened.open()
+    assert reopened.counts["queued"] == 200
+    await reopened.close()
+
+
+CLAIM_THEN_CRASH = """
+import os, signal, sys
+from pathlib import Path
+
+import anyio
+
+from senderd.relay.spool import Spool
+
+
+async def main() -> None:
+    spool = Spool(Path(sys.argv[1]))
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        await spool.add("f", b"a", "text/plain")
+        group.cancel_scope.cancel()
+    claimed = await spool.due(1e12, 10)
+    assert [m.state for m in claimed] == ["queued"] and spool.counts["in_flight"] == 1, claimed
+    os.kill(os.getpid(), signal.SIGKILL)  # the process dies here: nothing else is written
+
+
+anyio.run(main)
+"""
+"""A process that spools one message, claims it for delivery, and is killed before delivering it."""
+
+
+async def test_in_flight_messages_are_queued_again_after_a_crash(tmp_path: Path) -> None:
+    crashed = await anyio.run_process([sys.executable, "-c", CLAIM_THEN_CRASH, str(tmp_path / "spool")], check=False)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()
+    reopened = Spool(tmp_path / "spool")
+    await reopened.open()
+    assert reopened.counts == {"queued": 1, "in_flight": 0, "delivered": 0, "dead": 0}
+    await reopened.close()
+
+
+async def test_a_full_disk_refuses_the_batch_and_the_writer_lives_on(tmp_path: Path) -> None:
+    from senderd.errors import SpoolError
+
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        await spool.add("f", b"small", "text/plain")
+        pages = spool.db.execute("PRAGMA page_count").fetchone()[0]
+        spool.db.execute(f"PRAGMA max_page_count = {pages + 1}")  # the disk is full now
+        with pytest.raises(SpoolError, match="spool unavailable"):
+            await spool.add("f", b"x" * 200_000, "text/plain")
+        spool.db.execute("PRAGMA max_page_count = 1000000")  # space again
+        message_id, created = await spool.add("f", b"after", "text/plain")
+        group.cancel_scope.cancel()
+    assert created and message_id
+    assert spool.counts["queued"] == 2
+    with pytest.raises(SpoolError, match="spool closed"):
+        await spool.add("f", b"late", "text/plain")  # the writer has stopped: answered at once
+    await spool.close()
+
+
+async def test_a_damaged_spool_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    from senderd.errors import ConfigError
+
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "spool.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ConfigError, match=r"relay.spool_dir: cannot use .*spool.db \(file is not a database\)"):
+        await Spool(tmp_path / "spool").open()
