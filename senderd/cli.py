@@ -7,6 +7,7 @@ arguments), printed as one line on stderr; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import io
 import os
@@ -203,14 +204,13 @@ def _key_export(args: argparse.Namespace) -> int:
         )
     out: Path = args.out
     cert_path, key_path = out / "client.crt", out / "client.key"
+    for path in (out, cert_path, key_path):
+        if path.is_symlink():  # never write key material through a link someone left there
+            raise UsageError(f"--out {out}: {path} is a symbolic link: remove it, senderd does not write through links")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        cert_path.write_bytes(key.chain_pem())
-        if key_path.is_symlink() or key_path.exists():
-            key_path.unlink()  # never write a private key through a link someone left there
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as file:
-            file.write(key.private_key_pem())
+        write_new_file(cert_path, key.chain_pem(), 0o644)
+        write_new_file(key_path, key.private_key_pem(), 0o600)
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc}): choose a writable folder") from None
     print(f"wrote {cert_path} (certificate chain, leaf first)")
@@ -241,6 +241,15 @@ async def wait_for_stop(signals: AsyncIterator[int]) -> None:
     """Return on the first SIGINT or SIGTERM from `signals` (a foreground tool stopped on purpose exits 0)."""
     async for _ in signals:
         return
+
+
+def write_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Replace `path` by a new file with `mode`, created without following a link (O_EXCL|O_NOFOLLOW)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
 
 
 async def _emulator(args: argparse.Namespace) -> int:

@@ -153,8 +153,11 @@ class SendSettings(Section):
     backoff_max: PositiveDuration = 30.0
     retry_after_max: Duration = 60.0
     deadline: PositiveDuration = 120.0
-    application_id: str | None = None
-    """`SAP_ApplicationID` header: a fixed value, or "auto" for a fresh id per message."""
+    application_id: str | Literal[False] | None = None
+    """`SAP_ApplicationID` header: "auto" (a fresh id per message, kept across its retries), a fixed value,
+    or false (none). Unset: "auto" for modifying methods, none for GET and HEAD."""
+    max_response_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=1 << 31)
+    """Bytes of an answer kept (decoded) for checks, logs and callers; reading stops beyond."""
 
     @field_validator("method", mode="before")
     @classmethod
@@ -178,8 +181,10 @@ class SendSettings(Section):
 
     @field_validator("content_type", "application_id")
     @classmethod
-    def _clean_text(cls, value: str | None) -> str | None:
-        return _no_control(value, "the value") if value is not None else None
+    def _clean_text(cls, value: str | bool | None) -> str | bool | None:
+        if value is True:
+            raise ValueError('must be "auto", a fixed id, or false')
+        return _no_control(value, "the value") if isinstance(value, str) else value
 
     @field_validator("expect_body")
     @classmethod
@@ -248,6 +253,13 @@ class FlowConfig(SendSettings):
     def modifying(self) -> bool:
         """True for methods that need a CSRF token on protected flows."""
         return self.method in MODIFYING_METHODS
+
+    @property
+    def message_ids(self) -> str | None:
+        """Where a send's `SAP_ApplicationID` comes from: "auto", a fixed value, or None (no header)."""
+        if self.application_id is None:
+            return "auto" if self.modifying else None
+        return self.application_id or None
 
     def body_bytes(self) -> bytes | None:
         """The configured body (from `body`, or `body_file` as it was read at load or reload), if any."""

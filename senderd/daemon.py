@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
+import resource
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from senderd.clock import Clock, SystemClock
 from senderd.config import Config, FlowConfig, load_config
 from senderd.engine import Engine
 from senderd.errors import SenderdError
-from senderd.logs import get_logger
+from senderd.logs import LoopErrors, get_logger
 from senderd.metrics import Metrics
 from senderd.pool import Job, Verdict, WorkerPool
 from senderd.result import SendResult
@@ -122,6 +124,8 @@ class Daemon:
 
     async def _startup(self, resources: contextlib.AsyncExitStack) -> Engine:
         config = self.config
+        asyncio.get_running_loop().set_exception_handler(LoopErrors())
+        raise_open_files_limit()
         engine = await resources.enter_async_context(Engine.open(config, metrics=self.metrics, clock=self.clock))
         self.engine = engine
         for flow in config.flows:
@@ -291,6 +295,17 @@ class Daemon:
         if drain.cancelled_caught or self._force.is_set():
             log.warning("drain_cut_short", cancelled=pool.running, requeued=relay.inflight if relay is not None else 0)
         work.cancel_scope.cancel()
+
+
+def raise_open_files_limit(wanted: int = 65536) -> None:
+    """Lift the soft limit on open files towards the hard one (as Go programs do at start): every relay
+    client, scrape and outbound connection is a file descriptor, and 1024 is soon reached."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("open_files_limit_raised", soft=soft, now=target)
 
 
 async def _first(*waits: Callable[[], Awaitable[None]]) -> None:

@@ -20,6 +20,7 @@ import anyio
 from senderd.auth.servicekey import ServiceKey, load_credentials
 from senderd.auth.tls import trust_context
 from senderd.auth.token import TokenProvider
+from senderd.bounded import ACCEPT_ENCODING
 from senderd.clock import Clock, SystemClock
 from senderd.config import Config, ConfigHolder, FlowConfig
 from senderd.errors import ConfigError
@@ -43,6 +44,7 @@ def retry_policy(flow: FlowConfig) -> RetryPolicy:
         retry_after_max=flow.retry_after_max,
         deadline=flow.deadline,
         retry_on=frozenset(flow.retry_on),
+        replay_safe=not flow.modifying,
     )
 
 
@@ -117,8 +119,14 @@ class Engine:
             key, config.credentials, config.token, clock=clock, listeners=[metrics.token_fetched]
         ) as tokens:
             connector = aiohttp.TCPConnector(ssl=context, limit=max(10, config.pool.workers * 2))
-            # unsafe=True keeps cookies from IP-address hosts too (the CSRF session must come back)
-            async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
+            # unsafe=True keeps cookies from IP-address hosts too (the CSRF session must come back);
+            # answers are decoded by bounded.read_bounded, within max_response_bytes, not by aiohttp
+            async with aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.CookieJar(unsafe=True),
+                auto_decompress=False,
+                headers={"Accept-Encoding": ACCEPT_ENCODING},
+            ) as s:
                 sender = Sender(s, tokens, runtime_url, metrics, clock)
                 engine = cls(
                     holder=ConfigHolder(config), key=key, tokens=tokens, sender=sender, metrics=metrics, clock=clock
@@ -161,11 +169,14 @@ class Engine:
         clock = self.clock
         if scheduled_at is not None:
             self.metrics.schedule_lag.labels(flow.name).observe(max(0.0, clock.monotonic() - scheduled_at))
-        if message_id is None and flow.application_id is not None:
-            message_id = new_message_id() if flow.application_id == "auto" else flow.application_id
+        ids = flow.message_ids
+        if message_id is None and ids is not None:
+            message_id = new_message_id() if ids == "auto" else ids
         payload = body if body is not None else flow.body_bytes()
         self.metrics.inflight.inc()
         policy = self.policy(flow)
+        if not policy.replay_safe and message_id is not None:  # the id makes a replay recognisable
+            policy = dataclasses.replace(policy, replay_safe=True)
         if deadline is not None and deadline < flow.deadline:
             policy = dataclasses.replace(policy, deadline=deadline)
         deadline_at = clock.monotonic() + policy.deadline

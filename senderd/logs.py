@@ -12,10 +12,13 @@ are replaced by `[REDACTED]`, wherever they appear in the event.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import re
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -231,3 +234,32 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto", stream: Text
     _State.level = LEVELS[level.upper()]
     _SINK.stream = stream
     _PROCESSORS[:] = _pipeline(renderer, console=fmt == "console")
+
+
+class LoopErrors:
+    """An asyncio exception handler that writes the loop's errors as structured events, at most one line per
+    kind of error every `interval` seconds (the next one says how many were left out): at the file
+    descriptor limit the loop reports every failed accept, hundreds of thousands of lines a minute."""
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+        self._log = get_logger("loop")
+
+    def __call__(self, _loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", "error in the event loop"))
+        error = context.get("exception")
+        kind = f"{message}|{type(error).__name__}|{getattr(error, 'errno', '')}"
+        now = self.clock()
+        if now - self._last.get(kind, -math.inf) < self.interval:
+            self._left_out[kind] = self._left_out.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        self._log.error(
+            "event_loop_error",
+            message=message,
+            error=f"{type(error).__name__}: {error}" if error is not None else None,
+            left_out_since_last=self._left_out.pop(kind, 0),
+        )

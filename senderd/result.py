@@ -27,6 +27,10 @@ class Attempt:
     """Why no token was available (a `TokenError` reason), for an `auth_error` without an answer."""
     certificate_problem: bool = False
     """The runtime's TLS certificate was refused: no retry helps until someone fixes it."""
+    request_sent: bool = False
+    """For a connection error: it happened after the connection was up, so the request may have arrived."""
+    answer_truncated: bool = False
+    """The answer was longer than the flow's `max_response_bytes`: `body` holds its first bytes only."""
 
     @property
     def correlation(self) -> dict[str, str]:

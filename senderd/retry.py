@@ -44,9 +44,15 @@ class RetryPolicy:
     retry_after_max: float
     deadline: float
     retry_on: frozenset[int]
+    replay_safe: bool = True
+    """Whether sending the request again is harmless even if it reached the iFlow: a GET or HEAD, or a
+    request with a stable `SAP_ApplicationID` the iFlow can deduplicate on. Otherwise only what surely
+    never arrived is retried."""
 
     def retryable(self, attempt: Attempt) -> bool:
-        """Whether another attempt may give a different answer."""
+        """Whether another attempt may give a different answer (and may be made)."""
+        if not self.replay_safe and _may_have_arrived(attempt):
+            return False
         if attempt.status is not None:
             return attempt.status in self.retry_on
         if attempt.outcome == "auth_error":
@@ -64,6 +70,16 @@ class RetryPolicy:
         if retry_after is not None:
             return min(retry_after, self.retry_after_max)
         return backoff(attempts_made, initial=self.backoff_initial, maximum=self.backoff_max, jitter=None, rng=rng)
+
+
+_MAYBE_FORWARDED = frozenset({502, 504})
+"""Gateway answers after which the request may well have reached the iFlow (429 and 503 refuse it)."""
+
+
+def _may_have_arrived(attempt: Attempt) -> bool:
+    if attempt.status is not None:
+        return attempt.status in _MAYBE_FORWARDED
+    return attempt.outcome == "timeout" or (attempt.outcome == "connection_error" and attempt.request_sent)
 
 
 async def deliver(

@@ -8,6 +8,7 @@ retryable.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from urllib.parse import urlsplit
@@ -17,12 +18,17 @@ import anyio
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from senderd.auth.token import Token, TokenProvider
+from senderd.bounded import read_bounded
 from senderd.clock import Clock
 from senderd.config import FlowConfig
 from senderd.durations import parse_retry_after
 from senderd.errors import TokenError
+from senderd.logs import get_logger
 from senderd.metrics import Metrics, Outcome
 from senderd.result import Attempt
+
+log = get_logger("sender")
+CSRF_ANSWER_BYTES = 64 * 1024
 
 
 class Sender:
@@ -38,6 +44,7 @@ class Sender:
         self.clock = clock
         self._csrf: dict[str, str] = {}  # origin -> token (bound to the session cookies in the jar)
         self._csrf_lock: dict[str, anyio.Lock] = {}
+        self._html_warned: set[str] = set()
 
     def url_of(self, flow: FlowConfig) -> str:
         """The absolute URL of the flow's endpoint."""
@@ -71,7 +78,8 @@ class Sender:
             return Attempt("connection_error", error=_certificate_problem(exc), certificate_problem=True)
         except (aiohttp.ClientError, OSError) as exc:
             self.metrics.attempt(flow.name, None)
-            return Attempt("connection_error", error=f"{type(exc).__name__}: {_short(exc)}")
+            sent = not isinstance(exc, aiohttp.ClientConnectorError)  # refused, unresolvable, handshake: never sent
+            return Attempt("connection_error", error=f"{type(exc).__name__}: {_short(exc)}", request_sent=sent)
 
     async def _exchange(
         self, flow: FlowConfig, body: bytes | None, extra: dict[str, str], message_id: str | None
@@ -95,15 +103,18 @@ class Sender:
             async with self.session.request(
                 flow.method, url, params=flow.query or None, data=body, headers=headers, allow_redirects=False
             ) as response:
-                payload = await response.read()
+                answer_body = await read_bounded(response, flow.max_response_bytes)
                 status, answer = response.status, response.headers
+            payload = answer_body.data
+            truncated = answer_body.truncated
             self.metrics.attempt(flow.name, status)
             if status == 401 and not token_refreshed:
                 token_refreshed = True
-                self.metrics.runtime_auth_failure("unauthorized")
-                self.tokens.invalidate(token)
-                token = await self.tokens.get()
-                continue
+                self.metrics.runtime_auth_failure("unauthorized")  # once per send, whatever comes next
+                if self.tokens.invalidate(token):
+                    token = await self.tokens.get()
+                    continue
+                return self._classify(flow, status, answer, payload, counted=True, truncated=truncated)
             if (
                 status == 403
                 and answer.get("X-CSRF-Token", "").lower() == "required"
@@ -114,7 +125,7 @@ class Sender:
                 csrf_refetched = True
                 await self._fetch_csrf(flow, url, origin, token, stale=self._csrf.get(origin))
                 continue
-            return self._classify(flow, status, answer, payload)
+            return self._classify(flow, status, answer, payload, counted=token_refreshed, truncated=truncated)
 
     async def _fetch_csrf(
         self, flow: FlowConfig, url: str, origin: str, token: Token, stale: str | None = None
@@ -128,21 +139,40 @@ class Sender:
             async with self.session.get(
                 url, headers=headers, params=flow.query or None, allow_redirects=False
             ) as response:
-                await response.read()
+                await read_bounded(response, CSRF_ANSWER_BYTES)  # the token is in a header; the body is waste
                 value = response.headers.get("X-CSRF-Token")
             if value and value.lower() != "required":
                 self._csrf[origin] = value
             else:
                 self._csrf.pop(origin, None)
 
-    def _classify(self, flow: FlowConfig, status: int, headers: CIMultiDictProxy[str], body: bytes) -> Attempt:
+    def _classify(
+        self,
+        flow: FlowConfig,
+        status: int,
+        headers: CIMultiDictProxy[str],
+        body: bytes,
+        *,
+        counted: bool = False,
+        truncated: bool = False,
+    ) -> Attempt:
+        """What an answer means; `counted`: a 401 of this send was already counted as an auth failure."""
+        attempt = self._verdict(flow, status, headers, body, counted)
+        return dataclasses.replace(attempt, answer_truncated=True) if truncated else attempt
+
+    def _verdict(
+        self, flow: FlowConfig, status: int, headers: CIMultiDictProxy[str], body: bytes, counted: bool
+    ) -> Attempt:
         expected = flow.expect_status
         status_ok = status in expected if expected else 200 <= status < 300
         if not status_ok:
             outcome: Outcome = "http_error"
             if status in (401, 403) and status not in flow.retry_on:
                 outcome = "auth_error"
-                self.metrics.runtime_auth_failure("unauthorized" if status == 401 else "forbidden")
+                if status == 403:
+                    self.metrics.runtime_auth_failure("forbidden")
+                elif not counted:
+                    self.metrics.runtime_auth_failure("unauthorized")
             return Attempt(
                 outcome,
                 status,
@@ -161,6 +191,15 @@ class Sender:
                     body,
                     error=f"body does not match expect_body {flow.expect_body!r}{_excerpt(body)}",
                 )
+        if flow.expect_body is None and flow.name not in self._html_warned and _HTML.match(body[:64]):
+            self._html_warned.add(flow.name)  # once per flow: a login page is a 200 too
+            log.warning(
+                "html_answer",
+                flow=flow.name,
+                status=status,
+                hint="an HTML page answered with success: often a login page (wrong URL or authentication "
+                "mode); set expect_body to check what the flow returns",
+            )
         return Attempt("success", status, headers, body)
 
 

@@ -121,3 +121,15 @@ async def test_a_startup_error_inside_the_daemon_is_one_line_exit_2(stack: Emula
     assert code == 2
     assert "Traceback" not in err
     assert f"senderd: error: server.listen: cannot listen on 127.0.0.1:{port}" in err
+
+
+@pytest.mark.parametrize("link", ["client.key", "client.crt"])
+async def test_key_export_never_writes_through_a_symlink(stack: EmulatorStack, tmp_path: Path, link: str) -> None:
+    out_dir, victim = tmp_path / "out", tmp_path / "somewhere-else"
+    out_dir.mkdir()
+    victim.write_text("precious")
+    (out_dir / link).symlink_to(victim)
+    code, _, err = await senderd("key", "export", str(stack.service_key_path), "--out", str(out_dir))
+    assert code == 2
+    assert f"{out_dir / link} is a symbolic link" in err and "Traceback" not in err
+    assert victim.read_text() == "precious"  # nothing was written through the link

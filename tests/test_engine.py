@@ -153,6 +153,16 @@ async def test_a_401_invalidates_that_token_and_retries_once(stack: EmulatorStac
     assert sample(engine, "senderd_auth_failures_total", {"stage": "runtime", "reason": "unauthorized"}) == 1
 
 
+async def test_a_runtime_refusing_every_token_costs_one_refresh_not_one_per_send(stack: EmulatorStack) -> None:
+    stack.runtime.refuse_tokens = True
+    async with engine_for(stack, {"name": "ts", "path": "/http/GetTimestamp", "retries": 0}) as engine:
+        results = [await engine.send(engine.config.flow("ts")) for _ in range(5)]
+    assert [r.outcome for r in results] == ["auth_error"] * 5
+    assert stack.token_server.stats.issued == 2  # the first token, and one fetched after its 401: no more
+    assert sample(engine, "senderd_auth_failures_total", {"stage": "runtime", "reason": "unauthorized"}) == 5
+    assert sample(engine, "senderd_send_attempts_total", {"flow": "ts", "code": "401"}) == 6  # 2 + 1 + 1 + 1 + 1
+
+
 async def test_missing_role_is_auth_error(stack: EmulatorStack) -> None:
     stack.token_server.add_certificate_client(stack.client_id, stack.client.cert, ["it-rt-x!b1.Other"])
     async with engine_for(stack, {"name": "ts", "path": "/http/GetTimestamp"}) as engine:

@@ -3,7 +3,10 @@ exception nobody foresaw inside a send, ends that send only (logged with its tra
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from senderd.emulator.stack import EmulatorStack
 from senderd.result import Attempt, SendResult
 from senderd.sender import Sender
 from tests.conftest import CapturedLogs
+from tests.tools import senderd_run
 
 pytestmark = pytest.mark.anyio
 
@@ -90,3 +94,29 @@ async def test_an_exception_inside_one_send_ends_only_that_send(
     assert count == len(broken)
     crashes = [json.loads(line) for line in logs.text.splitlines() if '"send_crashed"' in line]
     assert crashes and crashes[0]["level"] == "error" and "RuntimeError: a bug in one send" in crashes[0]["exception"]
+
+
+async def test_at_the_file_descriptor_limit_the_log_stays_structured_and_short(tmp_path: Path) -> None:
+    extra = '[[flows]]\nname = "ts"\npath = "/http/GetTimestamp"\nevery = "1h"\n'
+    async with (
+        EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack,
+        senderd_run("-c", str(stack.config_path), open_files=48) as daemon,
+    ):
+        url = (await daemon.wait_for("listening"))["url"]
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        clients = []
+        try:
+            for _ in range(100):  # more connections than the daemon has descriptors
+                with contextlib.suppress(OSError):
+                    clients.append(socket.create_connection((host, int(port)), timeout=5))
+            first = await daemon.wait_for("event_loop_error")
+            await anyio.sleep(2)  # the span under test: two seconds of a loop that cannot accept
+        finally:
+            for client in clients:
+                client.close()
+        daemon.send_signal(signal.SIGTERM)
+        await daemon.wait()
+    assert "Too many open files" in first["error"]
+    assert daemon.stderr.count("\n") < 5  # 44,000 lines of tracebacks in 5 s before
+    assert len(daemon.logged("event_loop_error")) <= 3
+    assert all(line.startswith("{") for line in daemon.text.splitlines() if line)

@@ -242,12 +242,21 @@ class SenderdProcess:
 
 
 @asynccontextmanager
-async def senderd_run(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[SenderdProcess]:
-    """`python -m senderd run ARGS` as a subprocess for the length of the block.
+async def senderd_run(
+    *args: str, env: dict[str, str] | None = None, open_files: int | None = None
+) -> AsyncIterator[SenderdProcess]:
+    """`python -m senderd run ARGS` as a subprocess for the length of the block (with at most `open_files`
+    file descriptors, soft and hard limit, when given).
 
     If the block fails, the process is killed. Otherwise it should have ended (the test signals it); if it
     has not, it gets SIGTERM and, after 15 s, SIGKILL. Its output is then scanned for secrets."""
     command = [sys.executable, "-m", "senderd", "run", *args]
+    if open_files is not None:
+        limit = (
+            f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, ({open_files}, {open_files}));"
+            " os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+        )
+        command = [sys.executable, "-c", limit, *command[1:]]
     async with await anyio.open_process(command, env=_environment(env)) as process:
         daemon = SenderdProcess(process)
         try:

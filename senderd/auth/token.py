@@ -69,6 +69,9 @@ class Token:
     expires_at: float
     expires_at_wall: float
     scopes: tuple[str, ...] = ()
+    replaces_refused: bool = False
+    """Fetched because the runtime refused the token before it: if the runtime refuses this one too, that
+    is its answer (a role or a tenant problem), and fetching once more per send would not change it."""
 
     @property
     def lifetime(self) -> float:
@@ -166,6 +169,7 @@ class TokenProvider:
         self._wake = anyio.Event()
         self._running = False
         self._stopping = False
+        self._after_refusal = False
 
     @classmethod
     @asynccontextmanager
@@ -288,13 +292,21 @@ class TokenProvider:
         self._fetched.set()
         self._fetched = anyio.Event()
 
-    def invalidate(self, token: Token) -> None:
-        """The runtime refused `token` (401): drop it if it is still the current one, and refresh."""
+    def invalidate(self, token: Token) -> bool:
+        """The runtime refused `token` (401): drop it if it is still the current one, and refresh.
+
+        Returns whether a retry with another token makes sense: False when `token` itself replaced a
+        refused one (then it is kept: one refresh per token, not one per send).
+        """
+        if token.replaces_refused:
+            return False
         if self._token is token:
             self._token = None
+            self._after_refusal = True
             if self._last_error is None:  # during a backoff the next attempt stays where it is
                 self._retry_at = 0.0
             self._wake.set()
+        return True
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Keep a token fresh until cancelled: refresh ahead of expiry, back off on failure."""
@@ -379,7 +391,9 @@ class TokenProvider:
             expires_at=now + grant.expires_in,
             expires_at_wall=self._clock.time() - (self._clock.monotonic() - now) + grant.expires_in,
             scopes=grant.scopes,
+            replaces_refused=self._after_refusal,
         )
+        self._after_refusal = False
         self._token = token
         self._failures = 0
         self._last_error = None
@@ -451,7 +465,7 @@ class HttpTokenFetcher:
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as response:
-                body = await read_bounded(response, MAX_ANSWER_BYTES, drain=False)
+                body = await read_bounded(response, MAX_ANSWER_BYTES)
                 if body.truncated:
                     raise TokenError(
                         f"token server {host}: answer {response.status} larger than {MAX_ANSWER_BYTES // 1024} KiB: "

@@ -9,6 +9,7 @@ import math
 import random
 import secrets
 import string
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,7 +45,7 @@ class FlowSpec:
     methods: frozenset[str] = ALL_METHODS
     csrf: bool = False
     body: str | None = None
-    kind: Literal["timestamp", "echo", "static"] = "static"
+    kind: Literal["timestamp", "echo", "static", "large"] = "static"
     status: int = 200
     content_type: str = "text/plain"
     error_rate: float = 0.0
@@ -52,6 +53,10 @@ class FlowSpec:
     unavailable: int = 0
     unavailable_pattern: tuple[bool, ...] = ()
     retry_after: float = 1.0
+    answer_bytes: int = 0
+    """`kind="large"`: answer this many bytes (streamed, never held whole), e.g. an export of 100 MB."""
+    answer_encoding: str | None = None
+    """A Content-Encoding for the answer; "gzip" with `kind="large"` sends a gzip bomb of that inflated size."""
 
 
 def default_flows() -> list[FlowSpec]:
@@ -97,6 +102,8 @@ class RuntimeStats:
     csrf_fetches: int = 0
     csrf_rejections: int = 0
     messages: list[ReceivedMessage] = field(default_factory=list)
+    application_ids: list[str | None] = field(default_factory=list)
+    """`SAP_ApplicationID` of every request as it arrived (None without one), processed or not."""
 
 
 def _mpl_id() -> str:
@@ -122,6 +129,8 @@ class Runtime:
     ) -> None:
         self.flows: dict[str, FlowSpec] = {}
         self.down = False
+        self.refuse_tokens = False
+        """Answer 401 to every token, valid or not (a tenant that does not trust this token issuer)."""
         self.stats = RuntimeStats()
         self._pki = pki
         self._token_server = token_server
@@ -190,6 +199,7 @@ class Runtime:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
+        self.stats.application_ids.append(request.headers.get("SAP_ApplicationID"))
         found = self._find_flow(request.path)
         self.stats.by_address[found[0] if found else request.path.lower()] += 1
         self._request_seen.set()
@@ -202,7 +212,7 @@ class Runtime:
         self.stats.by_status[response.status] += 1
         return response
 
-    async def _respond(self, request: web.Request, found: tuple[str, FlowSpec] | None) -> web.Response:
+    async def _respond(self, request: web.Request, found: tuple[str, FlowSpec] | None) -> web.StreamResponse:
         if self.down:
             return _unavailable(1.0)
         if not request.path.lower().startswith("/http/"):
@@ -223,6 +233,9 @@ class Runtime:
 
     def _check_token(self, request: web.Request) -> web.Response | dict[str, Any]:
         """The token's claims, or the 401/403 answer."""
+        if self.refuse_tokens:
+            self.stats.invalid_tokens += 1
+            return _unauthorized()
         auth = request.headers.get("Authorization")
         if not auth:
             self.stats.missing_tokens += 1
@@ -274,7 +287,7 @@ class Runtime:
             return web.Response(status=403, text="CSRF token validation failed", headers={"X-CSRF-Token": "Required"})
         return None
 
-    async def _run_flow(self, request: web.Request, key: str, flow: FlowSpec, jti: str | None) -> web.Response:
+    async def _run_flow(self, request: web.Request, key: str, flow: FlowSpec, jti: str | None) -> web.StreamResponse:
         if flow.latency > 0:
             await asyncio.sleep(flow.latency)
         if flow.unavailable != 0:
@@ -308,6 +321,8 @@ class Runtime:
         if flow.kind == "echo":
             headers["Content-Type"] = request.headers.get("Content-Type", flow.content_type)
             return web.Response(status=flow.status, body=body, headers=headers)
+        if flow.kind == "large":
+            return await _stream_large(request, flow, headers)
         text = flow.body or ""
         if flow.kind == "timestamp":
             text = (flow.body or f"Current time (UTC): {TIMESTAMP_PLACEHOLDER}").replace(
@@ -316,6 +331,31 @@ class Runtime:
             )
         headers["Content-Type"] = flow.content_type
         return web.Response(status=flow.status, body=text.encode(), headers=headers)
+
+
+async def _stream_large(request: web.Request, flow: FlowSpec, headers: dict[str, str]) -> web.StreamResponse:
+    """`flow.answer_bytes` of "x" (gzip-compressed when asked: a bomb), written in chunks as they are read."""
+    response = web.StreamResponse(status=flow.status, headers={**headers, "Content-Type": flow.content_type})
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS) if flow.answer_encoding == "gzip" else None
+    if compressor is not None:
+        response.headers["Content-Encoding"] = "gzip"
+    else:
+        response.content_length = flow.answer_bytes
+    await response.prepare(request)
+    chunk, left = b"x" * 65536, flow.answer_bytes
+    try:
+        while left > 0:
+            piece = chunk[: min(left, len(chunk))]
+            left -= len(piece)
+            data = compressor.compress(piece) if compressor is not None else piece
+            if data:
+                await response.write(data)
+        if compressor is not None:
+            await response.write(compressor.flush())
+        await response.write_eof()
+    except (ConnectionResetError, RuntimeError):  # the client stopped reading: what a capped reader does
+        pass
+    return response
 
 
 def _recorded_headers(request: web.Request) -> dict[str, str]:
