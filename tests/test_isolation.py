@@ -20,7 +20,7 @@ from senderd.emulator.stack import EmulatorStack
 from senderd.result import Attempt, SendResult
 from senderd.sender import Sender
 from tests.conftest import CapturedLogs
-from tests.tools import senderd_run
+from tests.tools import Recorder, senderd_run
 
 pytestmark = pytest.mark.anyio
 
@@ -28,27 +28,18 @@ pytestmark = pytest.mark.anyio
 async def run_until(stack: EmulatorStack, done: Callable[[list[SendResult]], bool]) -> tuple[Daemon, list[SendResult]]:
     """Run a daemon on the stack's config until `done(results)`; return it (stopped) and the results."""
     daemon = Daemon.create(load_config(stack.config_path), handle_signals=False)
-    results: list[SendResult] = []
-    changed = anyio.Event()
-
-    def seen(result: SendResult) -> None:
-        nonlocal changed
-        results.append(result)
-        changed.set()
-        changed = anyio.Event()
+    sends: Recorder[SendResult] = Recorder()
 
     async def hook(engine: Any, _group: object) -> None:
-        engine.listeners.append(seen)
+        engine.listeners.append(sends)
 
     daemon.on_start = hook
-    with anyio.fail_after(20):
-        async with anyio.create_task_group() as group:
-            group.start_soon(daemon.serve)
-            await daemon.started.wait()
-            while not done(results):
-                await changed.wait()
-            daemon.stop()
-    return daemon, results
+    async with anyio.create_task_group() as group:
+        group.start_soon(daemon.serve)
+        await daemon.started.wait()
+        await sends.wait_until(done, timeout=20)
+        daemon.stop()
+    return daemon, sends.items
 
 
 async def test_a_body_file_that_vanishes_while_running_changes_nothing(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from senderd.emulator.stack import EmulatorStack
 from senderd.result import SendResult
 from senderd.testing import FakeClock
 from tests.conftest import CapturedLogs
+from tests.tools import Recorder, settle
 
 pytestmark = pytest.mark.anyio
 
@@ -32,41 +33,15 @@ FLOWS = (
 )
 
 
-class Sends:
-    """The sends a daemon finished, and a way to wait until none is under way."""
-
-    def __init__(self) -> None:
-        self.results: list[SendResult] = []
-        self._changed = anyio.Event()
-        self.daemon: Daemon | None = None
-
-    def __call__(self, result: SendResult) -> None:
-        self.results.append(result)
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    @property
-    def flows(self) -> list[str]:
-        return [result.flow for result in self.results]
-
-    async def settled(self) -> None:
-        """Let what the last clock step started run to its end (sends go over real sockets)."""
-        assert self.daemon is not None
-        metrics = self.daemon.metrics
-        await anyio.wait_all_tasks_blocked()
-        while metrics.registry.get_sample_value("senderd_inflight_sends"):
-            await self._changed.wait()
-            await anyio.wait_all_tasks_blocked()
-
-
 @asynccontextmanager
-async def fake_time_daemon(stack: EmulatorStack, clock: FakeClock) -> AsyncIterator[tuple[Daemon, Sends]]:
+async def fake_time_daemon(
+    stack: EmulatorStack, clock: FakeClock
+) -> AsyncIterator[tuple[Daemon, Recorder[SendResult]]]:
     """A daemon on `clock` over the stack's config file; yields it and the sends it finishes."""
     daemon = Daemon.create(
         load_config(stack.config_path), handle_signals=False, config_path=stack.config_path, clock=clock
     )
-    sends = Sends()
-    sends.daemon = daemon
+    sends: Recorder[SendResult] = Recorder()
 
     async def hook(_engine: object, _group: object) -> None:
         assert daemon.engine is not None
@@ -80,6 +55,11 @@ async def fake_time_daemon(stack: EmulatorStack, clock: FakeClock) -> AsyncItera
         daemon.stop()
 
 
+async def settle_daemon(daemon: Daemon, sends: Recorder[SendResult]) -> None:
+    assert daemon.engine is not None
+    await settle(daemon.engine, sends)
+
+
 async def test_reload_storms_neither_refire_nor_rephase_unchanged_flows(tmp_path: Path, logs: CapturedLogs) -> None:
     clock = FakeClock()
     async with (
@@ -87,14 +67,14 @@ async def test_reload_storms_neither_refire_nor_rephase_unchanged_flows(tmp_path
         fake_time_daemon(stack, clock) as (daemon, sends),
     ):
         for step in range(24):  # 2 minutes of fake time, a no-op reload every 5 s
-            await sends.settled()
+            await settle_daemon(daemon, sends)
             assert await daemon.reload()
             if step % 6 == 0:  # and a SIGHUP storm now and then
                 for _ in range(10):
                     assert await daemon.reload()
             clock.advance(5.0)
-        await sends.settled()
-    sent = sends.flows
+        await settle_daemon(daemon, sends)
+    sent = [r.flow for r in sends.items]
     assert sent.count("hourly") == 1  # start = "now" fired once, not once per reload (50 times before)
     assert sent.count("half-minute") == 4  # every 30 s for 2 minutes: reloads did not starve it (0 before)
     reloaded = [json.loads(line) for line in logs.text.splitlines() if '"config_reloaded"' in line]
@@ -107,16 +87,16 @@ async def test_a_changed_schedule_restarts_only_that_flow(tmp_path: Path, logs: 
         EmulatorStack.started(tmp_path / "emu", config_extra=FLOWS) as stack,
         fake_time_daemon(stack, clock) as (daemon, sends),
     ):
-        await sends.settled()
+        await settle_daemon(daemon, sends)
         text = stack.config_path.read_text().replace('every = "30s"', 'every = "10s"')
         stack.config_path.write_text(text)
         assert await daemon.reload()
         for _ in range(6):
             clock.advance(5.0)
-            await sends.settled()
+            await settle_daemon(daemon, sends)
     reloaded = next(json.loads(line) for line in logs.text.splitlines() if '"config_reloaded"' in line)
     assert reloaded["rescheduled"] == ["half-minute"]
-    assert sends.flows.count("hourly") == 1
+    assert [r.flow for r in sends.items].count("hourly") == 1
 
 
 async def test_what_needs_a_restart_is_said_and_kept_for_every_component(tmp_path: Path, logs: CapturedLogs) -> None:
