@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 
 from senderd import __version__
-from senderd.config import CONFIG_ENV, Config, config_from_dict, load_config
+from senderd.config import CONFIG_ENV, SOURCE_KEYS, Config, config_from_dict, load_config
 from senderd.errors import ConfigError, CredentialsError, TokenError, UsageError
 from senderd.logs import configure_logging
 
@@ -35,6 +35,7 @@ def _common(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
     if config:
         parser.add_argument("-c", "--config", type=Path, help="TOML config file (default: $SENDERD_CONFIG)")
         parser.add_argument("--service-key", type=Path, help="service key JSON file (overrides the config)")
+        parser.add_argument("--binding", type=Path, help="a mounted binding directory (overrides the config)")
         parser.add_argument("--key-file", type=Path, help="private key file for an External Certificate key")
         parser.add_argument("--ca-file", type=Path, help="extra CA bundle (PEM) to trust")
     parser.add_argument(
@@ -115,22 +116,30 @@ def _config(args: argparse.Namespace, *, flows_needed: bool = False) -> Config:
     how to name one (rather than what the empty default config lacks).
     """
     path = config_path(args)
-    if path is None and (flows_needed or getattr(args, "service_key", None) is None):
+    given_key = getattr(args, "service_key", None) is not None or getattr(args, "binding", None) is not None
+    if path is None and (flows_needed or not given_key):
         raise UsageError(f"no config file given: use -c FILE or ${CONFIG_ENV}")
     config = load_config(path)
     overrides = {
         name: getattr(args, name)
-        for name in ("service_key", "key_file", "ca_file")
+        for name in ("service_key", "binding", "key_file", "ca_file")
         if getattr(args, name, None) is not None
     }
     if overrides:
+        if len(config.credentials) > 1:
+            raise UsageError(
+                f"--{next(iter(overrides)).replace('_', '-')}: the config has several credentials sets "
+                f"({', '.join(config.credentials)}): set the key in the config file's set instead"
+            )
         data = config.model_dump(exclude={"source"})
-        credentials = {k: v for k, v in data["credentials"].items() if v is not None}
-        if "service_key" in overrides:
-            credentials.pop("service_key_env", None)
+        name, fields = next(iter(data["credentials"].items()))
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if "service_key" in overrides or "binding" in overrides:
+            for key in SOURCE_KEYS:  # the command line's source replaces the file's
+                fields.pop(key, None)
         # absolute, but links kept: a Kubernetes Secret is a symlink that is swapped on update
-        credentials.update({k: os.path.abspath(v) for k, v in overrides.items()})
-        data["credentials"] = credentials
+        fields.update({k: os.path.abspath(v) for k, v in overrides.items()})
+        data["credentials"] = {name: fields}
         config = config_from_dict(data, source=config.source if path else "command line")
     if flows_needed:
         config.require_flows()
@@ -152,9 +161,9 @@ async def _token(args: argparse.Namespace) -> int:
     from senderd.auth.token import TokenProvider, claims_of
 
     config = _config(args)
-    key = load_credentials(config.credentials, source=config.source)
+    key = load_credentials(config.credentials_set(), source=config.source)
     _warn(key.notes)
-    async with TokenProvider.open(key, config.credentials, config.token) as provider:
+    async with TokenProvider.open(key, config.credentials_set(), config.token) as provider:
         token = await provider.get()
     claims = claims_of(token.value)
     scopes = claims.get("scope") or list(token.scopes)
@@ -175,7 +184,7 @@ async def _check(args: argparse.Namespace) -> int:
     from senderd.auth.token import TokenProvider
 
     config = _config(args)
-    key = load_credentials(config.credentials, source=config.source)
+    key = load_credentials(config.credentials_set(), source=config.source)
     _warn(key.notes)
     if config_path(args) is not None:
         config.require_flows()  # what `run` and `once` would refuse, `check` refuses too
@@ -185,7 +194,7 @@ async def _check(args: argparse.Namespace) -> int:
     if expiry is not None:
         print(f"client certificate valid until {expiry:%Y-%m-%d %H:%M:%S} UTC")
     if args.online:
-        async with TokenProvider.open(key, config.credentials, config.token) as provider:
+        async with TokenProvider.open(key, config.credentials_set(), config.token) as provider:
             token = await provider.get()
         print(f"token OK: valid for {token.lifetime:.0f}s")
     return EXIT_OK

@@ -69,22 +69,78 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SOURCE_KEYS = ("service_key", "service_key_env", "binding", "binding_name", "vcap_service")
+"""The keys of a credentials set that say where its credentials come from: at most one per set."""
+AuthMode = Literal["oauth", "client-certificate", "basic"]
+"""How a set authenticates to the runtime: a Bearer token (OAuth client credentials), the client
+certificate itself, or HTTP Basic with clientid:clientsecret."""
+SET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+DEFAULT_SET = "default"
+"""The name of the one set that a plain `[credentials]` table is."""
+
+
 class CredentialsConfig(Section):
-    """`[credentials]`: where the service key, an external private key and extra CAs come from."""
+    """One credentials set (`[credentials]`, or `[credentials.NAME]`): where the service key comes from, how
+    it authenticates, which CAs and proxy it uses. Each set has its own token provider and sessions."""
 
     service_key: Path | None = None
+    """A service key JSON file (as downloaded from the BTP cockpit)."""
     service_key_env: str | None = None
+    """Or: the environment variable holding the key's JSON (cannot rotate while running)."""
+    binding: Path | None = None
+    """Or: a mounted binding directory (SAP BTP service operator Secret, any of its layouts)."""
+    binding_name: str | None = None
+    """Or: the binding `$SERVICE_BINDING_ROOT/NAME` (else `/etc/secrets/sapcp/<service>/NAME`)."""
+    vcap_service: str | None = None
+    """Or: the service instance of that name in `VCAP_SERVICES` (or the file `VCAP_SERVICES_FILE_PATH`)."""
     key_file: Path | None = None
     key_passphrase_env: str | None = None
     ca_file: Path | None = None
     watch_interval: PositiveDuration = 10.0
-    """How often the daemon checks the service key (and key) file for a replacement."""
+    """How often the daemon checks the set's files (key, key file, binding) for a replacement."""
+    runtime_url: str | None = None
+    """The runtime this set sends to (default: `[runtime] url`, else the key's `url`)."""
+    auth: AuthMode = "oauth"
+    client_auth: Literal["post", "basic"] = "post"
+    """How a ClientId/Secret key's secret reaches the token server: in the form body (as SAP's libraries
+    send it; a `+` in a secret breaks HTTP Basic) or as HTTP Basic."""
+    proxy: str | Literal[False] | None = None
+    """An HTTP proxy for this set's token and runtime requests (`http://[user:pass@]host:port`); unset:
+    `HTTPS_PROXY`/`https_proxy`/`NO_PROXY` from the environment; false: never a proxy."""
+    token: dict[str, Any] | None = None
+    """Overrides of `[token]` for this set (e.g. `token = { timeout = "30s" }`)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> CredentialsConfig:
-        if self.service_key is not None and self.service_key_env is not None:
-            raise ValueError("give service_key or service_key_env, not both")
+        given = [key for key in SOURCE_KEYS if getattr(self, key) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one source of credentials, not {' and '.join(given)}")
+        if self.token is not None:
+            TokenConfig.model_validate(self.token)
         return self
+
+    @field_validator("runtime_url")
+    @classmethod
+    def _runtime_https(cls, value: str | None) -> str | None:
+        if value is not None and not _is_url(value, ("https",)):
+            raise ValueError(f"must be an https:// URL, found {value!r}")
+        return value.rstrip("/") if value else value
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: str | bool | None) -> str | bool | None:
+        if value is True:
+            raise ValueError('must be a proxy URL such as "http://proxy.example:3128", or false')
+        if isinstance(value, str):
+            if not _is_url(value, ("http", "https")):
+                raise ValueError("must be a proxy URL such as http://proxy.example:3128 (user:password@ allowed)")
+            register_secret_parts(value)
+        return value
+
+    @property
+    def source_key(self) -> str | None:
+        """The key naming this set's source of credentials (None: found in `$SERVICE_BINDING_ROOT`)."""
+        return next((key for key in SOURCE_KEYS if getattr(self, key) is not None), None)
 
     def key_passphrase(self) -> str | None:
         """The external key's passphrase, read from the named environment variable."""
@@ -96,6 +152,14 @@ class CredentialsConfig(Section):
                 f"credentials.key_passphrase_env: environment variable {self.key_passphrase_env} is not set"
             )
         return value
+
+
+def register_secret_parts(url: str) -> None:
+    """Register the password (and user name) of a URL's `user:password@` for redaction."""
+    parts = urlsplit(url)
+    for part in (parts.password, parts.username):
+        if part:
+            register_secret(part)
 
 
 class TokenConfig(Section):
@@ -153,6 +217,8 @@ class SendSettings(Section):
     backoff_max: PositiveDuration = 30.0
     retry_after_max: Duration = 60.0
     deadline: PositiveDuration = 120.0
+    credentials: str | None = None
+    """The credentials set to send with (needed when there are several)."""
     application_id: str | Literal[False] | None = None
     """`SAP_ApplicationID` header: "auto" (a fresh id per message, kept across its retries), a fixed value,
     or false (none). Unset: "auto" for modifying methods, none for GET and HEAD."""
@@ -382,7 +448,8 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: str = "<defaults>"
-    credentials: CredentialsConfig = CredentialsConfig()
+    credentials: dict[str, CredentialsConfig] = {DEFAULT_SET: CredentialsConfig()}
+    """The credentials sets by name: `[credentials]` alone is the set named "default"."""
     token: TokenConfig = TokenConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     pool: PoolConfig = PoolConfig()
@@ -399,7 +466,40 @@ class Config(BaseModel):
             if flow.name in seen:
                 raise ValueError(f"flow name {flow.name!r} is used twice: names must be unique")
             seen.add(flow.name)
+        if not self.credentials:
+            raise ValueError("credentials: no credentials set: add [credentials] or [credentials.NAME]")
+        for name in self.credentials:
+            if not re.match(SET_NAME, name):
+                raise ValueError(f"credentials set name {name!r}: use letters, digits, '_', '.' and '-'")
         return self
+
+    @property
+    def credentials_default(self) -> str | None:
+        """The set a flow without `credentials` uses: the only one, if there is only one."""
+        return next(iter(self.credentials)) if len(self.credentials) == 1 else None
+
+    def set_of(self, flow: SendSettings) -> str:
+        """The name of the credentials set `flow` sends with."""
+        name = flow.credentials or self.credentials_default
+        assert name is not None, "validated at load: a flow names its set when there are several"
+        return name
+
+    def credentials_set(self, name: str | None = None) -> CredentialsConfig:
+        """The credentials set `name` (default: the only one); ConfigError naming the sets otherwise."""
+        name = name or self.credentials_default
+        if name is None or name not in self.credentials:
+            known = ", ".join(self.credentials)
+            raise ConfigError(f"{self.source}: no credentials set named {name!r} (sets: {known})")
+        return self.credentials[name]
+
+    def token_for(self, name: str) -> TokenConfig:
+        """`[token]` with the overrides of set `name` applied."""
+        overrides = self.credentials[name].token
+        return (
+            self.token.model_copy(update=TokenConfig.model_validate(overrides).model_dump(exclude_unset=True))
+            if overrides
+            else self.token
+        )
 
     def require_flows(self) -> None:
         """Refuse a config that `run` and `once` cannot work with (what `check` also says)."""
@@ -438,6 +538,42 @@ class ConfigHolder:
         return old
 
 
+def _credential_sets(data: dict[str, Any], source: str) -> bool:
+    """`[credentials]` (one set, named "default") or `[credentials.NAME]` tables (named sets); not both.
+    Returns True for the single-set form (its errors then read `credentials.KEY`)."""
+    table = data.get("credentials")
+    if table is None or not isinstance(table, dict):
+        return True  # the default set, or a wrong type that pydantic names
+    fields = set(CredentialsConfig.model_fields)
+    own = [key for key in table if key in fields]
+    named = [key for key in table if key not in fields]
+    if own and named and all(isinstance(table[key], dict) for key in named):
+        raise ConfigError(
+            f"{source}: credentials: [credentials] keys ({', '.join(own)}) beside [credentials.NAME] tables "
+            f"({', '.join(named)}): use one form, or put the keys into a named set"
+        )
+    if named and all(isinstance(table[key], dict) for key in named):
+        data["credentials"] = {name: dict(value) for name, value in table.items()}
+        return False
+    data["credentials"] = {DEFAULT_SET: table}
+    return True
+
+
+def _check_flow_sets(config: Config) -> None:
+    sets = ", ".join(config.credentials)
+    for index, flow in enumerate(config.flows):
+        if flow.credentials is None and len(config.credentials) > 1:
+            raise ConfigError(
+                f"{config.source}: flows[{index}].credentials: there are several credentials sets ({sets}): "
+                "name the one this flow sends with (or set it in [defaults])"
+            )
+        if flow.credentials is not None and flow.credentials not in config.credentials:
+            raise ConfigError(
+                f"{config.source}: flows[{index}].credentials: no credentials set named {flow.credentials!r} "
+                f"(sets: {sets})"
+            )
+
+
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -468,11 +604,17 @@ def _message(error: Any) -> str:
     return message.removeprefix("Value error, ")
 
 
-def format_validation_error(source: str, exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
-    """One line for the first problem (plus a count of the others)."""
+def format_validation_error(
+    source: str, exc: ValidationError, prefix: tuple[str, ...] = (), *, single_set: bool = False
+) -> str:
+    """One line for the first problem (plus a count of the others); with `single_set`, the one set's keys
+    read `credentials.KEY`, as the user wrote them."""
     errors = exc.errors()
     first = errors[0]
-    loc = _location(prefix + tuple(p for p in first["loc"] if p not in ("function-after",)))
+    parts = prefix + tuple(p for p in first["loc"] if p not in ("function-after",))
+    if single_set and parts[:2] == ("credentials", DEFAULT_SET):
+        parts = ("credentials", *parts[2:])
+    loc = _location(parts)
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     where = f"{loc}: " if loc else ""
     return f"{source}: {where}{_message(first)}{more}"
@@ -489,8 +631,12 @@ def _resolve(table: Any, names: tuple[str, ...], base: Path, source: str, where:
                 table[name] = os.path.abspath(base / os.path.expanduser(value))
 
 
-def _resolve_paths(data: dict[str, Any], base: Path, source: str) -> None:
-    _resolve(data.get("credentials"), ("service_key", "key_file", "ca_file"), base, source, "credentials")
+def _resolve_paths(data: dict[str, Any], base: Path, source: str, single: bool) -> None:
+    sets = data.get("credentials")
+    if isinstance(sets, dict):
+        for name, table in sets.items():
+            where = "credentials" if single else f"credentials.{name}"
+            _resolve(table, ("service_key", "binding", "key_file", "ca_file"), base, source, where)
     _resolve(data.get("runtime"), ("ca_file",), base, source, "runtime")
     _resolve(data.get("relay"), ("spool_dir",), base, source, "relay")
     flows = data.get("flows")
@@ -516,15 +662,18 @@ def config_from_dict(data: dict[str, Any], *, source: str, base: Path | None = N
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     if isinstance(data.get("flows"), dict):
         raise ConfigError(f"{source}: flows: write [[flows]] (double brackets: one table per flow), not [flows]")
-    if base is not None:
-        _resolve_paths(data, base, source)
     if "source" in data:
         raise ConfigError(f"{source}: source: unknown key: remove it or check its spelling")
+    single = _credential_sets(data, source)
+    if base is not None:
+        _resolve_paths(data, base, source, single)
     _apply_defaults(data, source)
     try:
-        return Config.model_validate({**data, "source": source})
+        config = Config.model_validate({**data, "source": source})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(source, exc)) from None
+        raise ConfigError(format_validation_error(source, exc, single_set=single)) from None
+    _check_flow_sets(config)
+    return config
 
 
 def load_config(path: Path | None) -> Config:

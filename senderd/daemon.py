@@ -162,9 +162,9 @@ class Daemon:
                 self.metrics.certificate_expiry.set(key.certificate_not_after.timestamp())
 
         self.watcher = CredentialWatcher(
-            config.credentials, config.token, engine.tokens, self.clock, engine.key, on_rotated=rotated
+            config.credentials_set(), config.token, engine.tokens, self.clock, engine.key, on_rotated=rotated
         )
-        if config.credentials.service_key is not None:
+        if config.credentials_set().service_key is not None:
             group.start_soon(self.watcher.run)
         if self.handle_signals:
             group.start_soon(self._watch_signals)
@@ -239,7 +239,7 @@ class Daemon:
         restart_needed = [name for name in RESTART_SECTIONS if getattr(new, name) != getattr(running, name)]
         # What a running daemon cannot change stays as it runs, for every component alike (said below).
         new = new.model_copy(update={name: getattr(running, name) for name in restart_needed})
-        if not await watcher.rotate(new.credentials):  # the same key and settings: nothing happens
+        if not await watcher.rotate(new.credentials_set()):  # the same key and settings: nothing happens
             return self._reload_failed("the new credentials are unusable (see credentials_reload_failed)")
         self.config = new
         engine.holder.swap(new)

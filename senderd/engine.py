@@ -106,7 +106,7 @@ class Engine:
         """
         clock = clock or SystemClock()
         metrics = metrics or Metrics()
-        key = key or load_credentials(config.credentials)
+        key = key or load_credentials(config.credentials_set())
         for note in key.notes:
             log.warning("credentials_note", note=note)
         if key.certificate_not_after is not None:
@@ -114,9 +114,9 @@ class Engine:
         runtime_url = config.runtime.url or key.runtime_url
         if runtime_url is None:
             raise ConfigError(f"{config.source}: runtime.url: the service key has no 'url': set runtime.url")
-        context = trust_context(config.runtime.ca_file or config.credentials.ca_file)
+        context = trust_context(config.runtime.ca_file or config.credentials_set().ca_file)
         async with TokenProvider.open(
-            key, config.credentials, config.token, clock=clock, listeners=[metrics.token_fetched]
+            key, config.credentials_set(), config.token, clock=clock, listeners=[metrics.token_fetched]
         ) as tokens:
             connector = aiohttp.TCPConnector(ssl=context, limit=max(10, config.pool.workers * 2))
             # unsafe=True keeps cookies from IP-address hosts too (the CSRF session must come back);

@@ -16,7 +16,7 @@ from senderd.errors import ConfigError
     [
         (
             "[credentials]\nservice_key = 'a.json'\nservice_key_env = 'X'\n",
-            "credentials: give service_key or service_key_env, not both",
+            "credentials: give one source of credentials, not service_key and service_key_env",
         ),
         ("[token]\nrefresh_left = 1.5\n", "token.refresh_left: Input should be less than 1"),
         ("[tokens]\n", "tokens: unknown key: remove it or check its spelling"),
@@ -79,5 +79,5 @@ def test_config_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[credentials]\nservice_key = 'keys/k.json'\n[token]\nbackoff_max = '2m'\n")
     config = load_config(path)
-    assert config.credentials.service_key == tmp_path / "keys" / "k.json"
+    assert config.credentials_set().service_key == tmp_path / "keys" / "k.json"
     assert config.token.backoff_max == 120.0

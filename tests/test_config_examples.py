@@ -25,4 +25,4 @@ def test_configmap_config_is_valid() -> None:
     data = tomllib.loads(document["data"]["senderd.toml"])
     config = config_from_dict(data, source="configmap.yaml")
     assert config.server.listen == "0.0.0.0:9464"
-    assert str(config.credentials.service_key) == "/etc/senderd/key/service-key.json"
+    assert str(config.credentials_set().service_key) == "/etc/senderd/key/service-key.json"

@@ -150,7 +150,7 @@ def test_the_command_line_key_keeps_its_symlink(tmp_path: Path) -> None:
     link.symlink_to(target)
     args = build_parser().parse_args(["check", "--service-key", str(link)])
     config = _config(args)
-    assert config.credentials.service_key == link  # kubelet swaps what the link points to: follow it anew
+    assert config.credentials_set().service_key == link  # kubelet swaps what the link points to: follow it anew
 
 
 async def test_sighup_keeps_the_command_line_flags(tmp_path: Path) -> None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
@@ -26,18 +25,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from senderd.auth.sources import MAX_KEY_BYTES, KeySource, Purpose, read_key_source
+from senderd.config import CredentialsConfig
 from senderd.errors import ConfigError, CredentialsError
 from senderd.logs import register_secret
-
-if TYPE_CHECKING:
-    from senderd.config import CredentialsConfig
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 KeyType = Literal["certificate", "clientsecret", "external-certificate"]
 
 EXPIRY_WARNING_DAYS = 30
-MAX_KEY_BYTES = 1 << 20
-"""A service key is a few KiB; anything beyond this is not one (and is not read whole)."""
 MAX_TEXT_CHARS = 64 * 1024
 """Longest PEM field (certificate chain, private key) accepted."""
 MAX_FIELD_CHARS = {"clientid": 512, "clientsecret": 512, "tokenurl": 2048, "certurl": 2048, "url": 2048}
@@ -126,28 +122,39 @@ class ServiceKey:
 
 
 def load_credentials(
-    config: CredentialsConfig, *, now: dt.datetime | None = None, source: str | None = None
+    config: CredentialsConfig,
+    *,
+    now: dt.datetime | None = None,
+    source: str | None = None,
+    where: str = "credentials",
+    purpose: Purpose | None = None,
 ) -> ServiceKey:
-    """The service key that `[credentials]` names, validated; its secret is registered for redaction.
+    """The service key that a credentials set names, validated; its secret is registered for redaction.
 
-    `source` (the config file) prefixes errors about the configuration itself.
+    `source` (the config file) prefixes errors about the configuration itself; `where` names the set's table.
     """
-    where = f"{source}: " if source and source != "<defaults>" else ""
-    if config.service_key is None and config.service_key_env is None:
-        raise ConfigError(
-            f"{where}credentials.service_key: no service key configured: set it in the config file, "
-            "or pass --service-key"
-        )
+    return load_set(config, now=now, source=source, where=where, purpose=purpose)[0]
+
+
+def load_set(
+    config: CredentialsConfig,
+    *,
+    now: dt.datetime | None = None,
+    source: str | None = None,
+    where: str = "credentials",
+    purpose: Purpose | None = None,
+) -> tuple[ServiceKey, KeySource]:
+    """`load_credentials`, and the source the key came from (what a watcher fingerprints)."""
+    prefix = f"{source}: " if source and source != "<defaults>" else ""
     try:
         passphrase = config.key_passphrase()
+        key_source = read_key_source(config, where=where, purpose=purpose)
     except ConfigError as exc:
-        raise ConfigError(f"{where}{exc}") from None
-    key = load_service_key(
-        config.service_key, env=config.service_key_env, key_file=config.key_file, key_passphrase=passphrase, now=now
-    )
+        raise ConfigError(f"{prefix}{exc}") from None
+    key = _parse_with_key_file(key_source.text, key_source.source, config.key_file, passphrase, now)
     if key.client_secret is not None:
         register_secret(key.client_secret.reveal())
-    return key
+    return key, key_source
 
 
 def load_service_key(
@@ -159,39 +166,22 @@ def load_service_key(
     now: dt.datetime | None = None,
 ) -> ServiceKey:
     """Read a service key from a file or an environment variable holding its JSON, and validate it."""
-    if path is not None:
-        source = str(path)
-        try:
-            with path.open("rb") as file:
-                data = file.read(MAX_KEY_BYTES + 1)
-            if len(data) > MAX_KEY_BYTES:
-                raise CredentialsError(
-                    f"{source}: larger than {MAX_KEY_BYTES // 1024} KiB, too large for a service key: check the path"
-                )
-            text = data.decode("utf-8-sig")
-        except FileNotFoundError:
-            raise CredentialsError(f"{source}: service key file not found: check the path") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CredentialsError(f"{source}: cannot read the service key ({_os_reason(exc)})") from None
-    elif env is not None:
-        source = f"${env}"
-        value = os.environ.get(env)
-        if not value:
-            raise CredentialsError(
-                f"{source}: environment variable is not set or empty: put the service key JSON in it"
-            )
-        if len(value) > MAX_KEY_BYTES:
-            raise CredentialsError(f"{source}: larger than {MAX_KEY_BYTES // 1024} KiB, too large for a service key")
-        text = value
-    else:
+    if path is None and env is None:
         raise CredentialsError("no service key given: set credentials.service_key or --service-key")
+    key_source = read_key_source(CredentialsConfig(service_key=path, service_key_env=None if path else env))
+    return _parse_with_key_file(key_source.text, key_source.source, key_file, key_passphrase, now)
+
+
+def _parse_with_key_file(
+    text: str, source: str, key_file: Path | None, passphrase: str | None, now: dt.datetime | None
+) -> ServiceKey:
     key_bytes = _read_key_file(key_file) if key_file is not None else None
     return parse_service_key(
         text,
         source=source,
         key_file_data=key_bytes,
         key_file_name=str(key_file) if key_file else None,
-        key_passphrase=key_passphrase,
+        key_passphrase=passphrase,
         now=now,
     )
 
@@ -313,11 +303,15 @@ def _os_reason(exc: BaseException) -> str:
 
 def _read_key_file(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        with path.open("rb") as file:
+            data = file.read(MAX_KEY_BYTES + 1)
     except FileNotFoundError:
         raise CredentialsError(f"{path}: private key file not found: check credentials.key_file") from None
     except OSError as exc:
         raise CredentialsError(f"{path}: cannot read the private key file ({_os_reason(exc)})") from None
+    if len(data) > MAX_KEY_BYTES:
+        raise CredentialsError(f"{path}: larger than {MAX_KEY_BYTES // 1024} KiB, too large for a private key file")
+    return data
 
 
 def _parse_json(text: str, source: str) -> dict[str, Any]:
