@@ -7,6 +7,7 @@ arguments), printed as one line on stderr; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import io
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = commands.add_parser("token", help="fetch a token and print its claims")
     _common(token)
+    token.add_argument("--credentials", metavar="NAME", help="the credentials set (when there are several)")
     token.add_argument("--raw", action="store_true", help="also print the raw access token")
 
     check = commands.add_parser("check", help="validate config and credentials offline")
@@ -156,14 +158,24 @@ def _utc(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _set_where(config: Config, name: str) -> str:
+    return "credentials" if len(config.credentials) == 1 else f"credentials.{name}"
+
+
 async def _token(args: argparse.Namespace) -> int:
     from senderd.auth.servicekey import load_credentials
     from senderd.auth.token import TokenProvider, claims_of
 
     config = _config(args)
-    key = load_credentials(config.credentials_set(), source=config.source)
+    name = args.credentials or config.credentials_default
+    if name is None:
+        raise UsageError(f"--credentials: the config has several credentials sets ({', '.join(config.credentials)})")
+    creds = config.credentials_set(name)
+    key = load_credentials(creds, source=config.source, where=_set_where(config, name))
     _warn(key.notes)
-    async with TokenProvider.open(key, config.credentials_set(), config.token) as provider:
+    if creds.auth != "oauth":
+        raise UsageError(f"credentials set {name!r} sends with auth = {creds.auth!r}: it uses no token")
+    async with TokenProvider.open(key, creds, config.token_for(name)) as provider:
         token = await provider.get()
     claims = claims_of(token.value)
     scopes = claims.get("scope") or list(token.scopes)
@@ -180,23 +192,30 @@ async def _token(args: argparse.Namespace) -> int:
 
 
 async def _check(args: argparse.Namespace) -> int:
-    from senderd.auth.servicekey import load_credentials
+    from senderd.auth.servicekey import load_set
     from senderd.auth.token import TokenProvider
 
     config = _config(args)
-    key = load_credentials(config.credentials_set(), source=config.source)
-    _warn(key.notes)
+    loaded = {}
+    for name, creds in config.credentials.items():
+        loaded[name] = load_set(creds, source=config.source, where=_set_where(config, name), purpose="send")
+        _warn(loaded[name][0].notes)
     if config_path(args) is not None:
         config.require_flows()  # what `run` and `once` would refuse, `check` refuses too
-    expiry = key.certificate_not_after
     print(f"config OK: {config.source} ({len(config.flows)} flows)")
-    print(f"service key OK: {key.source} ({key.key_type}, client {key.client_id})")
-    if expiry is not None:
-        print(f"client certificate valid until {expiry:%Y-%m-%d %H:%M:%S} UTC")
-    if args.online:
-        async with TokenProvider.open(key, config.credentials_set(), config.token) as provider:
-            token = await provider.get()
-        print(f"token OK: valid for {token.lifetime:.0f}s")
+    for name, (key, source) in loaded.items():
+        creds = config.credentials[name]
+        label = f"[{name}] " if len(config.credentials) > 1 else ""
+        print(f"{label}service key OK: {key.source} ({key.key_type}, client {key.client_id}), auth {creds.auth}")
+        if key.certificate_not_after is not None:
+            print(f"{label}client certificate valid until {key.certificate_not_after:%Y-%m-%d %H:%M:%S} UTC")
+        if not source.rotates:
+            _warn([f"{label}{key.source}: an environment variable cannot change while senderd runs: a rotated "
+                   "key needs a restart (mount the Secret as a directory to rotate without one)"])  # fmt: skip
+        if args.online and creds.auth == "oauth":
+            async with TokenProvider.open(key, creds, config.token_for(name)) as provider:
+                token = await provider.get()
+            print(f"{label}token OK: valid for {token.lifetime:.0f}s")
     return EXIT_OK
 
 
@@ -417,7 +436,7 @@ def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one real error inside nested task-group exception groups (cancellations aside), or the group."""
     error: BaseException = group
     while isinstance(error, BaseExceptionGroup):
-        real = [e for e in error.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())]
+        real = [e for e in error.exceptions if not isinstance(e, asyncio.CancelledError)]  # after the loop ended
         if len(real) != 1:
             return group
         error = real[0]

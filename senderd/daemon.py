@@ -26,7 +26,6 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from senderd.auth.rotation import CredentialWatcher
-from senderd.auth.servicekey import ServiceKey
 from senderd.clock import Clock, SystemClock
 from senderd.config import Config, FlowConfig, load_config
 from senderd.engine import Engine
@@ -62,7 +61,7 @@ class Daemon:
     engine: Engine | None = None
     server: ObservabilityServer | None = None
     relay: Relay | None = None
-    watcher: CredentialWatcher | None = None
+    watchers: dict[str, CredentialWatcher] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._stop = anyio.Event()
@@ -155,17 +154,11 @@ class Daemon:
         return engine
 
     async def _start_background(self, engine: Engine, group: TaskGroup) -> None:
-        config = self.config
-
-        def rotated(key: ServiceKey) -> None:
-            if key.certificate_not_after is not None:
-                self.metrics.certificate_expiry.set(key.certificate_not_after.timestamp())
-
-        self.watcher = CredentialWatcher(
-            config.credentials_set(), config.token, engine.tokens, self.clock, engine.key, on_rotated=rotated
-        )
-        if config.credentials_set().service_key is not None:
-            group.start_soon(self.watcher.run)
+        for name, credential_set in engine.sets.items():
+            where = "credentials" if len(engine.sets) == 1 else f"credentials.{name}"
+            watcher = self.watchers[name] = CredentialWatcher(credential_set, self.clock, where=where)
+            if watcher.watching:
+                group.start_soon(watcher.run)
         if self.handle_signals:
             group.start_soon(self._watch_signals)
         if self.on_start is not None:
@@ -228,8 +221,8 @@ class Daemon:
             return await self._reload()
 
     async def _reload(self) -> bool:
-        engine, watcher, scheduler = self.engine, self.watcher, self.scheduler
-        if self.loader is None or engine is None or watcher is None or scheduler is None:
+        engine, scheduler = self.engine, self.scheduler
+        if self.loader is None or engine is None or scheduler is None:
             return False
         running = engine.config
         try:
@@ -237,10 +230,15 @@ class Daemon:
         except SenderdError as exc:
             return self._reload_failed(str(exc))
         restart_needed = [name for name in RESTART_SECTIONS if getattr(new, name) != getattr(running, name)]
+        if set(new.credentials) != set(running.credentials):  # sets come and go with their sessions: a restart
+            restart_needed.append("credentials")
         # What a running daemon cannot change stays as it runs, for every component alike (said below).
         new = new.model_copy(update={name: getattr(running, name) for name in restart_needed})
-        if not await watcher.rotate(new.credentials_set()):  # the same key and settings: nothing happens
-            return self._reload_failed("the new credentials are unusable (see credentials_reload_failed)")
+        for name, credentials in new.credentials.items():  # the same key and settings: nothing happens
+            if not await engine.sets[name].rotate(credentials, where=self.watchers[name].where):
+                return self._reload_failed(
+                    f"the new credentials of set {name!r} are unusable (see credentials_reload_failed)"
+                )
         self.config = new
         engine.holder.swap(new)
         for flow in new.flows:

@@ -8,19 +8,17 @@ with retries, metrics and one log event; `run_once(flows)` sends each flow once 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import aiohttp
 import anyio
 
-from senderd.auth.servicekey import ServiceKey, load_credentials
-from senderd.auth.tls import trust_context
+from senderd.auth.credset import CredentialSet
 from senderd.auth.token import TokenProvider
-from senderd.bounded import ACCEPT_ENCODING
 from senderd.clock import Clock, SystemClock
 from senderd.config import Config, ConfigHolder, FlowConfig
 from senderd.errors import ConfigError
@@ -50,24 +48,56 @@ def retry_policy(flow: FlowConfig) -> RetryPolicy:
 
 @dataclass
 class Engine:
-    """Token provider, runtime session and metrics of one running senderd, over the config in `holder`."""
+    """The credentials sets (each with its token provider and runtime session), senders and metrics of one
+    running senderd, over the config in `holder`."""
 
     holder: ConfigHolder
-    key: ServiceKey
-    """The service key the engine was opened with (`CredentialWatcher` owns the one in use after that)."""
-    tokens: TokenProvider
-    sender: Sender
+    sets: dict[str, CredentialSet]
+    senders: dict[str, Sender]
     metrics: Metrics
     clock: Clock
     listeners: list[SendListener] = field(default_factory=list)
     _policies: dict[str, tuple[FlowConfig, RetryPolicy]] = field(default_factory=dict)
     _stopping: anyio.Event = field(default_factory=anyio.Event)
 
+    @property
+    def config(self) -> Config:
+        """The configuration in force now (a reload swaps it in the holder)."""
+        return self.holder.current
+
+    @property
+    def only_set(self) -> CredentialSet:
+        """The one credentials set of a single-set config (the common case; for tools and tests)."""
+        if len(self.sets) != 1:
+            raise ConfigError(f"{self.config.source}: several credentials sets ({', '.join(self.sets)}): name one")
+        return next(iter(self.sets.values()))
+
+    @property
+    def tokens(self) -> TokenProvider:
+        """The token provider of the one (OAuth) credentials set."""
+        tokens = self.only_set.tokens
+        if tokens is None:
+            raise ConfigError(
+                f"credentials set {self.only_set.name!r} sends with {self.only_set.config.auth}: no token"
+            )
+        return tokens
+
+    @property
+    def sender(self) -> Sender:
+        """The sender of the one credentials set."""
+        return self.senders[self.only_set.name]
+
+    def sender_for(self, flow: FlowConfig) -> Sender:
+        """The sender of the set that `flow` sends with."""
+        return self.senders[self.config.set_of(flow)]
+
     def stop_waiting(self) -> None:
         """Senderd is stopping: sends waiting for a token or for their next retry end at once (with what
         they have); exchanges already on the wire finish."""
         self._stopping.set()
-        self.tokens.stop()
+        for credential_set in self.sets.values():
+            if credential_set.tokens is not None:
+                credential_set.tokens.stop()
 
     async def _retry_sleep(self, seconds: float) -> None:
         """The wait before a retry, cut short when senderd stops."""
@@ -83,11 +113,6 @@ class Engine:
             await self.clock.sleep(seconds)
             waits.cancel_scope.cancel()
 
-    @property
-    def config(self) -> Config:
-        """The configuration in force now (a reload swaps it in the holder)."""
-        return self.holder.current
-
     @classmethod
     @asynccontextmanager
     async def open(
@@ -96,53 +121,41 @@ class Engine:
         *,
         metrics: Metrics | None = None,
         clock: Clock | None = None,
-        key: ServiceKey | None = None,
         refresh: bool = True,
     ) -> AsyncIterator[Engine]:
-        """Build the engine from `config`; sessions close on exit. Raises ConfigError/CredentialsError.
+        """Build the engine from `config`: every credentials set opened, each keeping its token fresh in the
+        background; sessions close on exit. Raises ConfigError/CredentialsError.
 
-        `refresh=False` leaves the token provider without its background refresher (sends then fetch
+        `refresh=False` leaves the token providers without their background refresher (sends then fetch
         for themselves): for tests that step a fake clock, which a refresher would keep moving.
         """
         clock = clock or SystemClock()
         metrics = metrics or Metrics()
-        key = key or load_credentials(config.credentials_set())
-        for note in key.notes:
-            log.warning("credentials_note", note=note)
-        if key.certificate_not_after is not None:
-            metrics.certificate_expiry.set(key.certificate_not_after.timestamp())
-        runtime_url = config.runtime.url or key.runtime_url
-        if runtime_url is None:
-            raise ConfigError(f"{config.source}: runtime.url: the service key has no 'url': set runtime.url")
-        context = trust_context(config.runtime.ca_file or config.credentials_set().ca_file)
-        async with TokenProvider.open(
-            key, config.credentials_set(), config.token, clock=clock, listeners=[metrics.token_fetched]
-        ) as tokens:
-            connector = aiohttp.TCPConnector(ssl=context, limit=max(10, config.pool.workers * 2))
-            # unsafe=True keeps cookies from IP-address hosts too (the CSRF session must come back);
-            # answers are decoded by bounded.read_bounded, within max_response_bytes, not by aiohttp
-            async with aiohttp.ClientSession(
-                connector=connector,
-                cookie_jar=aiohttp.CookieJar(unsafe=True),
-                auto_decompress=False,
-                headers={"Accept-Encoding": ACCEPT_ENCODING},
-            ) as s:
-                sender = Sender(s, tokens, runtime_url, metrics, clock)
-                engine = cls(
-                    holder=ConfigHolder(config), key=key, tokens=tokens, sender=sender, metrics=metrics, clock=clock
+        async with contextlib.AsyncExitStack() as stack:
+            sets: dict[str, CredentialSet] = {}
+            for name in config.credentials:
+                sets[name] = await stack.enter_async_context(
+                    CredentialSet.open(name, config, metrics=metrics, clock=clock)
                 )
-                error: Exception | None = None
-                async with anyio.create_task_group() as background:
-                    if refresh:
-                        await background.start(tokens.run)  # fetches happen here, not in a send that may give up
-                    try:
-                        yield engine
-                    except Exception as exc:  # the caller's own error: re-raised as it is, not in a group
-                        error = exc
-                    finally:
-                        background.cancel_scope.cancel()
-                if error is not None:
-                    raise error
+            senders = {
+                name: Sender(s.session, s.auth, s.runtime_url, metrics, clock, s.config, name=name)
+                for name, s in sets.items()
+            }
+            engine = cls(holder=ConfigHolder(config), sets=sets, senders=senders, metrics=metrics, clock=clock)
+            error: Exception | None = None
+            async with anyio.create_task_group() as background:
+                if refresh:
+                    for credential_set in sets.values():  # fetches happen here, not in a send that may give up
+                        if credential_set.tokens is not None:
+                            await background.start(credential_set.tokens.run)
+                try:
+                    yield engine
+                except Exception as exc:  # the caller's own error: re-raised as it is, not in a group
+                    error = exc
+                finally:
+                    background.cancel_scope.cancel()
+            if error is not None:
+                raise error
 
     def policy(self, flow: FlowConfig) -> RetryPolicy:
         """The flow's retry policy (built once per flow configuration)."""
@@ -174,6 +187,7 @@ class Engine:
             message_id = new_message_id() if ids == "auto" else ids
         payload = body if body is not None else flow.body_bytes()
         self.metrics.inflight.inc()
+        sender = self.sender_for(flow)
         policy = self.policy(flow)
         if not policy.replay_safe and message_id is not None:  # the id makes a replay recognisable
             policy = dataclasses.replace(policy, replay_safe=True)
@@ -184,9 +198,7 @@ class Engine:
         try:
             result = await deliver(
                 flow.name,
-                lambda: self.sender.attempt(
-                    flow, payload, headers, message_id, timeout=deadline_at - clock.monotonic()
-                ),
+                lambda: sender.attempt(flow, payload, headers, message_id, timeout=deadline_at - clock.monotonic()),
                 policy,
                 sleep=self._retry_sleep,
                 monotonic=clock.monotonic,

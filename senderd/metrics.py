@@ -103,18 +103,27 @@ class Metrics:
             "senderd_send_attempts", "HTTP attempts, retries included, by status code.", ["flow", "code"], registry=r
         )
         self.auth_failures = Counter(
-            "senderd_auth_failures", "Authentication failures by stage and reason.", ["stage", "reason"], registry=r
+            "senderd_auth_failures",
+            "Authentication failures by credentials set, stage and reason.",
+            ["credentials", "stage", "reason"],
+            registry=r,
         )
-        self.token_fetches = Counter("senderd_token_fetches", "Token requests by result.", ["result"], registry=r)
+        self.token_fetches = Counter(
+            "senderd_token_fetches", "Token requests by credentials set and result.", ["credentials", "result"],
+            registry=r,
+        )  # fmt: skip
         self.token_fetch_duration = Histogram(
-            "senderd_token_fetch_duration_seconds", "Time of one token request.", buckets=TOKEN_BUCKETS, registry=r
-        )
+            "senderd_token_fetch_duration_seconds", "Time of one token request.", ["credentials"],
+            buckets=TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
         self.token_expiry = Gauge(
-            "senderd_token_expiry_timestamp_seconds", "Unix time at which the current token expires.", registry=r
-        )
+            "senderd_token_expiry_timestamp_seconds", "Unix time at which the set's current token expires.",
+            ["credentials"], registry=r,
+        )  # fmt: skip
         self.certificate_expiry = Gauge(
             "senderd_client_certificate_expiry_timestamp_seconds",
-            "Unix time at which the client certificate expires.",
+            "Unix time at which the set's client certificate expires.",
+            ["credentials"],
             registry=r,
         )
         self.last_success = Gauge(
@@ -149,6 +158,10 @@ class Metrics:
         self.config_reload_ok = Gauge(
             "senderd_config_last_reload_successful", "1 if the last configuration (re)load succeeded.", registry=r
         )
+        self.rotations = Counter(
+            "senderd_credentials_rotations", "Replaced credentials taken into use, or refused, by set.",
+            ["credentials", "result"], registry=r,
+        )  # fmt: skip
         self.internal_errors = Counter(
             "senderd_internal_errors",
             "Unforeseen exceptions caught and isolated (each is logged with its traceback).",
@@ -166,12 +179,6 @@ class Metrics:
         if process:
             ProcessCollector(registry=r)  # process_* (memory, CPU, fds, start time) on Linux
         self.config_reload_ok.set(1)
-        for result in ("success", "failure"):
-            self.token_fetches.labels(result)
-        for reason in TOKEN_FAILURE_REASONS:
-            self.auth_failures.labels("token", reason)
-        for runtime_reason in RUNTIME_FAILURE_REASONS:
-            self.auth_failures.labels("runtime", runtime_reason)
 
     # --- sends ------------------------------------------------------------------------------------------
 
@@ -212,22 +219,46 @@ class Metrics:
         """Count an unforeseen exception that was caught and isolated in `component`."""
         self.internal_errors.labels(component).inc()
 
-    def runtime_auth_failure(self, reason: RuntimeFailureReason) -> None:
-        """Count a 401 or 403 from the runtime."""
-        self.auth_failures.labels("runtime", reason).inc()
+    def runtime_auth_failure(self, credentials: str, reason: RuntimeFailureReason) -> None:
+        """Count a 401 or 403 from the runtime to a send with credentials set `credentials`."""
+        self.auth_failures.labels(credentials, "runtime", reason).inc()
+
+    def declare_set(self, credentials: str) -> None:
+        """Create a credentials set's series at zero (every result and known reason)."""
+        for result in ("success", "failure"):
+            self.token_fetches.labels(credentials, result)
+        for reason in TOKEN_FAILURE_REASONS:
+            self.auth_failures.labels(credentials, "token", reason)
+        for runtime_reason in RUNTIME_FAILURE_REASONS:
+            self.auth_failures.labels(credentials, "runtime", runtime_reason)
+        for rotation in ("rotated", "refused"):
+            self.rotations.labels(credentials, rotation)
+
+    def rotation(self, credentials: str, result: Literal["rotated", "refused"]) -> None:
+        """Count a replacement of set `credentials`' credentials, taken into use or refused."""
+        self.rotations.labels(credentials, result).inc()
+
+    def certificate_expires(self, credentials: str, at: float) -> None:
+        """The set's client certificate expires at Unix time `at`."""
+        self.certificate_expiry.labels(credentials).set(at)
 
     # --- tokens -----------------------------------------------------------------------------------------
 
-    def token_fetched(self, duration: float, token: Token | None, error: TokenError | None) -> None:
-        """Record one token fetch (a `TokenProvider` listener): its duration, then the new token's expiry or
-        the failure's reason."""
-        self.token_fetch_duration.observe(duration)
-        if token is not None:
-            self.token_fetches.labels("success").inc()
-            self.token_expiry.set(token.expires_at_wall)
-        elif error is not None:
-            self.token_fetches.labels("failure").inc()
-            self.auth_failures.labels("token", error.reason).inc()
+    def token_listener(self, credentials: str) -> Callable[[float, Token | None, TokenError | None], None]:
+        """A `TokenProvider` listener recording each fetch of set `credentials`: its duration, then the new
+        token's expiry or the failure's reason."""
+        duration = self.token_fetch_duration.labels(credentials)
+
+        def fetched(seconds: float, token: Token | None, error: TokenError | None) -> None:
+            duration.observe(seconds)
+            if token is not None:
+                self.token_fetches.labels(credentials, "success").inc()
+                self.token_expiry.labels(credentials).set(token.expires_at_wall)
+            elif error is not None:
+                self.token_fetches.labels(credentials, "failure").inc()
+                self.auth_failures.labels(credentials, "token", error.reason).inc()
+
+        return fetched
 
     # --- the relay --------------------------------------------------------------------------------------
 

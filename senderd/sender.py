@@ -17,31 +17,43 @@ import aiohttp
 import anyio
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from senderd.auth.token import Token, TokenProvider
+from senderd.auth.runtime import Credential, RuntimeAuth
 from senderd.bounded import read_bounded
 from senderd.clock import Clock
-from senderd.config import FlowConfig
+from senderd.config import DEFAULT_SET, CredentialsConfig, FlowConfig
 from senderd.durations import parse_retry_after
 from senderd.errors import TokenError
 from senderd.logs import get_logger
 from senderd.metrics import Metrics, Outcome
 from senderd.result import Attempt
+from senderd.sessions import proxy_problem
 
 log = get_logger("sender")
 CSRF_ANSWER_BYTES = 64 * 1024
 
 
 class Sender:
-    """Sends to flows on one runtime session; shared by all workers."""
+    """Sends to flows on one runtime session of one credentials set; shared by all workers."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, tokens: TokenProvider, runtime_url: str, metrics: Metrics, clock: Clock
+        self,
+        session: aiohttp.ClientSession,
+        auth: RuntimeAuth,
+        runtime_url: str,
+        metrics: Metrics,
+        clock: Clock,
+        credentials: CredentialsConfig | None = None,
+        *,
+        name: str = DEFAULT_SET,
     ) -> None:
         self.session = session
-        self.tokens = tokens
+        self.auth = auth
         self.runtime_url = runtime_url.rstrip("/")
         self.metrics = metrics
         self.clock = clock
+        self.credentials = credentials or CredentialsConfig()
+        self.name = name
+        """The credentials set's name (a metric label)."""
         self._csrf: dict[str, str] = {}  # origin -> token (bound to the session cookies in the jar)
         self._csrf_lock: dict[str, anyio.Lock] = {}
         self._html_warned: set[str] = set()
@@ -71,7 +83,7 @@ class Sender:
                 "auth_error",
                 error=f"no token: {exc}",
                 token_failure=exc.reason,
-                retry_after=self.tokens.next_attempt_in,
+                retry_after=self.auth.next_attempt_in,
             )
         except aiohttp.ClientConnectorCertificateError as exc:
             self.metrics.attempt(flow.name, None)
@@ -79,21 +91,23 @@ class Sender:
         except (aiohttp.ClientError, OSError) as exc:
             self.metrics.attempt(flow.name, None)
             sent = not isinstance(exc, aiohttp.ClientConnectorError)  # refused, unresolvable, handshake: never sent
-            return Attempt("connection_error", error=f"{type(exc).__name__}: {_short(exc)}", request_sent=sent)
+            said = proxy_problem(exc, self.credentials) or f"{type(exc).__name__}: {_short(exc)}"
+            return Attempt("connection_error", error=said, request_sent=sent)
 
     async def _exchange(
         self, flow: FlowConfig, body: bytes | None, extra: dict[str, str], message_id: str | None
     ) -> Attempt:
         url = self.url_of(flow)
         origin = _origin(url)
-        token = await self.tokens.get()
+        credential = await self.auth.credential()
         csrf_refetched = token_refreshed = False
         if flow.csrf is True and flow.modifying and origin not in self._csrf:
-            await self._fetch_csrf(flow, url, origin, token)
+            await self._fetch_csrf(flow, url, origin, credential)
         while True:
             headers = CIMultiDict(flow.headers)
             headers.update(extra)
-            headers["Authorization"] = f"Bearer {token.value}"
+            if credential.header is not None:
+                headers["Authorization"] = credential.header
             if flow.content_type and "Content-Type" not in headers:
                 headers["Content-Type"] = flow.content_type
             if message_id is not None and "SAP_ApplicationID" not in headers:
@@ -110,9 +124,9 @@ class Sender:
             self.metrics.attempt(flow.name, status)
             if status == 401 and not token_refreshed:
                 token_refreshed = True
-                self.metrics.runtime_auth_failure("unauthorized")  # once per send, whatever comes next
-                if self.tokens.invalidate(token):
-                    token = await self.tokens.get()
+                self.metrics.runtime_auth_failure(self.name, "unauthorized")  # once per send, whatever comes next
+                if self.auth.refused(credential):
+                    credential = await self.auth.credential()
                     continue
                 return self._classify(flow, status, answer, payload, counted=True, truncated=truncated)
             if (
@@ -123,19 +137,21 @@ class Sender:
                 and not csrf_refetched
             ):
                 csrf_refetched = True
-                await self._fetch_csrf(flow, url, origin, token, stale=self._csrf.get(origin))
+                await self._fetch_csrf(flow, url, origin, credential, stale=self._csrf.get(origin))
                 continue
             return self._classify(flow, status, answer, payload, counted=token_refreshed, truncated=truncated)
 
     async def _fetch_csrf(
-        self, flow: FlowConfig, url: str, origin: str, token: Token, stale: str | None = None
+        self, flow: FlowConfig, url: str, origin: str, credential: Credential, stale: str | None = None
     ) -> None:
         """GET with `X-CSRF-Token: Fetch`; one fetch per origin at a time, shared by concurrent senders."""
         lock = self._csrf_lock.setdefault(origin, anyio.Lock())
         async with lock:
             if self._csrf.get(origin) not in (None, stale):
                 return  # another sender refreshed it while we waited
-            headers = {"Authorization": f"Bearer {token.value}", "X-CSRF-Token": "Fetch"}
+            headers = {"X-CSRF-Token": "Fetch"}
+            if credential.header is not None:
+                headers["Authorization"] = credential.header
             async with self.session.get(
                 url, headers=headers, params=flow.query or None, allow_redirects=False
             ) as response:
@@ -170,9 +186,9 @@ class Sender:
             if status in (401, 403) and status not in flow.retry_on:
                 outcome = "auth_error"
                 if status == 403:
-                    self.metrics.runtime_auth_failure("forbidden")
+                    self.metrics.runtime_auth_failure(self.name, "forbidden")
                 elif not counted:
-                    self.metrics.runtime_auth_failure("unauthorized")
+                    self.metrics.runtime_auth_failure(self.name, "unauthorized")
             return Attempt(
                 outcome,
                 status,

@@ -72,11 +72,11 @@ class ObservabilityServer:
         await self.site.stop()
 
     def _token_ready(self) -> tuple[bool, str]:
-        tokens = self.engine.tokens
-        if tokens.has_valid_token():
-            return True, "ok"
-        error = tokens.last_error
-        return False, f"no valid token: {error}" if error is not None else "no valid token yet"
+        for name, credential_set in self.engine.sets.items():
+            ready, reason = credential_set.ready()
+            if not ready:
+                return False, reason if len(self.engine.sets) == 1 else f"credentials {name}: {reason}"
+        return True, "ok"
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = generate_latest(self.engine.metrics.registry)
@@ -87,7 +87,12 @@ class ObservabilityServer:
 
     async def _readyz(self, _request: web.Request) -> web.Response:
         ready, reason = self._ready()
-        return web.json_response({"ready": ready, "reason": reason}, status=200 if ready else 503)
+        sets = {}
+        for name, credential_set in self.engine.sets.items():
+            set_ready, set_reason = credential_set.ready()
+            sets[name] = {"ready": set_ready, "auth": credential_set.config.auth, "reason": set_reason}
+        body = {"ready": ready, "reason": reason, "credentials": sets}
+        return web.json_response(body, status=200 if ready else 503)
 
     @web.middleware
     async def _authorise(

@@ -150,7 +150,14 @@ async def test_a_401_invalidates_that_token_and_retries_once(stack: EmulatorStac
     assert stack.runtime.stats.revoked_tokens == 1
     assert stack.token_server.stats.issued == 2  # the refused token and the one fetched after the 401
     assert sample(engine, "senderd_send_attempts_total", {"flow": "ts", "code": "401"}) == 1
-    assert sample(engine, "senderd_auth_failures_total", {"stage": "runtime", "reason": "unauthorized"}) == 1
+    assert (
+        sample(
+            engine,
+            "senderd_auth_failures_total",
+            {"credentials": "default", "stage": "runtime", "reason": "unauthorized"},
+        )
+        == 1
+    )
 
 
 async def test_a_runtime_refusing_every_token_costs_one_refresh_not_one_per_send(stack: EmulatorStack) -> None:
@@ -159,7 +166,14 @@ async def test_a_runtime_refusing_every_token_costs_one_refresh_not_one_per_send
         results = [await engine.send(engine.config.flow("ts")) for _ in range(5)]
     assert [r.outcome for r in results] == ["auth_error"] * 5
     assert stack.token_server.stats.issued == 2  # the first token, and one fetched after its 401: no more
-    assert sample(engine, "senderd_auth_failures_total", {"stage": "runtime", "reason": "unauthorized"}) == 5
+    assert (
+        sample(
+            engine,
+            "senderd_auth_failures_total",
+            {"credentials": "default", "stage": "runtime", "reason": "unauthorized"},
+        )
+        == 5
+    )
     assert sample(engine, "senderd_send_attempts_total", {"flow": "ts", "code": "401"}) == 6  # 2 + 1 + 1 + 1 + 1
 
 
@@ -181,7 +195,14 @@ async def test_token_server_down_is_auth_error_without_runtime_call(stack: Emula
     assert result.attempts == 4  # a 5xx from the token server is transient: retried after its backoff
     assert clock.sleeps == [pytest.approx(d, rel=0.11) for d in (1, 2, 4)]
     assert stack.runtime.stats.requests == 0
-    assert sample(engine, "senderd_auth_failures_total", {"stage": "token", "reason": "server_error"}) == 4
+    assert (
+        sample(
+            engine,
+            "senderd_auth_failures_total",
+            {"credentials": "default", "stage": "token", "reason": "server_error"},
+        )
+        == 4
+    )
 
 
 async def test_runtime_unreachable_is_connection_error(stack: EmulatorStack) -> None:

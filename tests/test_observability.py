@@ -92,9 +92,9 @@ async def test_metrics_are_all_there_with_sensible_values_and_pass_promtool(flow
     assert values[("senderd_sends_total", (("flow", "failing"), ("outcome", "http_error")))] == 0
     assert values[("senderd_inflight_sends", ())] >= 0
     assert values[("senderd_flow_interval_seconds", (("flow", "ts"),))] == 0.2
-    assert values[("senderd_token_fetches_total", (("result", "success"),))] == 1
-    token_expiry = values[("senderd_token_expiry_timestamp_seconds", ())]
-    cert_expiry = values[("senderd_client_certificate_expiry_timestamp_seconds", ())]
+    assert values[("senderd_token_fetches_total", (("credentials", "default"), ("result", "success")))] == 1
+    token_expiry = values[("senderd_token_expiry_timestamp_seconds", (("credentials", "default"),))]
+    cert_expiry = values[("senderd_client_certificate_expiry_timestamp_seconds", (("credentials", "default"),))]
     assert 3500 < token_expiry - values[("senderd_last_success_timestamp_seconds", (("flow", "ts"),))] <= 3600
     assert cert_expiry > token_expiry + 300 * 86400  # the emulator's client certificate lives a year
     result = await anyio.run_process([promtool, "check", "metrics"], input=text.encode(), check=False)
@@ -109,7 +109,11 @@ async def test_health_readiness_and_probe(flows_stack: EmulatorStack) -> None:
         assert (await get(f"{url}/healthz"))[0] == 200
         status, _, body = await get(f"{url}/readyz")
         assert status == 200
-        assert json.loads(body) == {"ready": True, "reason": "ok"}
+        assert json.loads(body) == {
+            "ready": True,
+            "reason": "ok",
+            "credentials": {"default": {"ready": True, "auth": "oauth", "reason": "ok"}},
+        }
         status, _, body = await get(f"{url}/probe?flow=orders")
         assert status == 200
         assert "probe_success 1.0" in body

@@ -183,12 +183,14 @@ async def test_service_key_rotation_is_picked_up_without_restart(tmp_path: Path,
             new_client = stack.pki.issue_client("rotated-client")
             stack.token_server.add_certificate_client(stack.client_id, new_client.cert, stack.scopes)  # old is out
             swap_key(keys, "v2", json.dumps(stack.service_key(client=new_client)))
-            assert daemon.watcher is not None
-            assert await daemon.watcher.check()  # what the watcher's loop does every watch_interval
+            watcher = daemon.watchers["default"]
+            assert await watcher.check()  # what the watcher's loop does every watch_interval
             await fetches.wait_for(1, timeout=10)  # the next fetch can only succeed with the new certificate
-            expiry = daemon.metrics.registry.get_sample_value("senderd_client_certificate_expiry_timestamp_seconds")
+            expiry = daemon.metrics.registry.get_sample_value(
+                "senderd_client_certificate_expiry_timestamp_seconds", {"credentials": "default"}
+            )
             swap_key(keys, "v3", "{ not json")
-            assert not await daemon.watcher.check()  # refused: the old key keeps serving
+            assert not await watcher.check()  # refused: the old key keeps serving
             sends_before = len(results)
             with anyio.fail_after(10):
                 await stack.runtime.wait_for_messages(len(stack.runtime.stats.messages) + 5)

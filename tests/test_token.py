@@ -12,7 +12,7 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.streams.tls
@@ -78,20 +78,24 @@ async def test_certificate_key_gets_a_token_over_mtls(stack: EmulatorStack) -> N
     assert stack.token_server.stats.authentications == [(stack.client_id, "tls_client_auth")]  # no secret sent
 
 
-async def test_client_secret_key_uses_basic_auth(stack: EmulatorStack, tmp_path: Path) -> None:
-    stack.token_server.add_secret_client("sb-secret!b1|it-rt-x!b2", "the-client-secret", stack.scopes)
+@pytest.mark.parametrize(
+    ("client_auth", "recorded"), [("post", "client_secret_post"), ("basic", "client_secret_basic")]
+)
+async def test_a_client_secret_goes_in_the_form_body_or_as_basic_when_asked(
+    stack: EmulatorStack, tmp_path: Path, client_auth: Literal["post", "basic"], recorded: str
+) -> None:
+    secret = "the-client-secret+/$="  # characters real secrets have: '+' breaks HTTP Basic unless encoded
+    stack.token_server.add_secret_client("sb-secret!b1|it-rt-x!b2", secret, stack.scopes)
     path = tmp_path / "secret-key.json"
     path.write_text(
-        json.dumps(
-            stack.service_key(client=None, client_id="sb-secret!b1|it-rt-x!b2", client_secret="the-client-secret")
-        )
+        json.dumps(stack.service_key(client=None, client_id="sb-secret!b1|it-rt-x!b2", client_secret=secret))
     )
-    config = CredentialsConfig(service_key=path, ca_file=stack.ca_path)
+    config = CredentialsConfig(service_key=path, ca_file=stack.ca_path, client_auth=client_auth)
     async with TokenProvider.open(load_credentials(config), config, TokenConfig()) as provider:
         token = await provider.get()
     assert stack.token_server.verify(token.value)["client_id"] == "sb-secret!b1|it-rt-x!b2"
-    # HTTP Basic: the secret goes in the Authorization header, and not in the form body as well
-    assert stack.token_server.stats.authentications == [("sb-secret!b1|it-rt-x!b2", "client_secret_basic")]
+    # by default in the form body, as every SAP library sends it; HTTP Basic only when asked (never both)
+    assert stack.token_server.stats.authentications == [("sb-secret!b1|it-rt-x!b2", recorded)]
 
 
 async def test_single_flight_100_callers_one_fetch(stack: EmulatorStack) -> None:

@@ -39,14 +39,17 @@ def client_context(key: ServiceKey, ca_file: Path | None = None) -> ssl.SSLConte
     """A context for the token server: server verification plus, for certificate keys, our client cert."""
     context = trust_context(ca_file)
     if key.uses_certificate:
-        with private_pem_path(key.chain_pem() + key.private_key_pem()) as path:
-            try:
-                context.load_cert_chain(path)
-            except ssl.SSLError:
-                raise CredentialsError(
-                    f"{key.source}: the TLS library refused the client certificate and key"
-                ) from None
+        load_client_certificate(context, key)
     return context
+
+
+def load_client_certificate(context: ssl.SSLContext, key: ServiceKey) -> None:
+    """Make `context` present `key`'s certificate, with its whole chain, from now on (new connections)."""
+    with private_pem_path(key.chain_pem() + key.private_key_pem()) as path:
+        try:
+            context.load_cert_chain(path)
+        except ssl.SSLError:
+            raise CredentialsError(f"{key.source}: the TLS library refused the client certificate and key") from None
 
 
 def _memfd() -> int | None:

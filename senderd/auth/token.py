@@ -29,13 +29,15 @@ from senderd.auth.servicekey import ServiceKey
 from senderd.auth.tls import client_context
 from senderd.bounded import read_bounded
 from senderd.clock import Clock, SystemClock
+from senderd.config import CredentialsConfig
 from senderd.durations import parse_retry_after
 from senderd.errors import TokenError
 from senderd.logs import get_logger
 from senderd.retry import backoff
+from senderd.sessions import open_session, proxy_problem
 
 if TYPE_CHECKING:
-    from senderd.config import CredentialsConfig, TokenConfig
+    from senderd.config import TokenConfig
 
 log = get_logger("token")
 MIN_TOKEN_LIFETIME = 2.0
@@ -214,6 +216,23 @@ class TokenProvider:
                 with anyio.CancelScope(shield=True):
                     await closer()
 
+    async def switch_to(self, fetch: TokenFetcher) -> Token:
+        """Take new credentials into use only once they got a token: fetch with `fetch`; on success it is the
+        fetcher from now on and its token the current one; on a TokenError nothing changes (and `fetch` is
+        closed). The old credentials keep serving until then."""
+        started = self._clock.monotonic()
+        try:
+            grant = _usable(await fetch())
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await fetch.aclose()
+            raise
+        await self.replace_fetcher(fetch)
+        token = self._accept(grant, started)
+        self._notify(started, token, None)
+        self._wake.set()  # the refresher plans anew
+        return token
+
     async def aclose(self) -> None:
         """Close the current fetcher (its HTTP session)."""
         closer = getattr(self._fetch, "aclose", None)
@@ -363,7 +382,15 @@ class TokenProvider:
         self._inflight = event
         started = self._clock.monotonic()
         try:
-            grant = _usable(await self._fetch())
+            try:
+                grant = _usable(await self._fetch())
+            except TokenError:
+                raise
+            except Exception as exc:  # a bug or an OS failure nobody foresaw: a failed fetch, not the daemon's end
+                log.exception("token_fetch_crashed")
+                raise TokenError(
+                    f"token fetch failed unexpectedly ({type(exc).__name__}: {str(exc)[:160]})", reason="unreachable"
+                ) from None
         except TokenError as exc:
             self._failures += 1
             self._last_error = exc
@@ -383,6 +410,13 @@ class TokenProvider:
             self._inflight = None
             event.set()
             self._fetch_finished()
+        token = self._accept(grant, started)
+        self._notify(started, token, None)
+        self._wake.set()
+        return token
+
+    def _accept(self, grant: TokenGrant, started: float) -> Token:
+        """Make `grant` (requested at monotonic time `started`) the current token, and plan its refresh."""
         # Lifetimes count from when the request went out: the server started the clock then at the latest.
         now = started
         token = Token(
@@ -400,8 +434,6 @@ class TokenProvider:
         self._retry_at = 0.0
         self._refresh_at = now + self._policy.refresh_delay(grant.expires_in, self._rng)
         log.info("token_refreshed", expires_in_s=grant.expires_in, next_refresh_in_s=round(self._refresh_at - now, 3))
-        self._notify(started, token, None)
-        self._wake.set()
         return token
 
     def _notify(self, started: float, token: Token | None, error: TokenError | None) -> None:
@@ -428,22 +460,28 @@ class HttpTokenFetcher:
     """One client-credentials request to the service key's token URL over its own session."""
 
     def __init__(
-        self, key: ServiceKey, session: aiohttp.ClientSession, *, timeout: float = 10.0, clock: Clock | None = None
+        self,
+        key: ServiceKey,
+        session: aiohttp.ClientSession,
+        *,
+        timeout: float = 10.0,
+        clock: Clock | None = None,
+        credentials: CredentialsConfig | None = None,
     ) -> None:
         self.key = key
         self.session = session
         self.timeout = timeout
         self.clock = clock or SystemClock()
+        self.credentials = credentials or CredentialsConfig()
 
     @classmethod
     def create(
         cls, key: ServiceKey, credentials: CredentialsConfig, *, timeout: float, clock: Clock | None = None
     ) -> HttpTokenFetcher:
-        """A fetcher with a new session: our client certificate when the key has one, `ca_file` trusted."""
-        connector = aiohttp.TCPConnector(ssl=client_context(key, credentials.ca_file), limit=4)
-        # Never inflated: a token is small, and a compressed answer could expand without bound.
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        return cls(key, session, timeout=timeout, clock=clock)
+        """A fetcher with a new session: our client certificate when the key has one, `ca_file` trusted, the
+        set's proxy."""
+        session = open_session(client_context(key, credentials.ca_file), credentials, limit=4)
+        return cls(key, session, timeout=timeout, clock=clock, credentials=credentials)
 
     async def aclose(self) -> None:
         """Close the session."""
@@ -454,8 +492,11 @@ class HttpTokenFetcher:
         form = {"grant_type": "client_credentials", "client_id": key.client_id}
         headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
         if not key.uses_certificate and key.client_secret is not None:
-            pair = f"{key.client_id}:{key.client_secret.reveal()}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+            if self.credentials.client_auth == "basic":
+                pair = f"{key.client_id}:{key.client_secret.reveal()}".encode()
+                headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+            else:  # as every SAP library does: a '+' in a secret survives form encoding, not HTTP Basic
+                form["client_secret"] = key.client_secret.reveal()
         host = urlsplit(key.token_url).netloc
         try:
             async with self.session.post(
@@ -486,6 +527,10 @@ class HttpTokenFetcher:
             raise TokenError(
                 _client_cert_message(host, exc, key.uses_certificate), reason="client_certificate"
             ) from None
+        except (aiohttp.ClientHttpProxyError, aiohttp.ClientProxyConnectionError) as exc:
+            raise TokenError(
+                f"token server {host}: {proxy_problem(exc, self.credentials)}", reason="unreachable"
+            ) from None
         except aiohttp.ClientConnectorError as exc:
             if exc.os_error.errno == errno.ECONNRESET:  # cut off while the TLS handshake was under way
                 raise TokenError(
@@ -514,6 +559,10 @@ class HttpTokenFetcher:
                 f"token server {host}: the connection broke after the TLS handshake ({_short(exc)}): retrying; "
                 f"if it persists, {cause}, or a proxy in between drops the connection",
                 reason="unreachable",
+            ) from None
+        except OSError as exc:  # raised by the session itself, e.g. at the file descriptor limit
+            raise TokenError(
+                f"token server {host}: {type(exc).__name__}: {_short(exc)}", reason="unreachable"
             ) from None
 
 
