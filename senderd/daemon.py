@@ -32,7 +32,7 @@ from senderd.engine import Engine
 from senderd.errors import SenderdError
 from senderd.logs import LoopErrors, get_logger
 from senderd.metrics import Metrics
-from senderd.pool import Job, Verdict, WorkerPool
+from senderd.pool import Job, PoolSet, Verdict
 from senderd.result import SendResult
 from senderd.scheduler import Scheduler
 from senderd.server import ObservabilityServer
@@ -69,7 +69,7 @@ class Daemon:
         self.started = anyio.Event()
         self.scheduler: Scheduler | None = None
         self._reload_lock = anyio.Lock()
-        self._pool: WorkerPool | None = None
+        self._pools: PoolSet | None = None
         self._drained = anyio.Event()
 
     @classmethod
@@ -165,13 +165,14 @@ class Daemon:
             await self.on_start(engine, group)
 
     async def _start_work(self, engine: Engine, work: TaskGroup) -> None:
-        pool = self._pool = WorkerPool(
-            self.config.pool.workers, self.config.pool.queue, on_error=lambda: self.metrics.internal_error("job")
-        )
+        pools = self._pools = PoolSet(  # one per credentials set: a stuck set holds only its own workers
+            engine.sets, self.config.pool.workers, self.config.pool.queue,
+            on_error=lambda: self.metrics.internal_error("job"),
+        )  # fmt: skip
 
         async def workers(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
             try:
-                await pool.run(task_status=task_status)
+                await pools.run(task_status=task_status)
             finally:
                 self._drained.set()
 
@@ -183,7 +184,10 @@ class Daemon:
 
             return job
 
-        self.scheduler = Scheduler(pool, make_job, clock=self.clock, on_skip=self.metrics.tick_skipped)
+        def offer(flow: FlowConfig, job: Job) -> Verdict:
+            return pools.offer(engine.config.set_of(flow), flow.name, job)
+
+        self.scheduler = Scheduler(offer, make_job, clock=self.clock, on_skip=self.metrics.tick_skipped)
         await work.start(self.scheduler.run, engine.config.flows)
         if self.relay is not None:
             await work.start(self.relay.run)
@@ -192,8 +196,8 @@ class Daemon:
 
     async def _probe(self, flow: FlowConfig, deadline: float | None) -> SendResult | Verdict:
         """A `/probe` send through the pool, under its overlap rule and its bound on sends at once."""
-        pool, engine = self._pool, self.engine
-        if pool is None or engine is None:
+        pools, engine = self._pools, self.engine
+        if pools is None or engine is None:
             return "closed"
         done = anyio.Event()
         results: list[SendResult] = []
@@ -204,7 +208,7 @@ class Daemon:
             finally:
                 done.set()
 
-        verdict = pool.offer(flow.name, job)
+        verdict = pools.offer(engine.config.set_of(flow), flow.name, job)
         if verdict != "queued":
             return verdict
         await done.wait()
@@ -272,7 +276,7 @@ class Daemon:
     # --- shutdown -------------------------------------------------------------------------------------------
 
     async def _shutdown(self, work: TaskGroup) -> None:
-        pool, relay = self._pool, self.relay
+        pool, relay = self._pools, self.relay
         assert pool is not None
         log.info("stopping", inflight=pool.running, drain_timeout_s=self.config.pool.drain_timeout)
         if self.scheduler is not None:

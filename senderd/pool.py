@@ -7,7 +7,7 @@ jobs; the workers finish what was queued and `run` returns.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Literal
 
 import anyio
@@ -84,3 +84,34 @@ class WorkerPool:
         finally:
             self.running -= 1
             self._busy.discard(key)
+
+
+class PoolSet:
+    """One `WorkerPool` per group (a credentials set, in the daemon), so that one group's jobs stuck waiting
+    (for a slow token server, say) never hold another group's workers."""
+
+    def __init__(self, groups: Iterable[str], workers: int, queue_size: int, *,
+                 on_error: Callable[[], None] | None = None) -> None:  # fmt: skip
+        self.pools = {group: WorkerPool(workers, queue_size, on_error=on_error) for group in groups}
+
+    def offer(self, group: str, key: str, job: Job) -> Verdict:
+        """`WorkerPool.offer` on `group`'s pool ("closed" for a group that has none)."""
+        pool = self.pools.get(group)
+        return pool.offer(key, job) if pool is not None else "closed"
+
+    @property
+    def running(self) -> int:
+        """Jobs running now, in all pools."""
+        return sum(pool.running for pool in self.pools.values())
+
+    def close(self) -> None:
+        """Take no more jobs in any pool; queued ones still run."""
+        for pool in self.pools.values():
+            pool.close()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run every pool until all are closed and drained (or cancelled)."""
+        async with anyio.create_task_group() as group:
+            for pool in self.pools.values():
+                await group.start(pool.run)
+            task_status.started()

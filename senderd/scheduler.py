@@ -16,7 +16,7 @@ from senderd.clock import Clock
 from senderd.config import FlowConfig
 from senderd.logs import get_logger
 from senderd.metrics import SkipReason
-from senderd.pool import Job, WorkerPool
+from senderd.pool import Job, Verdict, WorkerPool
 from senderd.schedule import CronSchedule, IntervalSchedule, Schedule, spread_offset
 
 log = get_logger("scheduler")
@@ -39,14 +39,15 @@ class Scheduler:
 
     def __init__(
         self,
-        pool: WorkerPool,
+        offer: Callable[[FlowConfig, Job], Verdict],
         make_job: Callable[[FlowConfig, float], Job],
         *,
         clock: Clock,
         on_skip: SkipListener,
         spread: bool = True,
     ) -> None:
-        self.pool = pool
+        self.offer = offer
+        """Hands a tick's job to a pool (its verdict: queued, overlap, queue_full or closed)."""
         self.make_job = make_job
         self.clock = clock
         self.on_skip = on_skip
@@ -110,7 +111,7 @@ class Scheduler:
             while True:
                 await clock.sleep(fire - clock.monotonic())
                 flow = ticker.flow
-                verdict = self.pool.offer(flow.name, self.make_job(flow, fire))
+                verdict = self.offer(flow, self.make_job(flow, fire))
                 if verdict == "overlap" or verdict == "queue_full":
                     self.on_skip(flow.name, verdict, 1)
                     log.warning("tick_skipped", flow=flow.name, reason=verdict)
@@ -148,5 +149,7 @@ async def run_schedules(
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Tick every scheduled flow until cancelled; `make_job(flow, scheduled_at)` builds the work."""
-    scheduler = Scheduler(pool, make_job, clock=clock, on_skip=on_skip, spread=spread)
+    scheduler = Scheduler(
+        lambda flow, job: pool.offer(flow.name, job), make_job, clock=clock, on_skip=on_skip, spread=spread
+    )
     await scheduler.run(flows, task_status=task_status)
