@@ -34,7 +34,7 @@ async def two_tenants(tmp_path: Path, lifetime: float = 3600) -> AsyncIterator[d
 
 
 def two_set_config(
-    tenants: dict[str, EmulatorStack], flows: list[dict[str, object]], **extra: object
+    tenants: dict[str, EmulatorStack], flows: list[dict[str, Any]], **extra: object
 ) -> dict[str, object]:
     return {
         "credentials": {
