@@ -43,6 +43,7 @@ TEST_SECRETS = (
     "app-to-sidecar-token",
     "not-a-cert-secret",
     "hunter2-client-secret",
+    "proxy-pass-4711",
 )
 """Client secrets and tokens the tests use: none may appear in any output."""
 

