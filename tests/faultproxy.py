@@ -88,6 +88,7 @@ class FaultProxy:
         self.plan: deque[Mode] = deque()
         self.connections: list[Connection] = []
         self.max_connections = max_connections
+        self._accepted = anyio.Event()
         self.max_bytes = max_bytes
         self._port: int | None = None
 
@@ -119,6 +120,12 @@ class FaultProxy:
         """`https://127.0.0.1:<port>`: what a client should use instead of the target's URL."""
         return f"https://127.0.0.1:{self.port}"
 
+    async def wait_for_connections(self, count: int) -> None:
+        """Return once `count` connections have been accepted (a test driving a fake clock waits for the real
+        connect before it moves time on)."""
+        while len(self.connections) < count:
+            await self._accepted.wait()
+
     async def _handle(self, client: anyio.abc.SocketStream) -> None:
         mode = self.plan.popleft() if self.plan else self.mode
         record = Connection(mode)
@@ -126,6 +133,8 @@ class FaultProxy:
             if len(self.connections) >= self.max_connections:
                 return
             self.connections.append(record)
+            self._accepted.set()
+            self._accepted = anyio.Event()
             try:
                 if isinstance(mode, CloseImmediately):
                     return
