@@ -1,5 +1,5 @@
-"""Where a set's service key comes from: every layout of a mounted binding, and every mistake's exact
-one-line message.
+"""Where a set's service key comes from: every layout of a mounted binding, `binding_name`,
+auto-detection in `$SERVICE_BINDING_ROOT`, and every mistake's exact one-line message.
 
 The binding directories are built on disk as the SAP BTP service operator writes its Secret (see
 docs: /work/shared/research/sap-2026-12.md section 2) and as the kubelet mounts it: each entry a link
@@ -32,11 +32,12 @@ from senderd.auth.sources import (
 from senderd.config import CredentialsConfig
 from senderd.emulator.pki import IssuedCert, Pki
 from senderd.emulator.servicekey import service_key_dict
-from senderd.errors import CredentialsError
+from senderd.errors import ConfigError, CredentialsError
 
 TOKEN_URL = "https://sub.authentication.cert.eu10.hana.ondemand.com/oauth/token"
 RUNTIME_URL = "https://tenant.it-cpi018-rt.cfapps.eu10.hana.ondemand.com"
 CLIENT_ID = "sb-1234!b5|it-rt-tenant!b6"
+NO_SOURCE = "credentials.service_key: no service key configured: set it in the config file, or pass --service-key"
 
 
 @pytest.fixture(scope="module")
@@ -634,3 +635,111 @@ def test_fingerprint_of_a_file_gone_is_none(tmp_path: Path, nested: dict[str, An
     (directory / "plan").unlink()
     assert fingerprint(source) is None
     assert fingerprint(KeySource("{}", "$X", rotates=False)) == fingerprint(KeySource("{}", "$Y", rotates=False))
+
+
+# --- binding_name -------------------------------------------------------------------------------------
+
+
+def named(name: str, environ: Mapping[str, str], legacy: Path, purpose: Purpose | None = None) -> KeySource:
+    return read_key_source(CredentialsConfig(binding_name=name), purpose=purpose, environ=environ, legacy_root=legacy)
+
+
+def test_binding_name_in_service_binding_root(tmp_path: Path, nested: dict[str, Any]) -> None:
+    mount(tmp_path / "bindings" / "cpi", secret_key_secret(nested))
+    source = named("cpi", {"SERVICE_BINDING_ROOT": str(tmp_path / "bindings")}, tmp_path / "legacy")
+    assert (json.loads(source.text), source.source) == (nested, str(tmp_path / "bindings" / "cpi"))
+
+
+def test_binding_name_in_the_legacy_path(tmp_path: Path, flat: dict[str, Any], nested: dict[str, Any]) -> None:
+    legacy = tmp_path / "sapcp"
+    # each file one property, no type: the label is the service directory's name
+    mount(legacy / "it-rt" / "cpi", {k: v if isinstance(v, str) else json.dumps(v) for k, v in flat.items()})
+    mount(legacy / "xsuaa" / "cpi", default_secret(nested, service="xsuaa"))
+    source = named("cpi", {"SERVICE_BINDING_ROOT": str(tmp_path / "bindings")}, legacy)  # not in the root
+    assert (json.loads(source.text), source.source) == (flat, str(legacy / "it-rt" / "cpi"))  # it-rt first
+    assert named("cpi", {}, legacy).source == str(legacy / "it-rt" / "cpi")
+
+
+def test_binding_name_in_another_services_legacy_path(tmp_path: Path, flat: dict[str, Any]) -> None:
+    legacy = tmp_path / "sapcp"
+    mount(legacy / "xsuaa" / "uaa", {k: v if isinstance(v, str) else json.dumps(v) for k, v in flat.items()})
+    with pytest.raises(CredentialsError) as exc:
+        named("uaa", {}, legacy)
+    assert message(exc, tmp_path) == (
+        "{dir}/sapcp/xsuaa/uaa: a binding of service 'xsuaa', expected it-rt (SAP Process Integration Runtime): "
+        "bind a service instance of offering it-rt"
+    )
+
+
+def test_binding_name_not_found(tmp_path: Path, nested: dict[str, Any]) -> None:
+    mount(tmp_path / "bindings" / "other", default_secret(nested))
+    (tmp_path / "bindings" / "xsuaa").mkdir()
+    with pytest.raises(ConfigError) as exc:
+        named("cpi", {"SERVICE_BINDING_ROOT": str(tmp_path / "bindings")}, tmp_path / "sapcp")
+    assert message(exc, tmp_path) == (
+        "credentials.binding_name: no binding 'cpi' in $SERVICE_BINDING_ROOT ({dir}/bindings) nor in "
+        "{dir}/sapcp/*/ (bindings there: other, xsuaa): mount the ServiceBinding's Secret at "
+        "$SERVICE_BINDING_ROOT/cpi, or fix the name"
+    )
+    with pytest.raises(ConfigError) as exc:
+        named("cpi", {}, tmp_path / "sapcp")
+    assert message(exc, tmp_path) == (
+        "credentials.binding_name: no binding 'cpi' in {dir}/sapcp/*/ ($SERVICE_BINDING_ROOT is not set): mount the "
+        "ServiceBinding's Secret at "
+        "$SERVICE_BINDING_ROOT/cpi, or fix the name"
+    )
+
+
+@pytest.mark.parametrize("name", ["..", "a/b", "", "..data", ".hidden"])
+def test_binding_name_is_one_directory_name(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        read_key_source(CredentialsConfig(binding_name=name), where="credentials.prod", environ={})
+    assert str(exc.value) == (
+        f"credentials.prod.binding_name: {name!r} is not a binding name: give the name of its directory"
+    )
+
+
+# --- nothing configured: $SERVICE_BINDING_ROOT --------------------------------------------------------
+
+
+def detect(root: Path | None, purpose: Purpose | None = None) -> KeySource:
+    environ = {"SERVICE_BINDING_ROOT": str(root)} if root else {}
+    return read_key_source(CredentialsConfig(), purpose=purpose, environ=environ)
+
+
+def test_detect_one_binding(tmp_path: Path, nested: dict[str, Any]) -> None:
+    root = tmp_path / "bindings"
+    mount(root / "cpi", default_secret(nested))
+    mount(root / "uaa", default_secret({"clientid": "x"}, service="xsuaa", plan="application"))
+    mount(root / "mpl", secret_root_key_secret(nested, plan="api"))
+    (root / "not-a-binding").mkdir()
+    mount(root / "two-files", {"a": "1", "b": "2"})
+    mount(root / "one-text-file", {"a": "it-rt"})
+    mount(root / "one-json-list", {"a": "[]"})
+    mount(root / "one-key-file", {"key.json": json.dumps(nested)})  # no type: not a binding to detect
+    (root / "a-file").write_text("{}")
+    assert detect(root).source == str(root / "cpi")  # default plan: integration-flow
+    assert detect(root, "send").source == str(root / "cpi")
+    assert detect(root, "api").source == str(root / "mpl" / "root")  # a secretRootKey binding is found too
+
+
+def test_detect_several_bindings(tmp_path: Path, nested: dict[str, Any]) -> None:
+    root = tmp_path / "bindings"
+    mount(root / "cpi-a", default_secret(nested))
+    mount(root / "cpi-b", secret_key_secret(nested))
+    with pytest.raises(ConfigError) as exc:
+        detect(root)
+    assert message(exc, tmp_path) == (
+        "credentials.binding_name: several it-rt bindings of plan integration-flow in $SERVICE_BINDING_ROOT "
+        "({dir}/bindings): cpi-a, cpi-b: set binding_name to the one to use"
+    )
+
+
+def test_detect_no_binding(tmp_path: Path, nested: dict[str, Any]) -> None:
+    root = tmp_path / "bindings"
+    mount(root / "uaa", default_secret({"clientid": "x"}, service="xsuaa", plan="application"))
+    mount(root / "mpl", default_secret(nested, plan="api"))
+    for where in (root, tmp_path / "missing", None):
+        with pytest.raises(ConfigError) as exc:
+            detect(where)
+        assert str(exc.value) == NO_SOURCE

@@ -1,6 +1,6 @@
 """Where a credentials set's service key comes from: a file, an environment variable, a mounted binding
-directory (the SAP BTP service operator's Secret, in any of its layouts); and the fingerprint that tells
-a rotation.
+directory (the SAP BTP service operator's Secret, in any of its layouts), `$SERVICE_BINDING_ROOT`; and
+the fingerprint that tells a rotation.
 
 `read_key_source` turns a set's configuration into the key's JSON text plus what is known about it (its
 plan, whether it can rotate, which files to watch); `servicekey.parse_service_key` validates the text.
@@ -18,7 +18,9 @@ A binding directory is read in whichever layout the service operator wrote it:
 - without `.metadata` (older operators, hand-made Secrets, `/etc/secrets/sapcp/<service>/<instance>/`):
   every file but the instance's is a credential, JSON objects are parsed.
 
-Its `type` (and `label`) must be `it-rt`, its plan must fit the set's `Purpose`.
+Its `type` (and `label`) must be `it-rt`, its plan must fit the set's `Purpose`. The roots searched for a
+`binding_name`, and for a binding when a set names no source, are `$SERVICE_BINDING_ROOT` (from
+`environ`) and `LEGACY_BINDING_ROOT` (a parameter of `read_key_source`, for tests).
 """
 
 from __future__ import annotations
@@ -43,10 +45,15 @@ MAX_KEY_BYTES = 1 << 20
 """A service key (or one binding file) is a few KiB; anything beyond this is not one (and is not read whole)."""
 MAX_BINDING_ENTRIES = 64
 """A binding directory holds about a dozen files; more than this and it is not one."""
+MAX_BINDINGS = 256
+"""How many directories of `$SERVICE_BINDING_ROOT` (or of the legacy root) are looked at."""
 SERVICE = "it-rt"
 """The technical name of SAP Process Integration Runtime: a binding's `type` and `label`."""
 PLANS: Mapping[Purpose, str] = {"send": "integration-flow", "api": "api"}
 """The plan each purpose needs."""
+BINDING_ROOT_ENV = "SERVICE_BINDING_ROOT"
+LEGACY_BINDING_ROOT = Path("/etc/secrets/sapcp")
+"""Where older service operators mounted bindings: `<root>/<service>/<instance>/`."""
 
 _METADATA = ".metadata"
 _DATA_LINK = "..data"
@@ -84,11 +91,13 @@ class KeySource:
 
 def read_key_source(
     config: CredentialsConfig, *, where: str = "credentials", purpose: Purpose | None = None,
-    environ: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None, legacy_root: Path | None = None,
 ) -> KeySource:  # fmt: skip
-    """The service key that `config` names. `where` prefixes configuration errors (e.g. `credentials.prod`);
-    `purpose` refuses a binding of the wrong plan; `environ` (default `os.environ`) gives `service_key_env`.
-    Raises ConfigError / CredentialsError (one line)."""
+    """The service key that `config` names (with no source named: the one fitting binding in
+    `$SERVICE_BINDING_ROOT`). `where` prefixes configuration errors (e.g. `credentials.prod`); `purpose`
+    refuses a binding of the wrong plan; `environ` (default `os.environ`) gives `SERVICE_BINDING_ROOT`
+    and `service_key_env`; `legacy_root` (default
+    `LEGACY_BINDING_ROOT`) is where `binding_name` looks last. Raises ConfigError / CredentialsError (one line)."""
     env = os.environ if environ is None else environ
     if config.service_key is not None:
         return KeySource(_read_file(config.service_key), str(config.service_key), watched=(config.service_key,))
@@ -104,9 +113,11 @@ def read_key_source(
         return KeySource(value, source, rotates=False, layout="env")
     if config.binding is not None:
         return read_binding(config.binding, setting=f"{where}.binding", purpose=purpose)
-    raise ConfigError(
-        f"{where}.service_key: no service key configured: set it in the config file, or pass --service-key"
-    )
+    if config.binding_name is not None:
+        return _named_binding(
+            config.binding_name, where, purpose, env, LEGACY_BINDING_ROOT if legacy_root is None else legacy_root
+        )
+    return _detect(where, purpose, env)
 
 
 def fingerprint(source: KeySource) -> bytes | None:
@@ -516,6 +527,99 @@ def _check_plan(plan: str, where: str, purpose: Purpose | None) -> None:
         raise CredentialsError(
             f"{where}: plan {plan!r}, but {use} needs plan {wanted}: bind an {SERVICE} instance of plan {wanted}"
         )
+
+
+# --- binding_name and $SERVICE_BINDING_ROOT -----------------------------------------------------------
+
+
+def _subdirectories(root: Path) -> list[str]:
+    """The binding directories under `root` (no dot-entries), sorted; bounded; empty when unreadable."""
+    names: list[str] = []
+    try:
+        with os.scandir(root) as scan:
+            for entry in scan:
+                if not entry.name.startswith(".") and entry.is_dir():
+                    names.append(entry.name)
+                    if len(names) >= MAX_BINDINGS:
+                        break
+    except OSError:
+        return []
+    return sorted(names)
+
+
+def _named_binding(name: str, where: str, purpose: Purpose | None, env: Mapping[str, str], legacy: Path) -> KeySource:
+    setting = f"{where}.binding_name"
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"{setting}: {name!r} is not a binding name: give the name of its directory")
+    root = env.get(BINDING_ROOT_ENV)
+    looked: list[str] = []
+    there: list[str] = []
+    if root:
+        path = Path(root) / name
+        if os.path.lexists(path):
+            return read_binding(path, setting=setting, purpose=purpose)
+        looked.append(f"${BINDING_ROOT_ENV} ({root})")
+        there = _subdirectories(Path(root))
+    services = _subdirectories(legacy)
+    for service in sorted(services, key=lambda s: s != SERVICE):
+        path = legacy / service / name
+        if os.path.isdir(path):
+            return read_binding(path, setting=setting, purpose=purpose, default_label=service)
+    looked.append(f"{legacy}/*/")
+    listed = f" (bindings there: {', '.join(there)})" if there else ""
+    if not root:
+        listed = f" (${BINDING_ROOT_ENV} is not set)"
+    raise ConfigError(
+        f"{setting}: no binding {name!r} in {' nor in '.join(looked)}{listed}: mount the ServiceBinding's "
+        f"Secret at ${BINDING_ROOT_ENV}/{name}, or fix the name"
+    )
+
+
+def _small(path: Path) -> str | None:
+    try:
+        with path.open("rb") as file:
+            return file.read(MAX_KEY_BYTES).decode("utf-8-sig").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _identity(directory: Path) -> tuple[str | None, str | None]:
+    """A binding's `type` and `plan`, read cheaply (from `type`/`plan`, or a `secretRootKey` file)."""
+    kind = _small(directory / "type")
+    if kind is not None:
+        return kind, _small(directory / "plan")
+    try:
+        names = [n for n in os.listdir(directory) if not n.startswith(".")][:2]
+    except OSError:
+        return None, None
+    if len(names) != 1:
+        return None, None
+    try:
+        value = json.loads(_small(directory / names[0]) or "")
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(value, dict):
+        return None, None
+    kind, plan = value.get("type"), value.get("plan")
+    return (kind if isinstance(kind, str) else None), (plan if isinstance(plan, str) else None)
+
+
+def _detect(where: str, purpose: Purpose | None, env: Mapping[str, str]) -> KeySource:
+    """No source configured: the one `it-rt` binding of the fitting plan in `$SERVICE_BINDING_ROOT`."""
+    root = env.get(BINDING_ROOT_ENV)
+    if root:
+        wanted = PLANS[purpose or "send"]
+        fitting = [name for name in _subdirectories(Path(root)) if _identity(Path(root) / name) == (SERVICE, wanted)]
+        if len(fitting) == 1:
+            return read_binding(Path(root) / fitting[0], setting=f"{where}.binding_name", purpose=purpose)
+        if fitting:
+            raise ConfigError(
+                f"{where}.binding_name: several {SERVICE} bindings of plan {wanted} in ${BINDING_ROOT_ENV} "
+                f"({root}): {', '.join(fitting)}: set binding_name to the one to use"
+            )
+    raise ConfigError(
+        f"{where}.service_key: no service key configured: set it in the config file, or pass --service-key"
+    )
 
 
 # --- files --------------------------------------------------------------------------------------------
