@@ -1,5 +1,5 @@
 """Where a set's service key comes from: every layout of a mounted binding, `binding_name`,
-auto-detection in `$SERVICE_BINDING_ROOT`, and every mistake's exact one-line message.
+`VCAP_SERVICES`, auto-detection in `$SERVICE_BINDING_ROOT`, and every mistake's exact one-line message.
 
 The binding directories are built on disk as the SAP BTP service operator writes its Secret (see
 docs: /work/shared/research/sap-2026-12.md section 2) and as the kubelet mounts it: each entry a link
@@ -23,6 +23,7 @@ from senderd.auth.servicekey import load_set, parse_service_key
 from senderd.auth.sources import (
     MAX_BINDING_ENTRIES,
     MAX_KEY_BYTES,
+    MAX_VCAP_BYTES,
     KeySource,
     Purpose,
     fingerprint,
@@ -743,3 +744,164 @@ def test_detect_no_binding(tmp_path: Path, nested: dict[str, Any]) -> None:
         with pytest.raises(ConfigError) as exc:
             detect(where)
         assert str(exc.value) == NO_SOURCE
+
+
+# --- VCAP_SERVICES ------------------------------------------------------------------------------------
+
+
+def vcap(credentials: Mapping[str, Any], *, name: str = "cpi-sender", plan: str = "integration-flow") -> str:
+    """`VCAP_SERVICES` as Cloud Foundry writes it, with an xsuaa binding beside ours."""
+    ours: dict[str, Any] = {
+        "label": "it-rt",
+        "plan": plan,
+        "name": name,
+        "instance_name": name,
+        "instance_guid": "6f1c",
+        "binding_guid": "9a8b",
+        "binding_name": None,
+        "tags": [],
+        "credentials": credentials,
+        "syslog_drain_url": None,
+        "volume_mounts": [],
+    }
+    uaa = {"label": "xsuaa", "plan": "application", "name": "uaa", "credentials": {"clientid": "x"}}
+    return json.dumps({"xsuaa": [uaa], "it-rt": [ours]})
+
+
+def from_vcap(name: str, environ: Mapping[str, str], purpose: Purpose | None = None) -> KeySource:
+    return read_key_source(CredentialsConfig(vcap_service=name), purpose=purpose, environ=environ)
+
+
+def test_vcap_services_variable(nested: dict[str, Any], flat: dict[str, Any]) -> None:
+    source = from_vcap("cpi-sender", {"VCAP_SERVICES": vcap(nested)}, "send")
+    assert json.loads(source.text) == nested
+    assert (source.source, source.plan, source.rotates, source.watched, source.layout) == (
+        "$VCAP_SERVICES it-rt/cpi-sender",
+        "integration-flow",
+        False,
+        (),
+        "VCAP_SERVICES",
+    )
+    assert json.loads(from_vcap("cpi-sender", {"VCAP_SERVICES": vcap(flat)}).text) == flat
+
+
+def test_vcap_services_file(tmp_path: Path, nested: dict[str, Any], flat: dict[str, Any]) -> None:
+    path = tmp_path / "vcap.json"
+    path.write_text(vcap(nested))
+    environ = {"VCAP_SERVICES_FILE_PATH": str(path)}  # file-based-vcap-services: VCAP_SERVICES is not set
+    source = from_vcap("cpi-sender", environ)
+    assert json.loads(source.text) == nested
+    assert (source.source, source.rotates, source.watched) == (f"{path} it-rt/cpi-sender", True, (path,))
+    before = fingerprint(source)
+    path.write_text(vcap(flat))
+    assert fingerprint(source) != before
+    assert json.loads(from_vcap("cpi-sender", environ).text) == flat
+
+
+def test_vcap_services_file_wins_over_the_variable(tmp_path: Path, nested: dict[str, Any]) -> None:
+    path = tmp_path / "vcap.json"
+    path.write_text(vcap(nested))
+    environ = {"VCAP_SERVICES_FILE_PATH": str(path), "VCAP_SERVICES": "not json"}
+    assert json.loads(from_vcap("cpi-sender", environ).text) == nested
+
+
+def test_vcap_oauth_encoded_twice_is_decoded(nested: dict[str, Any]) -> None:
+    text = vcap({"oauth": json.dumps(nested["oauth"])})
+    assert json.loads(from_vcap("cpi-sender", {"VCAP_SERVICES": text}).text) == nested
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        pytest.param(
+            {},
+            "$VCAP_SERVICES: not set (nor VCAP_SERVICES_FILE_PATH): credentials.vcap_service reads Cloud Foundry's "
+            "bound services; bind the it-rt instance to the app, or use another source of credentials",
+            id="unset",
+        ),
+        pytest.param(
+            {"VCAP_SERVICES": "{'it-rt': []}"},
+            "$VCAP_SERVICES: not valid JSON at line 1 column 2 (Expecting property name enclosed in double quotes): "
+            "Cloud Foundry writes it: check what sets or overrides it",
+            id="not-json",
+        ),
+        pytest.param(
+            {"VCAP_SERVICES": "[]"}, "$VCAP_SERVICES: holds JSON list, not an object of services by label", id="list"
+        ),
+        pytest.param(
+            {"VCAP_SERVICES": json.dumps({"xsuaa": [{"name": "uaa", "label": "xsuaa"}], "destination": []})},
+            "$VCAP_SERVICES: no it-rt service is bound (services: destination, xsuaa): bind the Process Integration "
+            "Runtime instance 'cpi-sender' to the app",
+            id="no-it-rt",
+        ),
+        pytest.param(
+            {"VCAP_SERVICES": vcap({}, name="cpi-a")},
+            "$VCAP_SERVICES: no it-rt instance named 'cpi-sender' (there are: cpi-a): set credentials.vcap_service "
+            "to one of them",
+            id="no-such-instance",
+        ),
+        pytest.param(
+            {"VCAP_SERVICES": vcap({"oauth": {"clientid": "x", "tokenurl": TOKEN_URL}}, plan="api")},
+            "$VCAP_SERVICES it-rt/cpi-sender: field 'plan': plan 'api', but sending to iFlows needs plan "
+            "integration-flow: bind an it-rt instance of plan integration-flow",
+            id="wrong-plan",
+        ),
+        pytest.param(
+            {"VCAP_SERVICES": json.dumps({"it-rt": [{"name": "cpi-sender", "plan": "integration-flow"}]})},
+            "$VCAP_SERVICES it-rt/cpi-sender: field 'credentials' is missing or not an object: unbind and bind the "
+            "service again",
+            id="no-credentials",
+        ),
+        pytest.param(
+            {"VCAP_SERVICES": vcap({"oauth": {"clientid": "x"}})},
+            "$VCAP_SERVICES it-rt/cpi-sender: field 'credentials.oauth.tokenurl' is missing: unbind and bind the "
+            "service instance again",
+            id="field-missing",
+        ),
+        pytest.param(
+            {"VCAP_SERVICES": vcap({"oauth": "{clientid"})},
+            "$VCAP_SERVICES it-rt/cpi-sender: field 'credentials.oauth': not valid JSON at line 1 column 2 "
+            "(Expecting property name enclosed in double quotes): it must hold the service key's fields as JSON; "
+            "recreate the ServiceBinding",
+            id="oauth-not-json",
+        ),
+    ],
+)
+def test_vcap_mistakes(environ: dict[str, str], expected: str) -> None:
+    with pytest.raises(CredentialsError) as exc:
+        from_vcap("cpi-sender", environ, "send")
+    assert str(exc.value) == expected
+
+
+def test_vcap_instance_of_another_service() -> None:
+    with pytest.raises(CredentialsError) as exc:
+        from_vcap("uaa", {"VCAP_SERVICES": vcap({})})
+    assert str(exc.value) == (
+        "$VCAP_SERVICES xsuaa/uaa: a binding of service 'xsuaa', expected it-rt (SAP Process Integration Runtime): "
+        "set credentials.vcap_service to an it-rt instance"
+    )
+
+
+def test_vcap_file_mistakes(tmp_path: Path) -> None:
+    with pytest.raises(CredentialsError) as exc:
+        from_vcap("cpi-sender", {"VCAP_SERVICES_FILE_PATH": str(tmp_path / "nope.json")})
+    assert message(exc, tmp_path) == "{dir}/nope.json: VCAP_SERVICES file not found: check VCAP_SERVICES_FILE_PATH"
+    with pytest.raises(CredentialsError) as exc:
+        from_vcap("cpi-sender", {"VCAP_SERVICES_FILE_PATH": str(tmp_path)})
+    assert message(exc, tmp_path) == "{dir}: a directory, not a VCAP_SERVICES file: check VCAP_SERVICES_FILE_PATH"
+    (tmp_path / "big.json").write_text(" " * (MAX_VCAP_BYTES + 1))
+    with pytest.raises(CredentialsError) as exc:
+        from_vcap("cpi-sender", {"VCAP_SERVICES_FILE_PATH": str(tmp_path / "big.json")})
+    assert message(exc, tmp_path) == (
+        "{dir}/big.json: larger than 4096 KiB, too large for a VCAP_SERVICES: check VCAP_SERVICES_FILE_PATH"
+    )
+
+
+def test_vcap_variable_too_large() -> None:
+    with pytest.raises(CredentialsError) as exc:
+        from_vcap("cpi-sender", {"VCAP_SERVICES": " " * (MAX_VCAP_BYTES + 1)})
+    assert str(exc.value) == "$VCAP_SERVICES: larger than 4096 KiB, too large to be read"
+
+
+def test_vcap_api_plan_for_the_api(nested: dict[str, Any]) -> None:
+    assert from_vcap("cpi-sender", {"VCAP_SERVICES": vcap(nested, plan="api")}, "api").plan == "api"

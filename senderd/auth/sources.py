@@ -1,6 +1,6 @@
 """Where a credentials set's service key comes from: a file, an environment variable, a mounted binding
-directory (the SAP BTP service operator's Secret, in any of its layouts), `$SERVICE_BINDING_ROOT`; and
-the fingerprint that tells a rotation.
+directory (the SAP BTP service operator's Secret, in any of its layouts), `$SERVICE_BINDING_ROOT`,
+`VCAP_SERVICES`; and the fingerprint that tells a rotation.
 
 `read_key_source` turns a set's configuration into the key's JSON text plus what is known about it (its
 plan, whether it can rotate, which files to watch); `servicekey.parse_service_key` validates the text.
@@ -47,6 +47,8 @@ MAX_BINDING_ENTRIES = 64
 """A binding directory holds about a dozen files; more than this and it is not one."""
 MAX_BINDINGS = 256
 """How many directories of `$SERVICE_BINDING_ROOT` (or of the legacy root) are looked at."""
+MAX_VCAP_BYTES = 4 * MAX_KEY_BYTES
+"""`VCAP_SERVICES` holds every service bound to the app: allow it more than one key."""
 SERVICE = "it-rt"
 """The technical name of SAP Process Integration Runtime: a binding's `type` and `label`."""
 PLANS: Mapping[Purpose, str] = {"send": "integration-flow", "api": "api"}
@@ -54,6 +56,8 @@ PLANS: Mapping[Purpose, str] = {"send": "integration-flow", "api": "api"}
 BINDING_ROOT_ENV = "SERVICE_BINDING_ROOT"
 LEGACY_BINDING_ROOT = Path("/etc/secrets/sapcp")
 """Where older service operators mounted bindings: `<root>/<service>/<instance>/`."""
+VCAP_ENV = "VCAP_SERVICES"
+VCAP_FILE_ENV = "VCAP_SERVICES_FILE_PATH"
 
 _METADATA = ".metadata"
 _DATA_LINK = "..data"
@@ -77,7 +81,7 @@ class KeySource:
     """The key's JSON (nested `{"oauth": {...}}` or flat), as `parse_service_key` takes it (never in a repr)."""
     source: str
     """Where it came from, for messages (never a secret): a path (a key file, a binding directory or the one
-    file in it) or `$VAR`."""
+    file in it), `$VAR`, `$VCAP_SERVICES it-rt/NAME` or `FILE it-rt/NAME`."""
     plan: str | None = None
     """The binding's plan (`integration-flow`, `api`) when the source says."""
     rotates: bool = True
@@ -86,7 +90,7 @@ class KeySource:
     """The files whose content decides `fingerprint`, as configured (links are followed anew each read)."""
     layout: str = "file"
     """How the key was found: `file`, `env`, `default`, `secretKey`, `secretRootKey`, `key file` (one JSON
-    file in a directory), `files` (a binding without `.metadata`)."""
+    file in a directory), `files` (a binding without `.metadata`), `VCAP_SERVICES`."""
 
 
 def read_key_source(
@@ -95,8 +99,8 @@ def read_key_source(
 ) -> KeySource:  # fmt: skip
     """The service key that `config` names (with no source named: the one fitting binding in
     `$SERVICE_BINDING_ROOT`). `where` prefixes configuration errors (e.g. `credentials.prod`); `purpose`
-    refuses a binding of the wrong plan; `environ` (default `os.environ`) gives `SERVICE_BINDING_ROOT`
-    and `service_key_env`; `legacy_root` (default
+    refuses a binding of the wrong plan; `environ` (default `os.environ`) gives `SERVICE_BINDING_ROOT`,
+    `VCAP_SERVICES`, `VCAP_SERVICES_FILE_PATH` and `service_key_env`; `legacy_root` (default
     `LEGACY_BINDING_ROOT`) is where `binding_name` looks last. Raises ConfigError / CredentialsError (one line)."""
     env = os.environ if environ is None else environ
     if config.service_key is not None:
@@ -117,6 +121,8 @@ def read_key_source(
         return _named_binding(
             config.binding_name, where, purpose, env, LEGACY_BINDING_ROOT if legacy_root is None else legacy_root
         )
+    if config.vcap_service is not None:
+        return _vcap_service(config.vcap_service, where, purpose, env)
     return _detect(where, purpose, env)
 
 
@@ -126,7 +132,7 @@ def fingerprint(source: KeySource) -> bytes | None:
     for path in source.watched:
         try:
             with path.open("rb") as file:
-                data = file.read(MAX_KEY_BYTES + 1)
+                data = file.read(MAX_VCAP_BYTES + 1)
         except OSError:
             return None
         digest.update(len(data).to_bytes(8, "big"))
@@ -620,6 +626,91 @@ def _detect(where: str, purpose: Purpose | None, env: Mapping[str, str]) -> KeyS
     raise ConfigError(
         f"{where}.service_key: no service key configured: set it in the config file, or pass --service-key"
     )
+
+
+# --- Cloud Foundry ------------------------------------------------------------------------------------
+
+
+def _vcap_service(name: str, where: str, purpose: Purpose | None, env: Mapping[str, str]) -> KeySource:
+    """The `it-rt` instance `name` of `VCAP_SERVICES` (or of the file `VCAP_SERVICES_FILE_PATH` names)."""
+    file_path = env.get(VCAP_FILE_ENV)
+    watched: tuple[Path, ...] = ()
+    if file_path:
+        path = Path(file_path)
+        label = str(path)
+        hint = f"check {VCAP_FILE_ENV}"
+        text = _read_file(path, what="VCAP_SERVICES", limit=MAX_VCAP_BYTES, hint=hint, directory_hint=hint)
+        watched = (path,)
+    else:
+        label = f"${VCAP_ENV}"
+        text = env.get(VCAP_ENV, "")
+        if not text:
+            raise CredentialsError(
+                f"{label}: not set (nor {VCAP_FILE_ENV}): {where}.vcap_service reads Cloud Foundry's bound "
+                f"services; bind the {SERVICE} instance to the app, or use another source of credentials"
+            )
+        if len(text) > MAX_VCAP_BYTES:
+            raise CredentialsError(f"{label}: larger than {MAX_VCAP_BYTES // 1024} KiB, too large to be read")
+    services = _json(text, label, "Cloud Foundry writes it: check what sets or overrides it")
+    if not isinstance(services, dict):
+        raise CredentialsError(f"{label}: holds JSON {_kind(services)}, not an object of services by label")
+    instances = [
+        (str(instance.get("label") or service), instance)
+        for service, bound in services.items()
+        if isinstance(bound, list)
+        for instance in bound
+        if isinstance(instance, dict)
+    ]
+    ours = [(service, i) for service, i in instances if service == SERVICE]
+    named = [(service, i) for service, i in instances if (i.get("name") or i.get("instance_name")) == name]
+    if not named:
+        if not ours:
+            bound = ", ".join(sorted(services)) or "none"
+            raise CredentialsError(
+                f"{label}: no {SERVICE} service is bound (services: {bound}): bind the Process Integration "
+                f"Runtime instance {name!r} to the app"
+            )
+        names = ", ".join(sorted(str(i.get("name") or i.get("instance_name")) for _, i in ours))
+        raise CredentialsError(
+            f"{label}: no {SERVICE} instance named {name!r} (there are: {names}): set {where}.vcap_service "
+            "to one of them"
+        )
+    service, instance = next(((s, i) for s, i in named if s == SERVICE), named[0])
+    source = f"{label} {service}/{name}"
+    if service != SERVICE:
+        raise CredentialsError(
+            f"{source}: a binding of service {service!r}, expected {SERVICE} (SAP Process Integration Runtime): "
+            f"set {where}.vcap_service to an {SERVICE} instance"
+        )
+    plan = instance.get("plan")
+    if isinstance(plan, str):
+        _check_plan(plan, f"{source}: field 'plan'", purpose)
+    credentials = instance.get("credentials")
+    if not isinstance(credentials, dict):
+        raise CredentialsError(
+            f"{source}: field 'credentials' is missing or not an object: unbind and bind the service again"
+        )
+    credentials = dict(credentials)
+    _decode_twice(credentials, f"{source}: field 'credentials.oauth'")
+    _require_vcap(credentials, source)
+    return KeySource(
+        json.dumps(credentials),
+        source,
+        plan=plan if isinstance(plan, str) else None,
+        rotates=bool(watched),
+        watched=watched,
+        layout="VCAP_SERVICES",
+    )
+
+
+def _require_vcap(credentials: Mapping[str, Any], source: str) -> None:
+    oauth = credentials.get("oauth")
+    missing = _missing(oauth if isinstance(oauth, dict) else credentials)
+    if missing is not None:
+        raise CredentialsError(
+            f"{source}: field 'credentials.{'oauth.' if oauth is not None else ''}{missing}' is missing: "
+            "unbind and bind the service instance again"
+        )
 
 
 # --- files --------------------------------------------------------------------------------------------
