@@ -28,7 +28,13 @@ from senderd.emulator.pki import IssuedCert, Pki, create_pki
 
 DATA = Path(__file__).parent / "data" / "bad"
 INDEX = DATA / "expected.toml"
-UNSET_ENV = ("SENDERD_CONFIG", "SENDERD_TEST_BAD_INPUT_PASSPHRASE")
+UNSET_ENV = (
+    "SENDERD_CONFIG",
+    "SENDERD_TEST_BAD_INPUT_PASSPHRASE",
+    "SERVICE_BINDING_ROOT",
+    "VCAP_SERVICES",
+    "VCAP_SERVICES_FILE_PATH",
+)
 """Environment variables the cases rely on being unset."""
 
 
