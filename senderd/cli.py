@@ -171,7 +171,7 @@ async def _token(args: argparse.Namespace) -> int:
     if name is None:
         raise UsageError(f"--credentials: the config has several credentials sets ({', '.join(config.credentials)})")
     creds = config.credentials_set(name)
-    key = load_credentials(creds, source=config.source, where=_set_where(config, name))
+    key = load_credentials(creds, source=config.source, where=_set_where(config, name), purpose="send")
     _warn(key.notes)
     if creds.auth != "oauth":
         raise UsageError(f"credentials set {name!r} sends with auth = {creds.auth!r}: it uses no token")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 
 from senderd.auth.credset import CredentialSet
+from senderd.auth.sources import fingerprint
 from senderd.clock import Clock
 
 
@@ -23,13 +24,14 @@ class CredentialWatcher:
         source = self.set.source
         if not source.watched:
             return None
-        digest = hashlib.sha256()
-        for path in (*source.watched, *([self.set.config.key_file] if self.set.config.key_file else [])):
-            try:
-                digest.update(path.read_bytes())  # the path as given: a swapped link is followed anew
-            except OSError:
-                return None  # a swap under way, or gone: look again next time
-        return digest.digest()
+        digest = fingerprint(source)  # the paths as given: a swapped `..data` link is followed anew
+        key_file = self.set.config.key_file
+        if digest is None or key_file is None:
+            return digest
+        try:
+            return hashlib.sha256(digest + key_file.read_bytes()).digest()
+        except OSError:
+            return None  # a swap under way, or gone: look again next time
 
     @property
     def watching(self) -> bool:
