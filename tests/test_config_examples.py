@@ -26,3 +26,18 @@ def test_configmap_config_is_valid() -> None:
     config = config_from_dict(data, source="configmap.yaml")
     assert config.server.listen == "0.0.0.0:9464"
     assert str(config.credentials_set().service_key) == "/etc/senderd/key/service-key.json"
+
+
+def test_the_kyma_config_names_no_credentials_and_finds_its_binding() -> None:
+    import tomllib
+
+    document = yaml.safe_load((ROOT / "deploy/kubernetes/kyma/configmap.yaml").read_text())
+    config = config_from_dict(tomllib.loads(document["data"]["senderd.toml"]), source="kyma/configmap.yaml")
+    assert config.credentials_set().source_key is None  # found below $SERVICE_BINDING_ROOT
+
+
+def test_the_multi_tenant_example_has_a_set_per_tenant() -> None:
+    config = load_config(ROOT / "config/multi-tenant.toml")
+    assert list(config.credentials) == ["dev", "test", "prod"]
+    assert {config.set_of(flow) for flow in config.flows} == {"dev", "test", "prod"}
+    assert config.token_for("prod").timeout == 20.0 and config.token_for("dev").timeout == 10.0
