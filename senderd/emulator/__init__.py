@@ -3,12 +3,13 @@
 Never imported by the daemon's hot path.
 """
 
-from senderd.emulator.pki import IssuedCert, Pki, PrivateKey, create_pki
-from senderd.emulator.runtime import FlowSpec, ReceivedMessage, Runtime, RuntimeStats, default_flows
+from senderd.emulator.pki import IssuedCert, Pki, PrivateKey, create_pki, create_root_ca
+from senderd.emulator.runtime import AuthMode, FlowSpec, ReceivedMessage, Runtime, RuntimeStats, default_flows
 from senderd.emulator.servicekey import client_id_for, service_key_dict
 from senderd.emulator.token_server import RevokedTokenError, TokenServer, TokenServerFaults, TokenServerStats
 
 __all__ = [
+    "AuthMode",
     "FlowSpec",
     "IssuedCert",
     "Pki",
@@ -22,6 +23,7 @@ __all__ = [
     "TokenServerStats",
     "client_id_for",
     "create_pki",
+    "create_root_ca",
     "default_flows",
     "service_key_dict",
 ]
