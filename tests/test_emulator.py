@@ -128,7 +128,8 @@ def test_service_key_layouts(pki: Pki, client: IssuedCert, client_id: str) -> No
     assert oauth["certificate"].startswith(client.cert_pem())
     assert oauth["key"].startswith("-----BEGIN RSA PRIVATE KEY")
     details = oauth["certificatedetails"]
-    assert details["serialnumber"] == f"{client.cert.serial_number:x}"
+    assert details["serialnumber"] == f"0x{client.cert.serial_number:X}"  # as SAP writes it
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", details["validuntil"])
     assert datetime.fromisoformat(details["validuntil"]) == client.cert.not_valid_after_utc
     assert {"clientid", "tokenurl", "url", "createdate"} <= oauth.keys()
     assert "|" in client_id
