@@ -71,7 +71,9 @@ def instance_fields(tenant: Tenant) -> dict[str, str]:
 
 async def test_the_binding_root_holds_every_tenant_in_every_layout(two: EmulatorStack) -> None:
     assert sorted(os.listdir(two.binding_root)) == [
-        f"{t}-{layout}" for t in ("dev", "prod") for layout in ("default", "keyfile", "secretkey", "secretrootkey")
+        f"{t}-{layout}"
+        for t in ("dev", "prod")
+        for layout in ("default", "keyfile", "keyfile-plain", "secretkey", "secretrootkey")
     ]
     dev, prod = two["dev"], two["prod"]
     assert dev.binding("default").path == two.binding_root / "dev-default"
@@ -121,9 +123,15 @@ async def test_secret_root_key_layout_is_strings_with_oauth_encoded_twice(two: E
 
 
 async def test_keyfile_layout_is_one_downloaded_key(two: EmulatorStack) -> None:
+    key = json.loads(two["dev"].key_path("certificate").read_text())
     entries = projected(two.binding_root / "dev-keyfile")
     assert list(entries) == ["service-key.json"]
-    assert json.loads(entries["service-key.json"]) == json.loads(two["dev"].key_path("certificate").read_text())
+    assert json.loads(entries["service-key.json"]) == key
+    plain = two.binding_root / "dev-keyfile-plain"
+    assert two["dev"].binding("keyfile", projected=False).path == plain
+    assert os.listdir(plain) == ["service-key.json"]  # a plain folder: no links, no ..data
+    assert not (plain / "service-key.json").is_symlink()
+    assert json.loads((plain / "service-key.json").read_text()) == key
 
 
 async def test_bindings_of_other_key_types_and_plain_folders(two: EmulatorStack) -> None:

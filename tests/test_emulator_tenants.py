@@ -229,6 +229,14 @@ async def test_each_key_type_gets_a_token_from_its_tenant(two: EmulatorStack, tm
         assert status == 200  # RFC 6749 2.3.1 encoding, undone as UAA does when told so
         status, _ = await post_token(s, token_url, grant, encoded)
         assert status == 401
+        dev.token_server.faults.basic_plus_as_space = True  # SAP's note: "+" breaks Basic
+        status, _ = await post_token(s, token_url, grant, basic(client_id, secret))
+        assert status == 401
+        status, _ = await post_token(s, token_url, grant, {**encoded, "X-CF-ENCODED-CREDENTIALS": "true"})
+        assert status == 200
+        status, _ = await post_token(s, token_url, {**grant, "client_id": client_id, "client_secret": secret})
+        assert status == 200
+        dev.token_server.faults.basic_plus_as_space = False
         raw = f"grant_type=client_credentials&client_id={urllib.parse.quote(client_id)}&client_secret={secret}"
         status, body = await post_token(s, token_url, raw, {"Content-Type": FORM})
         assert (status, body["error"]) == (401, "unauthorized")  # an unencoded "+" arrives as a space
@@ -248,6 +256,8 @@ async def test_each_key_type_gets_a_token_from_its_tenant(two: EmulatorStack, tm
         "client_secret_post",
         "client_secret_basic",
         "client_secret_basic",
+        "client_secret_basic",
+        "client_secret_post",
         "client_secret_post",
     ]
 
@@ -346,6 +356,28 @@ async def test_a_revoked_key_is_refused_everywhere(two: EmulatorStack, tmp_path:
         form = {"grant_type": "client_credentials", "client_id": dev.client_id}
         assert (await post_token(s, dev.token_server.token_url, form))[0] == 401
         assert (await s.get(dev.runtime.url + "/http/GetTimestamp")).status == 401
+
+
+async def test_a_rotated_key_file_holds_a_new_client_and_the_old_one_works_until_revoked(
+    two: EmulatorStack, tmp_path: Path
+) -> None:
+    dev = two["dev"]
+    old = oauth(dev.key_path("clientsecret"))
+    old_credentials = dev.credentials["clientsecret"]
+    new_credentials = dev.rotate_key("clientsecret")
+    new = oauth(dev.key_path("clientsecret"))
+    assert new["clientid"] == new_credentials.client_id != old["clientid"]
+    assert stat.S_IMODE(dev.key_path("clientsecret").stat().st_mode) == 0o600
+    grant = {"grant_type": "client_credentials"}
+    async with session(context(dev, tmp_path)) as s:
+        for fields in (old, new):
+            form = {**grant, "client_id": fields["clientid"], "client_secret": fields["clientsecret"]}
+            assert (await post_token(s, dev.token_server.token_url, form))[0] == 200
+        assert dev.token_server.has_client(old["clientid"])
+        assert dev.revoke(old_credentials)
+        assert not dev.token_server.has_client(old["clientid"])
+        form = {**grant, "client_id": old["clientid"], "client_secret": old["clientsecret"]}
+        assert (await post_token(s, dev.token_server.token_url, form))[0] == 401
 
 
 async def test_external_certificate_pin_off_takes_a_renewal_and_then_only_it(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ clients, token server and runtime, each writing into `dir/<name>/`; the stack's 
 `token_server`, `service_key_path`, ...) are then those of the first tenant.
 
 Either way `dir/bindings/` is a `$SERVICE_BINDING_ROOT` holding every tenant's bindings as the SAP BTP
-service operator writes them (`<tenant>-default`, `<tenant>-secretkey`, `<tenant>-secretrootkey`, and
-`<tenant>-keyfile`, a Secret of one key file), and `dir/vcap-services.json` is a `VCAP_SERVICES` holding an
+service operator writes them (`<tenant>-default`, `<tenant>-secretkey`, `<tenant>-secretrootkey`,
+`<tenant>-keyfile`, a Secret of one key file, and `<tenant>-keyfile-plain`, the key file in a plain folder
+without `..data` links), and `dir/vcap-services.json` is a `VCAP_SERVICES` holding an
 instance per tenant and key type (`<tenant>-<key type>`).
 """
 

@@ -235,6 +235,13 @@ class Tenant:
         self.credentials[key_type] = replace(current, client=renewed)
         return self.credentials[key_type]
 
+    def rotate_key(self, key_type: KeyType = "certificate") -> Credentials:
+        """A new key of `key_type` becomes the tenant's (a new client, registered) and the key files are
+        written again, each replaced at once; the old client stays registered until `revoke`."""
+        self.credentials[key_type] = self.issue_credentials(key_type)
+        self.write_key_files()
+        return self.credentials[key_type]
+
     def revoke(self, credentials: Credentials) -> bool:
         """Delete the key or binding of `credentials`: the client is unregistered (no more tokens; the runtime
         no longer takes its certificate or secret). True if it was registered."""
@@ -338,18 +345,21 @@ class Tenant:
         self.config_path.write_text(self.config_text(config_extra))
         for layout in LAYOUTS:
             self.write_binding(layout)
+        self.write_binding("keyfile", projected=False)
 
     # -- bindings ----------------------------------------------------------------------------------
 
-    def binding_name(self, layout: Layout, key_type: KeyType = "certificate") -> str:
+    def binding_name(self, layout: Layout, key_type: KeyType = "certificate", *, projected: bool = True) -> str:
         """The standard name of a binding: `<tenant>-<layout>` (lower case), with the key type unless it is
-        the Certificate key, e.g. "dev-default", "dev-clientsecret-secretkey"."""
+        the Certificate key, and "-plain" when not `projected`: "dev-default", "dev-clientsecret-secretkey",
+        "dev-keyfile-plain"."""
         kind = "" if key_type == "certificate" else f"{key_type}-"
-        return f"{self.name}-{kind}{layout.lower()}"
+        return f"{self.name}-{kind}{layout.lower()}{'' if projected else '-plain'}"
 
-    def binding(self, layout: Layout, key_type: KeyType = "certificate") -> Binding:
-        """A binding written with its standard name (the four Certificate-key ones exist from the start)."""
-        return self.bindings[self.binding_name(layout, key_type)]
+    def binding(self, layout: Layout, key_type: KeyType = "certificate", *, projected: bool = True) -> Binding:
+        """A binding written with its standard name. Those of the Certificate key exist from the start: one
+        mounted Secret per layout, and "<tenant>-keyfile-plain", a plain folder holding the key file."""
+        return self.bindings[self.binding_name(layout, key_type, projected=projected)]
 
     def write_binding(
         self,
@@ -362,7 +372,7 @@ class Tenant:
     ) -> Binding:
         """Write a binding of the tenant's `key_type` client (or of `credentials`) in `layout` to
         `binding_root/<name>` (standard name by default), as a mounted Secret (`projected`) or plain files."""
-        name = name or self.binding_name(layout, key_type)
+        name = name or self.binding_name(layout, key_type, projected=projected)
         binding = Binding(name, self.binding_root / name, layout, credentials or self.credentials[key_type], projected)
         self._write(binding)
         self.bindings[name] = binding
@@ -402,12 +412,14 @@ class Tenant:
 
 
 def write_private(path: Path, content: str | bytes) -> None:
-    """Write a file only its owner can read (0600), replacing it."""
+    """Write a file only its owner can read (0600), replacing it at once (a reader sees old or new)."""
     data = content.encode() if isinstance(content, str) else content
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as file:
         file.write(data)
-    os.chmod(path, 0o600)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
 
 
 def tenant_flows(flows: Sequence[FlowSpec] | None, *, copy: bool) -> list[FlowSpec] | None:
