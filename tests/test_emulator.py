@@ -128,7 +128,8 @@ def test_service_key_layouts(pki: Pki, client: IssuedCert, client_id: str) -> No
     assert oauth["certificate"].startswith(client.cert_pem())
     assert oauth["key"].startswith("-----BEGIN RSA PRIVATE KEY")
     details = oauth["certificatedetails"]
-    assert details["serialnumber"] == f"{client.cert.serial_number:x}"
+    assert details["serialnumber"] == f"0x{client.cert.serial_number:X}"  # as SAP writes it
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", details["validuntil"])
     assert datetime.fromisoformat(details["validuntil"]) == client.cert.not_valid_after_utc
     assert {"clientid", "tokenurl", "url", "createdate"} <= oauth.keys()
     assert "|" in client_id
@@ -437,3 +438,37 @@ def test_revoked_tokens_fail_verification_and_later_ones_do_not(pki: Pki) -> Non
     with pytest.raises(RevokedTokenError):
         server.verify(before)
     assert server.verify(after)["client_id"] == "c"
+
+
+async def test_runtime_takes_a_client_certificate_with_its_chain_or_basic(
+    pki: Pki, client: IssuedCert, client_id: str, token_server: TokenServer, runtime: Runtime, tmp_path: Path
+) -> None:
+    url = runtime.url + "/http/GetTimestamp"
+    leaf_only = tmp_path / "leaf.pem"
+    leaf_only.write_text(client.key_pem_pkcs1() + client.cert_pem())
+    lone = ssl.create_default_context(cadata=pki.ca_pem())
+    lone.load_cert_chain(leaf_only)
+    async with session(client_context(pki, tmp_path, client)) as s:
+        assert (await s.get(url)).status == 200  # no Authorization: the certificate authenticates
+    async with session(lone) as s:
+        assert (await s.get(url)).status == 401  # a leaf without its intermediate is dropped
+    async with session(client_context(pki, tmp_path)) as s:
+        assert (
+            await s.get(url, headers={"Authorization": "Basic " + base64.b64encode(b"secret-client:s3cr3t").decode()})
+        ).status == 200
+    runtime.client_cert_auth = False
+    async with session(client_context(pki, tmp_path, client)) as s:
+        assert (await s.get(url)).status == 401
+    token_server.remove_client(client_id)
+    runtime.client_cert_auth = True
+    async with session(client_context(pki, tmp_path, client)) as s:
+        assert (await s.get(url)).status == 401
+    stats = runtime.stats
+    assert [(m.auth, m.client_id) for m in stats.messages] == [
+        ("client_certificate", client_id),
+        ("basic", "secret-client"),
+    ]
+    assert stats.auth_modes == {"client_certificate": 1, "basic": 1}
+    assert stats.incomplete_chains == 1
+    assert stats.refused_modes == {"none": 2, "client_certificate": 1}
+    assert stats.missing_tokens == 2

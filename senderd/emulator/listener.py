@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from typing import Any
 
 from aiohttp import web
 
@@ -46,3 +47,26 @@ class TlsListener:
         """`https://host:port`."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"https://{host}:{self.port}"
+
+
+def peer_chain(request: web.Request) -> list[bytes]:
+    """The certificates the client sent in the TLS handshake, as DER, leaf first (empty without any).
+
+    What was sent, not what the server built: a leaf sent without its intermediate shows as the leaf alone.
+    (`get_unverified_chain` is public from Python 3.13; before, it is on the private `_sslobj`.)"""
+    transport = request.transport
+    ssl_object: Any = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return []
+    getter = getattr(ssl_object, "get_unverified_chain", None) or getattr(
+        getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None
+    )
+    if getter is None:  # pragma: no cover - every supported Python has one of the two
+        leaf = ssl_object.getpeercert(binary_form=True)
+        return [leaf] if leaf else []
+    chain = getter() or []
+    return [c if isinstance(c, bytes) else c.public_bytes(_DER) for c in chain if c is not None]
+
+
+_DER = 2
+"""`_ssl.ENCODING_DER`, the format `_ssl.Certificate.public_bytes` takes for DER."""

@@ -157,14 +157,29 @@ class Pki:
         """The root certificate as PEM: what clients trust."""
         return self.root.cert_pem()
 
-    def server_ssl_context(self, *, client_ca: bool = True, require_client_cert: bool = False) -> ssl.SSLContext:
-        """A TLS server context presenting leaf + intermediate; optionally asking for client certificates."""
+    def server_ssl_context(
+        self,
+        *,
+        client_ca: bool = True,
+        require_client_cert: bool = False,
+        extra_client_cas: Sequence[x509.Certificate] = (),
+        trust_intermediate: bool = False,
+    ) -> ssl.SSLContext:
+        """A TLS server context presenting leaf + intermediate; optionally asking for client certificates.
+
+        Client certificates must chain to the root (or to one of `extra_client_cas`, e.g. a customer's CA for
+        External Certificate keys). With `trust_intermediate` the intermediate is trusted as well, so that a
+        client sending its leaf alone still completes the handshake and the application can see (and drop)
+        the incomplete chain, as SAP's load balancer does."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         key_pem = self.server.key_pem_pkcs1()
         _load_chain_privately(ctx, key_pem + self.server.cert_pem() + self.intermediate.cert_pem())
         if client_ca or require_client_cert:
-            ctx.load_verify_locations(cadata=self.ca_pem())
+            trusted = [self.root.cert, *extra_client_cas, *([self.intermediate.cert] if trust_intermediate else [])]
+            ctx.load_verify_locations(
+                cadata="".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in trusted)
+            )
             ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
         return ctx
 
@@ -175,15 +190,21 @@ class Pki:
         key_type: Literal["rsa", "ec"] = "rsa",
         not_before: datetime | None = None,
         not_after: datetime | None = None,
+        issuer: IssuedCert | None = None,
+        subject: x509.Name | None = None,
     ) -> IssuedCert:
-        """A client certificate (EKU clientAuth) signed by the intermediate, with an SAP-like subject."""
+        """A client certificate (EKU clientAuth) signed by the intermediate, with an SAP-like subject.
+
+        `issuer` signs instead of the intermediate (e.g. a customer CA from `create_root_ca`); `subject`
+        replaces the generated subject (a renewal of a certificate keeps its subject)."""
         now = datetime.now(UTC)
         not_after = not_after or now + timedelta(days=365)
         not_before = not_before or min(now - timedelta(hours=1), not_after - timedelta(days=1))
         key: PrivateKey = (
             rsa.generate_private_key(public_exponent=65537, key_size=2048) if key_type == "rsa" else _ec_key()
         )
-        subject = _name(
+        signer = issuer or self.intermediate
+        subject = subject or _name(
             (NameOID.COMMON_NAME, common_name),
             (NameOID.LOCALITY_NAME, str(uuid.uuid4())),
             (NameOID.ORGANIZATIONAL_UNIT_NAME, "SAP Cloud Platform Clients"),
@@ -195,8 +216,8 @@ class Pki:
         cert = _sign(
             subject,
             key.public_key(),
-            self.intermediate,
-            self.intermediate.key,
+            signer,
+            signer.key,
             ca=False,
             not_before=not_before,
             not_after=not_after,
@@ -227,6 +248,27 @@ class Pki:
             san=_host_names(hosts),
         )
         return IssuedCert(cert, key)
+
+
+def create_root_ca(common_name: str, organization: str = "ACME Corp") -> IssuedCert:
+    """A self-signed root CA of someone else's (a customer's CA, which signs External Certificates)."""
+    now = datetime.now(UTC)
+    key = _ec_key()
+    subject = _name(
+        (NameOID.COMMON_NAME, common_name),
+        (NameOID.ORGANIZATION_NAME, organization),
+        (NameOID.COUNTRY_NAME, "DE"),
+    )
+    cert = _sign(
+        subject,
+        key.public_key(),
+        None,
+        key,
+        ca=True,
+        not_before=now - timedelta(days=1),
+        not_after=now + timedelta(days=3650),
+    )
+    return IssuedCert(cert, key)
 
 
 def create_pki(extra_hosts: Sequence[str] = ()) -> Pki:

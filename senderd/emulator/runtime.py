@@ -13,15 +13,19 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
 import jwt
 from aiohttp import web
+from cryptography import x509
 
-from senderd.emulator.listener import TlsListener
+from senderd.emulator.listener import TlsListener, peer_chain
 from senderd.emulator.pki import Pki
-from senderd.emulator.token_server import RevokedTokenError, TokenServer
+from senderd.emulator.token_server import RevokedTokenError, TokenServer, basic_credentials
 
+AuthMode = Literal["bearer", "client_certificate", "basic"]
+"""How a request to the runtime authenticated: an OAuth token, a client certificate straight to the runtime,
+or HTTP Basic with a ClientId/Secret key's `clientid:clientsecret`."""
 ALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 MODIFYING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MAX_BODY = 64 * 1024 * 1024  # SAP recommends payloads <= 40 MB; aiohttp's default 1 MiB would be too strict
@@ -86,6 +90,10 @@ class ReceivedMessage:
     mpl_id: str
     at: float
     token_jti: str | None = None
+    auth: AuthMode | None = None
+    """How the request authenticated."""
+    client_id: str | None = None
+    """The client it authenticated as (a token's `client_id`, the certificate's or Basic's client)."""
 
 
 @dataclass
@@ -98,7 +106,17 @@ class RuntimeStats:
     expired_tokens: int = 0
     revoked_tokens: int = 0
     invalid_tokens: int = 0
+    """Requests whose Authorization did not authenticate: a bad token, wrong Basic credentials, another scheme."""
     missing_tokens: int = 0
+    """Requests with no credentials at all (no Authorization, no usable client certificate)."""
+    auth_modes: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Requests that authenticated, by mode (`AuthMode`: "bearer", "client_certificate", "basic"), including
+    those then refused with 403 for want of the role."""
+    refused_modes: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Requests refused with 401, by the mode they tried ("bearer", "basic", "client_certificate", "other"
+    for another Authorization scheme, "none" for no credentials)."""
+    incomplete_chains: int = 0
+    """Client certificates sent without the chain up to the root (dropped, as SAP's load balancer does)."""
     csrf_fetches: int = 0
     csrf_rejections: int = 0
     messages: list[ReceivedMessage] = field(default_factory=list)
@@ -114,9 +132,20 @@ def _normalise(address: str) -> str:
     return "/" + address.strip("/").lower() if address.strip("/") else "/"
 
 
-class Runtime:
-    """Serves flows at /http/<address> behind Bearer-token auth, CSRF and per-flow faults.
+@dataclass(frozen=True)
+class _Principal:
+    mode: AuthMode
+    client_id: str | None
+    scopes: tuple[str, ...]
+    jti: str | None = None
 
+
+class Runtime:
+    """Serves flows at /http/<address> behind sender authentication, CSRF and per-flow faults.
+
+    A sender authenticates with a Bearer token of `token_server`, with a client certificate of one of its
+    certificate clients (no Authorization header; the TLS server asks for a certificate and the whole chain
+    must be sent), or with HTTP Basic `clientid:clientsecret` of one of its secret clients.
     Its time (token expiry, `ReceivedMessage.at`, the timestamp flow's answer) is the token server's `now`."""
 
     def __init__(
@@ -126,13 +155,23 @@ class Runtime:
         flows: Sequence[FlowSpec] | None = None,
         *,
         required_scope_suffix: str = "ESBMessaging.send",
+        client_cert_auth: bool = True,
+        client_cas: Sequence[x509.Certificate] = (),
     ) -> None:
+        """`client_cas` are trusted for client certificates besides the PKI's root (a customer's CA)."""
         self.flows: dict[str, FlowSpec] = {}
         self.down = False
         self.refuse_tokens = False
         """Answer 401 to every token, valid or not (a tenant that does not trust this token issuer)."""
+        self.client_cert_auth = client_cert_auth
+        """Accept client certificates straight to the runtime; False on a trial tenant (a certificate without
+        a token is then as good as none)."""
+        self.basic_auth = True
+        """Accept HTTP Basic with a secret client's `clientid:clientsecret`."""
         self.stats = RuntimeStats()
         self._pki = pki
+        self._client_cas = tuple(client_cas)
+        self._anchors = [pki.root.cert.subject, *(ca.subject for ca in client_cas)]
         self._token_server = token_server
         self._required_scope_suffix = required_scope_suffix
         self._sessions: dict[str, tuple[str, str]] = {}  # JSESSIONID -> (__VCAP_ID__, CSRF token)
@@ -168,7 +207,10 @@ class Runtime:
         """Listen with TLS on host:port (0 = a free port)."""
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        listener = TlsListener(app, self._pki.server_ssl_context(client_ca=False))
+        ctx = self._pki.server_ssl_context(
+            client_ca=True, trust_intermediate=True, extra_client_cas=self._client_cas
+        )  # asks for a client certificate, never requires one
+        listener = TlsListener(app, ctx)
         await listener.start(host, port)
         self._listener = listener
 
@@ -217,9 +259,12 @@ class Runtime:
             return _unavailable(1.0)
         if not request.path.lower().startswith("/http/"):
             return _not_found()
-        claims = self._check_token(request)
-        if isinstance(claims, web.Response):
-            return claims
+        principal = self._authenticate(request)
+        if isinstance(principal, web.Response):
+            return principal
+        self.stats.auth_modes[principal.mode] += 1
+        if not any(s.endswith(self._required_scope_suffix) for s in principal.scopes):
+            return web.Response(status=403, text="Forbidden")
         if found is None:
             return _not_found()
         key, flow = found
@@ -229,38 +274,77 @@ class Runtime:
                 return csrf
         if request.method not in flow.methods:
             return web.Response(status=405, headers={"Allow": ", ".join(sorted(flow.methods))})
-        return await self._run_flow(request, key, flow, claims.get("jti"))
+        return await self._run_flow(request, key, flow, principal)
 
-    def _check_token(self, request: web.Request) -> web.Response | dict[str, Any]:
-        """The token's claims, or the 401/403 answer."""
-        if self.refuse_tokens:
-            self.stats.invalid_tokens += 1
-            return _unauthorized()
+    def _authenticate(self, request: web.Request) -> web.Response | _Principal:
+        """Who sent the request, or the 401 answer (counted by mode)."""
         auth = request.headers.get("Authorization")
         if not auth:
-            self.stats.missing_tokens += 1
-            return _unauthorized()
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            self.stats.invalid_tokens += 1
-            return _unauthorized()
+            return self._certificate_principal(request)
+        scheme = auth.partition(" ")[0].lower()
+        if scheme == "basic":
+            return self._basic_principal(auth)
+        if scheme != "bearer":
+            return self._refuse("other", "invalid_tokens")
+        if self.refuse_tokens:
+            return self._refuse("bearer", "invalid_tokens")
+        token = auth.partition(" ")[2].strip()
         try:
-            claims = self._token_server.verify(token.strip())
+            claims = self._token_server.verify(token) if token else None
         except jwt.ExpiredSignatureError:
-            self.stats.expired_tokens += 1
-            return _unauthorized()
+            return self._refuse("bearer", "expired_tokens")
         except RevokedTokenError:
-            self.stats.revoked_tokens += 1
-            return _unauthorized()
+            return self._refuse("bearer", "revoked_tokens")
         except jwt.InvalidTokenError:
-            self.stats.invalid_tokens += 1
-            return _unauthorized()
+            claims = None
+        if claims is None:
+            return self._refuse("bearer", "invalid_tokens")
         scopes = claims.get("scope", [])
-        if not isinstance(scopes, list) or not any(
-            isinstance(s, str) and s.endswith(self._required_scope_suffix) for s in scopes
-        ):
-            return web.Response(status=403, text="Forbidden")
-        return claims
+        client_id = claims.get("client_id")
+        return _Principal(
+            "bearer",
+            client_id if isinstance(client_id, str) else None,
+            tuple(s for s in scopes if isinstance(s, str)) if isinstance(scopes, list) else (),
+            jti=claims.get("jti"),
+        )
+
+    def _basic_principal(self, header: str) -> web.Response | _Principal:
+        credentials = basic_credentials(header) if self.basic_auth else None
+        if credentials is None or not self._token_server.secret_client(*credentials):
+            return self._refuse("basic", "invalid_tokens")
+        client_id = credentials[0]
+        return _Principal("basic", client_id, self._token_server.client_scopes(client_id) or ())
+
+    def _certificate_principal(self, request: web.Request) -> web.Response | _Principal:
+        chain = peer_chain(request)
+        if not chain or not self.client_cert_auth:
+            return self._refuse("none", "missing_tokens")
+        if not self._complete(chain):
+            self.stats.incomplete_chains += 1  # the load balancer drops it: as if none was sent
+            return self._refuse("none", "missing_tokens")
+        client_id = self._token_server.certificate_client(chain[0])
+        if client_id is None:
+            return self._refuse("client_certificate")
+        return _Principal("client_certificate", client_id, self._token_server.client_scopes(client_id) or ())
+
+    def _complete(self, chain: list[bytes]) -> bool:
+        """True if the certificates sent lead from the leaf to a trusted root (which need not be sent)."""
+        certs = [x509.load_der_x509_certificate(der) for der in chain]
+        current = certs[0]
+        for _ in range(len(certs)):
+            if current.issuer in self._anchors:
+                return True
+            issuer = next((c for c in certs if c.subject == current.issuer and c is not current), None)
+            if issuer is None:
+                return False
+            current = issuer
+        return False
+
+    def _refuse(self, mode: str, counter: str | None = None) -> web.Response:
+        self.stats.refused_modes[mode] += 1
+        if counter is not None:
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        return _unauthorized()
 
     def _check_csrf(self, request: web.Request) -> web.Response | None:
         """Tomcat RestCsrfPreventionFilter: fetch on GET/HEAD, require on modifying methods."""
@@ -287,7 +371,9 @@ class Runtime:
             return web.Response(status=403, text="CSRF token validation failed", headers={"X-CSRF-Token": "Required"})
         return None
 
-    async def _run_flow(self, request: web.Request, key: str, flow: FlowSpec, jti: str | None) -> web.StreamResponse:
+    async def _run_flow(
+        self, request: web.Request, key: str, flow: FlowSpec, principal: _Principal
+    ) -> web.StreamResponse:
         if flow.latency > 0:
             await asyncio.sleep(flow.latency)
         if flow.unavailable != 0:
@@ -313,7 +399,9 @@ class Runtime:
                 query=dict(request.query),
                 mpl_id=mpl_id,
                 at=self._token_server.now(),
-                token_jti=jti,
+                token_jti=principal.jti,
+                auth=principal.mode,
+                client_id=principal.client_id,
             )
         )
         self._request_seen.set()

@@ -11,9 +11,11 @@ import math
 import secrets
 import ssl
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import jwt
@@ -45,6 +47,10 @@ class TokenServerFaults:
     """A raw 200 answer instead of a token (a misbehaving or impostor server)."""
     answer_encoding: str | None = None
     """The Content-Encoding header sent with `answer` (e.g. "gzip" for a compressed bomb)."""
+    basic_plus_as_space: bool = False
+    """Read a `+` in HTTP Basic credentials as a space, unless `X-CF-ENCODED-CREDENTIALS: true` (SAP's note
+    "a secret containing + fails with Basic, send it in the body"; how the real server gets there is
+    unconfirmed, so it is off by default and raw Basic works)."""
 
 
 @dataclass
@@ -66,6 +72,15 @@ class _Client:
     scopes: tuple[str, ...]
     cert_der: bytes | None = None
     secret: str | None = None
+    pinned: bool = True
+    """False: any certificate of the same subject and issuer DN, no older than the newest one used, will do
+    (an External Certificate key created with "Pin Certificate" off)."""
+    subject_issuer: tuple[bytes, bytes] | None = None
+    token_lifetime: float | None = None
+
+
+def _names(cert: x509.Certificate) -> tuple[bytes, bytes]:
+    return cert.subject.public_bytes(), cert.issuer.public_bytes()
 
 
 def _b64url_uint(value: int) -> str:
@@ -88,18 +103,22 @@ class TokenServer:
         require_client_cert: bool = False,
         subdomain: str = "emulator",
         now: Callable[[], float] = time.time,
+        client_cas: Sequence[x509.Certificate] = (),
     ) -> None:
         """`now` is the Unix time the server issues (`iat`, `exp`), verifies and records tokens by; a test on a
-        fake clock passes that clock's `time`, so that tokens expire when the fake clock says so."""
+        fake clock passes that clock's `time`, so that tokens expire when the fake clock says so.
+        `client_cas` are trusted for client certificates besides the PKI's root (a customer's CA)."""
         self.token_lifetime = token_lifetime
         self.now = now
         self.faults = TokenServerFaults()
         self.stats = TokenServerStats()
         self._pki = pki
         self._require_client_cert = require_client_cert
+        self._client_cas = tuple(client_cas)
         self._subdomain = subdomain
         self._zone_id = str(uuid.uuid4())
         self._clients: dict[str, _Client] = {}
+        self._newest_used: dict[str, datetime] = {}  # unpinned client id -> not_valid_before of its newest cert
         self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self._kid = f"default-jwt-key-{secrets.randbelow(10**9)}"
         self._listener: TlsListener | None = None
@@ -111,14 +130,79 @@ class TokenServer:
         url = self._listener.url if self._listener else None
         return f"TokenServer(url={url!r}, clients={len(self._clients)})"
 
-    def add_certificate_client(self, client_id: str, cert: x509.Certificate, scopes: Sequence[str]) -> None:
-        """Register a client that authenticates with this exact TLS client certificate."""
-        der = cert.public_bytes(serialization.Encoding.DER)
-        self._clients[client_id] = _Client(tuple(scopes), cert_der=der)
+    def add_certificate_client(
+        self,
+        client_id: str,
+        cert: x509.Certificate,
+        scopes: Sequence[str],
+        *,
+        pinned: bool = True,
+        token_lifetime: float | None = None,
+    ) -> None:
+        """Register (or replace) a client that authenticates with this exact TLS client certificate.
 
-    def add_secret_client(self, client_id: str, secret: str, scopes: Sequence[str]) -> None:
-        """Register a client that authenticates with a client secret."""
-        self._clients[client_id] = _Client(tuple(scopes), secret=secret)
+        `pinned=False` is an External Certificate key with "Pin Certificate" off: a renewed certificate with
+        the same subject and issuer DN works too, and once a newer one was used an older one is refused.
+        `token_lifetime` overrides the server's for this client's tokens."""
+        der = cert.public_bytes(serialization.Encoding.DER)
+        self._clients[client_id] = _Client(
+            tuple(scopes), cert_der=der, pinned=pinned, subject_issuer=_names(cert), token_lifetime=token_lifetime
+        )
+        self._newest_used.pop(client_id, None)
+
+    def add_secret_client(
+        self, client_id: str, secret: str, scopes: Sequence[str], *, token_lifetime: float | None = None
+    ) -> None:
+        """Register (or replace) a client that authenticates with a client secret (`token_lifetime` as above)."""
+        self._clients[client_id] = _Client(tuple(scopes), secret=secret, token_lifetime=token_lifetime)
+
+    def remove_client(self, client_id: str) -> bool:
+        """Forget a client, as deleting its service key or binding does: it gets no more tokens (and the
+        runtime no longer accepts its certificate or secret). Tokens already issued stay valid until `exp`.
+        True if it was registered."""
+        self._newest_used.pop(client_id, None)
+        return self._clients.pop(client_id, None) is not None
+
+    def has_client(self, client_id: str) -> bool:
+        """True while `client_id` is registered."""
+        return client_id in self._clients
+
+    def client_scopes(self, client_id: str) -> tuple[str, ...] | None:
+        """The scopes of a registered client (None when it is not registered)."""
+        client = self._clients.get(client_id)
+        return client.scopes if client else None
+
+    def certificate_client(self, cert_der: bytes) -> str | None:
+        """The id of the registered certificate client that this certificate (DER) authenticates, or None.
+
+        Only the certificate is compared: its chain must already have been checked (by the TLS handshake)."""
+        cert = x509.load_der_x509_certificate(cert_der)
+        for client_id, client in self._clients.items():
+            if self._certificate_matches(client_id, client, cert_der, cert):
+                return client_id
+        return None
+
+    def secret_client(self, client_id: str, secret: str) -> bool:
+        """True if `client_id` is a registered secret client and `secret` is its secret."""
+        return self._check_secret(client_id, secret, "") is not None
+
+    def _certificate_matches(self, client_id: str, client: _Client, der: bytes, cert: x509.Certificate) -> bool:
+        if client.cert_der is None:
+            return False
+        if hmac.compare_digest(der, client.cert_der):
+            return client.pinned or self._not_superseded(client_id, cert)
+        if client.pinned or client.subject_issuer != _names(cert):
+            return False
+        return self._not_superseded(client_id, cert)
+
+    def _not_superseded(self, client_id: str, cert: x509.Certificate) -> bool:
+        """Pin off: accept the certificate unless a newer one of the client was used; remember the newest."""
+        issued = cert.not_valid_before_utc
+        newest = self._newest_used.get(client_id)
+        if newest is not None and issued < newest:
+            return False
+        self._newest_used[client_id] = issued
+        return True
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -128,7 +212,9 @@ class TokenServer:
         app.router.add_post("/oauth/token", self._token)
         app.router.add_get("/token_keys", self._token_keys)
         app.router.add_get("/.well-known/openid-configuration", self._openid_configuration)
-        ctx = self._pki.server_ssl_context(client_ca=True, require_client_cert=self._require_client_cert)
+        ctx = self._pki.server_ssl_context(
+            client_ca=True, require_client_cert=self._require_client_cert, extra_client_cas=self._client_cas
+        )
         listener = TlsListener(app, ctx)
         await listener.start(host, port)
         self._listener = listener
@@ -308,14 +394,15 @@ class TokenServer:
             return _json_error(400, "invalid_request", "Missing grant type")
         if grant_type != "client_credentials":
             return _json_error(400, "unsupported_grant_type", f"Unsupported grant type: {grant_type}")
-        scopes = self._clients[client_id].scopes
-        token, jti, remaining = self._issue(client_id, scopes, self.token_lifetime)
+        client = self._clients[client_id]
+        lifetime = self.token_lifetime if client.token_lifetime is None else client.token_lifetime
+        token, jti, remaining = self._issue(client_id, client.scopes, lifetime)
         return web.json_response(
             {
                 "access_token": token,
                 "token_type": "bearer",
                 "expires_in": max(0, math.floor(remaining)),
-                "scope": " ".join(scopes),
+                "scope": " ".join(client.scopes),
                 "jti": jti,
             },
             headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
@@ -325,23 +412,21 @@ class TokenServer:
         """The authenticated client id and how it authenticated, or None."""
         auth = request.headers.get("Authorization", "")
         if auth:
-            scheme, _, encoded = auth.partition(" ")
-            if scheme.lower() != "basic":
+            encoded = _url_encoded(request)
+            basic = basic_credentials(auth, url_encoded=encoded)
+            if basic is None:
                 return None
-            try:
-                decoded = base64.b64decode(encoded.strip(), validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError):
-                return None
-            client_id, sep, secret = decoded.partition(":")
-            return self._check_secret(client_id, secret, "client_secret_basic") if sep else None
+            if self.faults.basic_plus_as_space and not encoded:
+                basic = (basic[0].replace("+", " "), basic[1].replace("+", " "))
+            return self._check_secret(*basic, "client_secret_basic")
         client_id = form.get("client_id", "")
         if "client_secret" in form:
             return self._check_secret(client_id, form["client_secret"], "client_secret_post")
         client = self._clients.get(client_id)
-        if client is None or client.cert_der is None:
-            return None
         peer = _peer_certificate(request)
-        if peer is None or not hmac.compare_digest(peer, client.cert_der):
+        if client is None or peer is None:
+            return None
+        if not self._certificate_matches(client_id, client, peer, x509.load_der_x509_certificate(peer)):
             return None
         return client_id, "tls_client_auth"
 
@@ -369,6 +454,30 @@ class TokenServer:
                 "mtls_endpoint_aliases": {"token_endpoint": self.token_url},
             }
         )
+
+
+def basic_credentials(header: str, *, url_encoded: bool = False) -> tuple[str, str] | None:
+    """(user, password) of an `Authorization: Basic ...` value, or None when it is not one.
+
+    `url_encoded`: both parts were form-encoded before base64 (RFC 6749 2.3.1), which UAA undoes only when
+    the request says `X-CF-ENCODED-CREDENTIALS: true`."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep:
+        return None
+    if url_encoded:
+        user, password = urllib.parse.unquote_plus(user), urllib.parse.unquote_plus(password)
+    return user, password
+
+
+def _url_encoded(request: web.Request) -> bool:
+    return request.headers.get("X-CF-ENCODED-CREDENTIALS", "").strip().lower() == "true"
 
 
 def _peer_certificate(request: web.Request) -> bytes | None:
