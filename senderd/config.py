@@ -550,7 +550,7 @@ def _credential_sets(data: dict[str, Any], source: str) -> bool:
     if own and named and all(isinstance(table[key], dict) for key in named):
         raise ConfigError(
             f"{source}: credentials: [credentials] keys ({', '.join(own)}) beside [credentials.NAME] tables "
-            f"({', '.join(named)}): use one form, or put the keys into a named set"
+            f"({', '.join(_location((name,)) for name in named)}): use one form, or put the keys into a named set"
         )
     if named and all(isinstance(table[key], dict) for key in named):
         data["credentials"] = {name: dict(value) for name, value in table.items()}
