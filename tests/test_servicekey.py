@@ -319,3 +319,10 @@ def test_a_huge_client_id_is_refused_without_echoing_it(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))  # as a file it is refused before it is read whole
     with pytest.raises(CredentialsError, match="larger than 1024 KiB, too large for a service key"):
         load_service_key(path)
+
+
+def test_an_external_key_file_with_its_chain_completes_the_certificate_chain(pki: Pki, client: IssuedCert) -> None:
+    data = key_dict(pki, client, include_key=False, chain=[])  # the key holds the leaf alone, as SAP writes it
+    key_file = (client.key_pem_pkcs8() + pki.intermediate.cert_pem()).encode()
+    key = parse(data, key_file_data=key_file, key_file_name="client.pem")
+    assert [c.subject for c in key.chain] == [client.cert.subject, pki.intermediate.cert.subject]
