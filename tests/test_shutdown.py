@@ -13,7 +13,7 @@ from senderd.config import load_config
 from senderd.daemon import Daemon
 from senderd.emulator.runtime import FlowSpec
 from senderd.emulator.stack import EmulatorStack
-from senderd.result import SendResult
+from tests.tools import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -26,21 +26,11 @@ async def test_a_stop_ends_a_send_waiting_for_a_token_at_once(tmp_path: Path) ->
     async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
         stack.token_server.faults.delay = 300  # the token server takes the request and never answers in time
         daemon = Daemon.create(load_config(stack.config_path), handle_signals=False)
-        results: list[SendResult] = []
-
-        async def hook(engine: object, _group: object) -> None:
-            assert daemon.engine is not None
-            daemon.engine.listeners.append(results.append)
-
-        daemon.on_start = hook
         with anyio.fail_after(10):  # well within the 60 s drain and the 60 s token timeout
-            async with anyio.create_task_group() as group:
-                group.start_soon(daemon.serve)
-                await daemon.started.wait()
+            async with serving(daemon) as sends:
                 await stack.token_server.wait_for_requests(1)  # the fetch is on its way; the send waits for it
-                daemon.stop()
-    assert [r.outcome for r in results] == ["auth_error"]
-    assert "senderd is stopping" in (results[0].last.error or "")
+    assert [r.outcome for r in sends.items] == ["auth_error"]
+    assert "senderd is stopping" in (sends.items[0].last.error or "")
 
 
 async def test_a_stop_cuts_a_retry_backoff_short(tmp_path: Path) -> None:
@@ -52,20 +42,10 @@ async def test_a_stop_cuts_a_retry_backoff_short(tmp_path: Path) -> None:
     async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
         stack.runtime.add_flow(FlowSpec("/Busy", unavailable=-1, retry_after=120))  # "come back in 2 minutes"
         daemon = Daemon.create(load_config(stack.config_path), handle_signals=False)
-        results: list[SendResult] = []
-
-        async def hook(engine: object, _group: object) -> None:
-            assert daemon.engine is not None
-            daemon.engine.listeners.append(results.append)
-
-        daemon.on_start = hook
         with anyio.fail_after(15):
-            async with anyio.create_task_group() as group:
-                group.start_soon(daemon.serve)
-                await daemon.started.wait()
+            async with serving(daemon) as sends:
                 await stack.runtime.wait_for_requests(1)  # the first attempt got its 503 + Retry-After: 120
-                daemon.stop()
-    assert [(r.outcome, r.attempts, r.status) for r in results] == [("http_error", 1, 503)]
+    assert [(r.outcome, r.attempts, r.status) for r in sends.items] == [("http_error", 1, 503)]
 
 
 async def test_sigterm_while_the_first_token_fetch_hangs_exits_promptly(tmp_path: Path) -> None:

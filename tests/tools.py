@@ -26,9 +26,11 @@ import pytest
 
 from senderd.clock import Clock
 from senderd.config import config_from_dict
+from senderd.daemon import Daemon
 from senderd.emulator.stack import EmulatorStack
 from senderd.engine import Engine
 from senderd.metrics import Metrics
+from senderd.result import SendResult
 from senderd.testing import StepClock
 from tests.conftest import secrets_in
 
@@ -291,3 +293,22 @@ async def senderd_run(
                 raise errors.exceptions[0] from None
             raise
     _check_output(args, daemon.text, daemon.stderr)
+
+
+@asynccontextmanager
+async def serving(daemon: Daemon) -> AsyncIterator[Recorder[SendResult]]:
+    """Run `daemon` in-process for the block, its finished sends recorded; stop it when the block ends and
+    return once it has stopped."""
+    sends: Recorder[SendResult] = Recorder()
+
+    async def record(engine: Engine, _group: object) -> None:
+        engine.listeners.append(sends)
+
+    daemon.on_start = record
+    async with anyio.create_task_group() as group:
+        group.start_soon(daemon.serve)
+        await daemon.started.wait()
+        try:
+            yield sends
+        finally:
+            daemon.stop()

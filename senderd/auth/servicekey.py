@@ -461,10 +461,10 @@ def _parse_key_file(data: bytes, source: str, passphrase: str | None) -> tuple[P
     """An external certificate's private key: PEM (maybe encrypted) or PKCS#12 (.p12/.pfx)."""
     if b"-----BEGIN" in data:
         text = _normalise_pem(data.decode("utf-8", errors="replace"))
-        key = _parse_private_key(text.encode(), source=source, field="private key", passphrase=passphrase)
+        pem_key = _parse_private_key(text.encode(), source=source, field="private key", passphrase=passphrase)
         # a PEM key file may carry the certificate and its intermediates too: they complete the chain
-        extra = _parse_certificates(text, source, "certificates") if "-----BEGIN CERTIFICATE-----" in text else []
-        return key, extra
+        certs = _parse_certificates(text, source, "certificates") if "-----BEGIN CERTIFICATE-----" in text else []
+        return pem_key, certs
     password = passphrase.encode() if passphrase else None
     try:
         key, cert, extra = pkcs12.load_key_and_certificates(data, password)
