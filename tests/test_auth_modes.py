@@ -24,7 +24,7 @@ from senderd.errors import CredentialsError
 from senderd.metrics import Metrics
 from senderd.result import SendResult
 from tests.conftest import CapturedLogs
-from tests.tools import Recorder, senderd
+from tests.tools import senderd, serving
 
 pytestmark = pytest.mark.anyio
 FLOW = {"name": "ts", "path": "/http/GetTimestamp", "retries": 0}
@@ -152,14 +152,7 @@ async def test_a_binding_rotated_by_kubelet_while_running_is_taken_into_use(tmp_
             source="test.toml",
         )
         daemon = Daemon.create(config, handle_signals=False, metrics=Metrics(process=False))
-        sends: Recorder[SendResult] = Recorder()
-
-        async def hook(engine: Engine, _group: object) -> None:
-            engine.listeners.append(sends)
-
-        daemon.on_start = hook
-        async with anyio.create_task_group() as group:
-            group.start_soon(daemon.serve)
+        async with serving(daemon) as sends:
             await sends.wait_for(2)
             old = binding.credentials
             new = dev.rotate_binding(binding.name).credentials  # a new client; the Secret's ..data link swapped
@@ -174,7 +167,6 @@ async def test_a_binding_rotated_by_kubelet_while_running_is_taken_into_use(tmp_
             dev.revoke(old)  # the operator deletes the old credentials after rotatedBindingTTL
             count = len(sends)
             await sends.wait_for(count + 3)
-            daemon.stop()
     assert all(result.ok for result in sends.items[count:])  # the new client serves on
     assert '"credentials_rotated"' in logs.text
     rotated = [json.loads(line) for line in logs.text.splitlines() if '"credentials_rotated"' in line]

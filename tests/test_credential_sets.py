@@ -18,8 +18,7 @@ from senderd.daemon import Daemon
 from senderd.emulator.stack import EmulatorStack
 from senderd.errors import ConfigError
 from senderd.metrics import Metrics
-from senderd.result import SendResult
-from tests.tools import Recorder
+from tests.tools import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -85,18 +84,8 @@ async def test_one_sets_token_server_failing_delays_no_other_set(tmp_path: Path,
         config = config_from_dict(two_set_config(tenants, flows), source="test.toml")
         metrics = Metrics(process=False)
         daemon = Daemon.create(config, handle_signals=False, metrics=metrics)
-        sends: Recorder[SendResult] = Recorder()
-
-        async def hook(engine: object, _group: object) -> None:
-            assert daemon.engine is not None
-            daemon.engine.listeners.append(sends)
-
-        daemon.on_start = hook
-        async with anyio.create_task_group() as group:
-            group.start_soon(daemon.serve)
-            await daemon.started.wait()
+        async with serving(daemon) as sends:
             await anyio.sleep(7)  # the span under test: more than two of prod's token lifetimes (3 s, refreshed at 2 s)
-            daemon.stop()
     prod = [r for r in sends.items if r.flow == "prod-ts"]
     assert len(prod) >= 30, f"prod sent {len(prod)} times in 7 s at 200 ms"
     assert all(r.ok for r in prod), [(r.outcome, r.last.error) for r in prod if not r.ok]

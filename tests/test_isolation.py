@@ -20,7 +20,7 @@ from senderd.emulator.stack import EmulatorStack
 from senderd.result import Attempt, SendResult
 from senderd.sender import Sender
 from tests.conftest import CapturedLogs
-from tests.tools import Recorder, senderd_run
+from tests.tools import senderd_run, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -28,17 +28,8 @@ pytestmark = pytest.mark.anyio
 async def run_until(stack: EmulatorStack, done: Callable[[list[SendResult]], bool]) -> tuple[Daemon, list[SendResult]]:
     """Run a daemon on the stack's config until `done(results)`; return it (stopped) and the results."""
     daemon = Daemon.create(load_config(stack.config_path), handle_signals=False)
-    sends: Recorder[SendResult] = Recorder()
-
-    async def hook(engine: Any, _group: object) -> None:
-        engine.listeners.append(sends)
-
-    daemon.on_start = hook
-    async with anyio.create_task_group() as group:
-        group.start_soon(daemon.serve)
-        await daemon.started.wait()
+    async with serving(daemon) as sends:
         await sends.wait_until(done, timeout=20)
-        daemon.stop()
     return daemon, sends.items
 
 

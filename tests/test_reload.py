@@ -21,7 +21,7 @@ from senderd.emulator.stack import EmulatorStack
 from senderd.result import SendResult
 from senderd.testing import FakeClock
 from tests.conftest import CapturedLogs
-from tests.tools import Recorder, settle
+from tests.tools import Recorder, serving, settle
 
 pytestmark = pytest.mark.anyio
 
@@ -41,18 +41,8 @@ async def fake_time_daemon(
     daemon = Daemon.create(
         load_config(stack.config_path), handle_signals=False, config_path=stack.config_path, clock=clock
     )
-    sends: Recorder[SendResult] = Recorder()
-
-    async def hook(_engine: object, _group: object) -> None:
-        assert daemon.engine is not None
-        daemon.engine.listeners.append(sends)
-
-    daemon.on_start = hook
-    async with anyio.create_task_group() as group:
-        group.start_soon(daemon.serve)
-        await daemon.started.wait()
+    async with serving(daemon) as sends:
         yield daemon, sends
-        daemon.stop()
 
 
 async def settle_daemon(daemon: Daemon, sends: Recorder[SendResult]) -> None:
