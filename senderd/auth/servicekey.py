@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from senderd.auth.sources import MAX_KEY_BYTES, KeySource, Purpose, read_key_source
+from senderd.auth.sources import KeySource, Purpose, read_key_source, read_small_file
 from senderd.config import CredentialsConfig
 from senderd.errors import ConfigError, CredentialsError
 from senderd.logs import register_secret
@@ -302,16 +302,7 @@ def _os_reason(exc: BaseException) -> str:
 
 
 def _read_key_file(path: Path) -> bytes:
-    try:
-        with path.open("rb") as file:
-            data = file.read(MAX_KEY_BYTES + 1)
-    except FileNotFoundError:
-        raise CredentialsError(f"{path}: private key file not found: check credentials.key_file") from None
-    except OSError as exc:
-        raise CredentialsError(f"{path}: cannot read the private key file ({_os_reason(exc)})") from None
-    if len(data) > MAX_KEY_BYTES:
-        raise CredentialsError(f"{path}: larger than {MAX_KEY_BYTES // 1024} KiB, too large for a private key file")
-    return data
+    return read_small_file(path, what="private key", hint="check credentials.key_file")
 
 
 def _parse_json(text: str, source: str) -> dict[str, Any]:

@@ -724,6 +724,23 @@ def _read_file(
     hint: str = "check the path",
     directory_hint: str = "for a mounted binding, set binding instead",
 ) -> str:
+    data = read_small_file(path, what=what, limit=limit, hint=hint, directory_hint=directory_hint)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise CredentialsError(f"{path}: cannot read the {what} (UnicodeDecodeError)") from None
+
+
+def read_small_file(
+    path: Path,
+    *,
+    what: str,
+    limit: int = MAX_KEY_BYTES,
+    hint: str = "check the path",
+    directory_hint: str = "give a file",
+) -> bytes:
+    """At most `limit` bytes of the file at `path` (a service key, a private key): one line naming the file,
+    what it should be and `hint` when it is missing, a directory, unreadable or too large."""
     source = str(path)
     try:
         with path.open("rb") as file:
@@ -736,7 +753,4 @@ def _read_file(
         raise CredentialsError(f"{source}: cannot read the {what} ({_reason(exc)})") from None
     if len(data) > limit:
         raise CredentialsError(f"{source}: larger than {limit // 1024} KiB, too large for a {what}: {hint}")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise CredentialsError(f"{source}: cannot read the {what} (UnicodeDecodeError)") from None
+    return data
