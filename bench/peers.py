@@ -23,6 +23,7 @@ INSTALL = {
     "wrk": "apt-get install -y wrk",
     "prometheus-blackbox-exporter": "apt-get install -y prometheus-blackbox-exporter",
     "newman": "npm install -g newman",
+    "valgrind": "apt-get install -y valgrind",
 }
 """How each peer is installed (Debian packages after `apt-get update`; newman from npm)."""
 

@@ -234,7 +234,9 @@ async def measure(mode: Mode, workdir: Path) -> Section:
             say(f"throughput: wrk -c{CONCURRENCY} for {seconds:g}s")
             wrk_rps = await anyio.to_thread.run_sync(_wrk, wrk, url, token, seconds)
         nginx_rss = server.child.rss_mb()
+        counts = await _instructions(mode, workdir, stack.config_path, url, stack.ca_path, token_file)
     ours, bare = best["senderd"], best["aiohttp"]
+    section.update(counts)
     senderd_rps, aiohttp_rps = _rps(ours), _rps(bare)
     section.update(
         {
@@ -251,6 +253,64 @@ async def measure(mode: Mode, workdir: Path) -> Section:
         }
     )
     return section
+
+
+# --- instruction counts (callgrind) ------------------------------------------------------------------------
+
+_SUMMARY = re.compile(rb"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
+
+
+async def _callgrind(argv: list[str], workdir: Path, name: str, timeout: float) -> int | None:
+    """Instructions `argv` executed in all, counted by valgrind's callgrind (the same count run after run,
+    whatever else the machine does)."""
+    valgrind = find_tool("valgrind", needed_for="throughput.instructions_per_send")
+    if valgrind is None:
+        return None
+    out = workdir / f"callgrind.{name}.out"
+    out.unlink(missing_ok=True)
+    command = [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no", *argv]
+    log = workdir / f"callgrind.{name}.log"
+    with log.open("wb") as sink:
+        child = Child(command, env=child_env(), stdout=sink, stderr=sink)
+        usage = await child.wait_async(timeout)
+    found = _SUMMARY.search(out.read_bytes()) if out.exists() else None
+    if usage.returncode != 0 or found is None:
+        say(f"callgrind {name} failed (exit {usage.returncode}): {log.read_text(errors='replace')[-400:]}")
+        return None
+    return int(found.group(1))
+
+
+async def _instructions(
+    mode: Mode, workdir: Path, config: Path, url: str, ca: Path, token_file: Path
+) -> dict[str, Any]:
+    """Instructions per send of senderd's engine and of the bare aiohttp loop, both under callgrind in this
+    run: each loop runs twice, with N1 and N2 sends after the same warm-up, and the difference over N2 - N1
+    is the cost of one send without start-up and warm-up."""
+    small, large = mode.count(200, 500), mode.count(600, 2000)
+    figures: dict[str, Any] = {
+        "instructions_per_send": None, "aiohttp_instructions_per_send": None, "instructions_ratio": None,
+    }  # fmt: skip
+    per_send: dict[str, float] = {}
+    for role, target, extra in (
+        ("senderd", str(config), []),
+        ("aiohttp", url, ["--ca", str(ca), "--token-file", str(token_file)]),
+    ):
+        totals = []
+        for count in (small, large):
+            say(f"throughput: callgrind, {role} with {count} sends")
+            argv = python_argv(
+                "-m", "bench.throughput", role, target, *extra, "--count", str(count), "--warmup", "100",
+                "--max-s", "900", "--out", str(workdir / f"callgrind-{role}.json"),
+            )  # fmt: skip
+            totals.append(await _callgrind(argv, workdir, f"{role}-{count}", timeout=1800))
+        if None in totals:
+            return figures
+        assert totals[0] is not None and totals[1] is not None
+        per_send[role] = (totals[1] - totals[0]) / (large - small)
+    figures["instructions_per_send"] = round(per_send["senderd"])
+    figures["aiohttp_instructions_per_send"] = round(per_send["aiohttp"])
+    figures["instructions_ratio"] = rounded(per_send["senderd"] / per_send["aiohttp"], 3)
+    return figures
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from senderd.errors import TokenError
 from senderd.logs import get_logger
 from senderd.metrics import Metrics, Outcome
 from senderd.result import Attempt
-from senderd.sessions import proxy_problem
+from senderd.sessions import proxy_for, proxy_problem
 
 log = get_logger("sender")
 CSRF_ANSWER_BYTES = 64 * 1024
@@ -57,6 +57,15 @@ class Sender:
         self._csrf: dict[str, str] = {}  # origin -> token (bound to the session cookies in the jar)
         self._csrf_lock: dict[str, anyio.Lock] = {}
         self._html_warned: set[str] = set()
+        self._proxies: dict[str, str | None] = {}
+
+    def _proxy(self, origin: str) -> str | None:
+        """The proxy for requests to `origin` (looked up once per origin)."""
+        try:
+            return self._proxies[origin]
+        except KeyError:
+            proxy = self._proxies[origin] = proxy_for(origin, self.credentials)
+            return proxy
 
     def url_of(self, flow: FlowConfig) -> str:
         """The absolute URL of the flow's endpoint."""
@@ -115,7 +124,13 @@ class Sender:
             if flow.modifying and origin in self._csrf:
                 headers["X-CSRF-Token"] = self._csrf[origin]
             async with self.session.request(
-                flow.method, url, params=flow.query or None, data=body, headers=headers, allow_redirects=False
+                flow.method,
+                url,
+                params=flow.query or None,
+                data=body,
+                headers=headers,
+                proxy=self._proxy(origin),
+                allow_redirects=False,
             ) as response:
                 answer_body = await read_bounded(response, flow.max_response_bytes)
                 status, answer = response.status, response.headers
@@ -153,7 +168,7 @@ class Sender:
             if credential.header is not None:
                 headers["Authorization"] = credential.header
             async with self.session.get(
-                url, headers=headers, params=flow.query or None, allow_redirects=False
+                url, headers=headers, params=flow.query or None, proxy=self._proxy(origin), allow_redirects=False
             ) as response:
                 await read_bounded(response, CSRF_ANSWER_BYTES)  # the token is in a header; the body is waste
                 value = response.headers.get("X-CSRF-Token")

@@ -1,6 +1,6 @@
 """The HTTP sessions senderd opens to token servers and runtimes: TLS always verified, answers never inflated
 by aiohttp (see `bounded`), and the set's proxy: its `proxy` URL, none (`proxy = false`), or, by default,
-`HTTPS_PROXY` / `https_proxy` / `NO_PROXY` from the environment.
+`HTTPS_PROXY` / `https_proxy` / `NO_PROXY` from the environment, looked up once per host.
 """
 
 from __future__ import annotations
@@ -18,17 +18,26 @@ from senderd.config import CredentialsConfig
 def open_session(
     context: ssl.SSLContext, credentials: CredentialsConfig, *, limit: int, **options: Any
 ) -> aiohttp.ClientSession:
-    """A session over `context`, through the proxy `credentials` asks for (CONNECT tunnels for https, so a
-    client certificate reaches the server itself)."""
+    """A session over `context`. Requests name their proxy themselves (`proxy_for`): aiohttp's own
+    `trust_env` would look the environment (and ~/.netrc, in a thread) up again for every request."""
     connector = aiohttp.TCPConnector(ssl=context, limit=limit)
-    proxy = credentials.proxy
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        proxy=proxy or None,
-        trust_env=proxy is None,
-        **options,
-    )
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False, **options)
+
+
+def proxy_for(url: str, credentials: CredentialsConfig) -> str | None:
+    """The proxy a request to `url` goes through (CONNECT tunnels for https, so a client certificate reaches
+    the server itself): the set's `proxy`, none with `proxy = false`, else `HTTPS_PROXY` / `https_proxy`
+    (`HTTP_PROXY` for http) unless `NO_PROXY` names the host."""
+    if credentials.proxy is False:
+        return None
+    if isinstance(credentials.proxy, str):
+        return credentials.proxy
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get("https" if url.startswith("https:") else "http")
+    host = urlsplit(url).hostname
+    if not proxy or (host and urllib.request.proxy_bypass_environment(host, proxies)):  # type: ignore[attr-defined]
+        return None
+    return proxy
 
 
 def shown_proxy(url: str | None) -> str:

@@ -34,7 +34,7 @@ from senderd.durations import parse_retry_after
 from senderd.errors import TokenError
 from senderd.logs import get_logger
 from senderd.retry import backoff
-from senderd.sessions import open_session, proxy_problem
+from senderd.sessions import open_session, proxy_for, proxy_problem
 
 if TYPE_CHECKING:
     from senderd.config import TokenConfig
@@ -473,6 +473,7 @@ class HttpTokenFetcher:
         self.timeout = timeout
         self.clock = clock or SystemClock()
         self.credentials = credentials or CredentialsConfig()
+        self.proxy = proxy_for(key.token_url, self.credentials)
 
     @classmethod
     def create(
@@ -503,6 +504,7 @@ class HttpTokenFetcher:
                 key.token_url,
                 data=form,
                 headers=headers,
+                proxy=self.proxy,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as response:
