@@ -12,6 +12,7 @@ server counts what each probe costs in token fetches.
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -92,8 +93,11 @@ async def _senderd_over_lifetimes(mode: Mode, workdir: Path) -> Section:
             for earlier, later in zip(token_server.stats.issued_at, token_server.stats.issued_at[1:], strict=False)
         ]
     used = covered / TOKEN_LIFETIME
+    planned, extra = _against_the_rule(token_server.stats.issued_at, covered)
     return {
         "fetches": fetches,
+        "planned_refreshes": planned,
+        "extra_fetches": extra,
         "lifetimes": rounded(used, 2),
         "fetches_per_lifetime": rounded(fetches / used, 2) if used > 0 else None,
         "expired_sends": runtime.stats.expired_tokens,
@@ -103,6 +107,23 @@ async def _senderd_over_lifetimes(mode: Mode, workdir: Path) -> Section:
         "runtime_401": runtime.stats.by_status[401],
         "run_s": rounded(elapsed, 1),
     }
+
+
+def _against_the_rule(issued_at: list[float], covered: float) -> tuple[int, int]:
+    """What the refresh rule plans for a run of `covered` seconds (the first fetch, then one refresh each
+    time a third of the lifetime is left), and how many fetches came sooner than the rule allows (with its
+    ±10 % jitter): those are extra, e.g. after a refused token or a lost refresh."""
+    from senderd.auth.token import RefreshPolicy
+
+    policy = RefreshPolicy()
+    lifetime = float(int(TOKEN_LIFETIME))  # the emulator, like XSUAA, rounds expires_in down
+    if lifetime == TOKEN_LIFETIME:
+        lifetime -= 1  # whole seconds: exp is floored, so the time left is just under it
+    interval = lifetime * (1 - policy.refresh_left)
+    earliest = lifetime * (1 - policy.refresh_left * (1 + policy.jitter))
+    planned = 1 + int(covered // interval)
+    extra = sum(later - earlier < earliest - 0.05 for earlier, later in itertools.pairwise(issued_at))
+    return planned, extra
 
 
 async def _probe_many(url: str, count: int, concurrency: int, max_s: float) -> tuple[int, int]:
