@@ -13,6 +13,8 @@ are replaced by `[REDACTED]`, wherever they appear in the event.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import math
 import re
@@ -35,28 +37,41 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
 _PEM_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.DOTALL)
 _BEARER = re.compile(r"(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 
+_TRIGGER = re.compile(r"eyJ|-----BEGIN|bearer|basic", re.IGNORECASE)
+"""What every shape above starts with: text without it needs none of the three substitutions (most text)."""
+
 _known_secrets: set[str] = set()
+_secrets_pattern: re.Pattern[str] | None = None
 
 
 def register_secret(value: str) -> None:
     """Redact this exact string wherever it would appear in a log line (short values are ignored)."""
-    if len(value) >= 6:
+    global _secrets_pattern
+    if len(value) >= 6 and value not in _known_secrets:
         _known_secrets.add(value)
+        alternatives = sorted(_known_secrets, key=len, reverse=True)  # a longer secret before its prefix
+        _secrets_pattern = re.compile("|".join(re.escape(secret) for secret in alternatives))
 
 
 def redact_text(text: str) -> str:
     """`text` with tokens, private keys and registered secrets replaced."""
-    text = _PEM_KEY.sub(REDACTED, text)
-    text = _JWT.sub(REDACTED, text)
-    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    for secret in _known_secrets:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
+    if _TRIGGER.search(text) is not None:
+        text = _PEM_KEY.sub(REDACTED, text)
+        text = _JWT.sub(REDACTED, text)
+        text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    if _secrets_pattern is not None:
+        text = _secrets_pattern.sub(REDACTED, text)
     return text
 
 
+@functools.lru_cache(maxsize=1024)
+def _secret_key(key: str) -> bool:
+    """Whether a value under `key` is a secret by its name alone (keys repeat: asked once each)."""
+    return _SECRET_KEYS.search(key) is not None
+
+
 def _redact_value(key: str, value: Any) -> Any:
-    if _SECRET_KEYS.search(key) and value not in (None, "", 0, False):
+    if _secret_key(key) and value not in (None, "", 0, False):
         return REDACTED
     if isinstance(value, str):
         return redact_text(value)
@@ -89,10 +104,21 @@ _SAFE_KEYS = frozenset(
 """Keys whose values senderd itself sets from its own vocabulary (names, codes, numbers): not scanned."""
 
 
+_PLAIN = (int, float, bool, type(None))
+
+
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: scrub every value of the event (but the known-safe fields)."""
     for key, value in event.items():
-        if key not in _SAFE_KEYS or not isinstance(value, (str, int, float, type(None))):
+        kind = type(value)
+        if kind is str:
+            if key in _SAFE_KEYS:
+                continue
+            event[key] = REDACTED if value and _secret_key(key) else redact_text(value)
+        elif kind in _PLAIN:
+            if key not in _SAFE_KEYS and value not in (None, 0, False) and _secret_key(key):
+                event[key] = REDACTED
+        else:
             event[key] = _redact_value(key, value)
     return event
 
@@ -198,11 +224,35 @@ def get_logger(component: str) -> SenderdLogger:
     )
 
 
+class _Timestamp:
+    """`timestamp`: ISO 8601 UTC with microseconds, as structlog's TimeStamper writes it, with the part up to
+    the second formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, _logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return event
+
+
+_ENCODER = json.JSONEncoder(default=repr)
+"""One encoder for every line (json.dumps builds one per call)."""
+
+
+def _render_json(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> str:
+    return _ENCODER.encode(event)
+
+
 def _pipeline(renderer: Processor, *, console: bool) -> list[Processor]:
     return [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _Timestamp(),
         redact,
         structlog.processors.format_exc_info,
         _scrub_exception,
@@ -214,7 +264,7 @@ def _pipeline(renderer: Processor, *, console: bool) -> list[Processor]:
 def _library_defaults() -> None:
     _State.level = logging.DEBUG
     _SINK.stream = None
-    _PROCESSORS[:] = _pipeline(structlog.processors.JSONRenderer(), console=False)
+    _PROCESSORS[:] = _pipeline(_render_json, console=False)
 
 
 _library_defaults()
@@ -227,9 +277,7 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto", stream: Text
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     renderer: Processor = (
-        structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False)
-        if fmt == "console"
-        else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False) if fmt == "console" else _render_json
     )
     _State.level = LEVELS[level.upper()]
     _SINK.stream = stream
