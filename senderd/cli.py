@@ -171,7 +171,7 @@ async def _token(args: argparse.Namespace) -> int:
     if name is None:
         raise UsageError(f"--credentials: the config has several credentials sets ({', '.join(config.credentials)})")
     creds = config.credentials_set(name)
-    key = load_credentials(creds, source=config.source, where=_set_where(config, name), purpose="send")
+    key = load_credentials(creds, source=config.source, where=_set_where(config, name), purpose=config.purpose(name))
     _warn(key.notes)
     if creds.auth != "oauth":
         raise UsageError(f"credentials set {name!r} sends with auth = {creds.auth!r}: it uses no token")
@@ -198,7 +198,8 @@ async def _check(args: argparse.Namespace) -> int:
     config = _config(args)
     loaded = {}
     for name, creds in config.credentials.items():
-        loaded[name] = load_set(creds, source=config.source, where=_set_where(config, name), purpose="send")
+        where = _set_where(config, name)
+        loaded[name] = load_set(creds, source=config.source, where=where, purpose=config.purpose(name))
         _warn(loaded[name][0].notes)
     if config_path(args) is not None:
         config.require_flows()  # what `run` and `once` would refuse, `check` refuses too
@@ -299,6 +300,7 @@ async def _emulator(args: argparse.Namespace) -> int:
     try:
         print(f"token server:  {stack.token_server.token_url}")
         print(f"runtime:       {stack.runtime.url}")
+        print(f"MPL API:       {stack.tenant.api_url}")
         print(f"service key:   {stack.service_key_path}")
         print(f"CA file:       {stack.ca_path}")
         print(f"config:        {stack.config_path}")
@@ -335,7 +337,7 @@ async def _once(args: argparse.Namespace) -> int:
     flows = [config.flow(name) for name in args.flow] if args.flow else list(config.flows)
     metrics = Metrics()
     for flow in flows:
-        metrics.declare_flow(flow.name, flow.every)
+        metrics.declare_flow(flow.name, flow.every, confirms=flow.confirm == "mpl")
     async with Engine.open(config, metrics=metrics) as engine:
         results = await engine.run_once(flows)
     gateway = args.push_gateway or config.push.gateway

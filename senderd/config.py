@@ -176,6 +176,18 @@ class TokenConfig(Section):
 
 MODIFYING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 DEFAULT_RETRY_ON = (429, 502, 503, 504)
+APPLICATION_ID_HEADER = "SAP_ApplicationID"
+APPLICATION_ID_MAX = 120
+"""Characters of `SAP_ApplicationID` that Cloud Integration monitoring keeps (and finds a message by)."""
+RECOMMENDED_MAX_BODY = 40 * 1024 * 1024
+"""SAP's recommended maximum payload (40 MB): larger bodies are allowed, with a warning."""
+_WHITESPACE = re.compile(r"\s")
+HTTP_HEADERS_WITH_SPACES = frozenset(
+    {"accept", "accept-charset", "accept-encoding", "accept-language", "cache-control", "content-type",
+     "if-match", "if-none-match", "prefer", "user-agent"}
+)  # fmt: skip
+"""Standard HTTP headers whose syntax has spaces (`text/xml; charset=utf-8`): Cloud Integration's rule of header
+values without whitespace is about the headers an iFlow reads, which these are not."""
 
 
 class RuntimeConfig(Section):
@@ -224,6 +236,13 @@ class SendSettings(Section):
     or false (none). Unset: "auto" for modifying methods, none for GET and HEAD."""
     max_response_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=1 << 31)
     """Bytes of an answer kept (decoded) for checks, logs and callers; reading stops beyond."""
+    confirm: Literal["none", "mpl"] = "none"
+    """"mpl": after a successful send, look the message up in the Message Processing Log API until it is
+    COMPLETED (success), failed (`flow_failed`) or `confirm_timeout` has passed (`unconfirmed`)."""
+    confirm_credentials: str | None = None
+    """The credentials set (a key of plan `api`, role MonitoringDataRead) that reads the MPL API."""
+    confirm_timeout: PositiveDuration = 120.0
+    """How long a confirmation looks for a final status."""
 
     @field_validator("method", mode="before")
     @classmethod
@@ -245,12 +264,36 @@ class SendSettings(Section):
             _no_control(item, f"the value of {name!r}")
         return value
 
+    @field_validator("headers")
+    @classmethod
+    def _header_syntax(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, item in value.items():
+            if not name or _WHITESPACE.search(name) or ":" in name:
+                raise ValueError(
+                    f"header name {name!r} contains whitespace or ':': remove it (a header name is one word)"
+                )
+            if _WHITESPACE.search(item) and name.lower() not in HTTP_HEADERS_WITH_SPACES:
+                raise ValueError(
+                    f"the value of {name!r} contains whitespace: Cloud Integration expects header values without "
+                    "whitespace: remove it (or encode the value)"
+                )
+            if name.lower() == APPLICATION_ID_HEADER.lower():
+                _application_id(item)
+        return value
+
     @field_validator("content_type", "application_id")
     @classmethod
     def _clean_text(cls, value: str | bool | None) -> str | bool | None:
         if value is True:
             raise ValueError('must be "auto", a fixed id, or false')
         return _no_control(value, "the value") if isinstance(value, str) else value
+
+    @field_validator("application_id")
+    @classmethod
+    def _fixed_id(cls, value: str | bool | None) -> str | bool | None:
+        if isinstance(value, str) and value != "auto":
+            _application_id(value)
+        return value
 
     @field_validator("expect_body")
     @classmethod
@@ -322,9 +365,10 @@ class FlowConfig(SendSettings):
 
     @property
     def message_ids(self) -> str | None:
-        """Where a send's `SAP_ApplicationID` comes from: "auto", a fixed value, or None (no header)."""
+        """Where a send's `SAP_ApplicationID` comes from: "auto", a fixed value, or None (no header). Unset:
+        "auto" for modifying methods and for confirmed flows (the MPL API finds a message by that id)."""
         if self.application_id is None:
-            return "auto" if self.modifying else None
+            return "auto" if self.modifying or self.confirm == "mpl" else None
         return self.application_id or None
 
     def body_bytes(self) -> bytes | None:
@@ -334,6 +378,16 @@ class FlowConfig(SendSettings):
 
 MAX_BODY_FILE_BYTES = 64 * 1024 * 1024
 """A body file is read whole at load; beyond this it is refused (SAP recommends payloads up to 40 MB)."""
+
+
+def _application_id(value: str) -> None:
+    if _WHITESPACE.search(value):
+        raise ValueError(f"{APPLICATION_ID_HEADER} {value[:40]!r} contains whitespace: header values have none")
+    if len(value) > APPLICATION_ID_MAX:
+        raise ValueError(
+            f"{APPLICATION_ID_HEADER} is {len(value)} characters long: Cloud Integration keeps only the first "
+            f'{APPLICATION_ID_MAX} (and finds a message by them): use a shorter id, or "auto"'
+        )
 
 
 def _read_body(path: Path) -> bytes:
@@ -474,9 +528,26 @@ class Config(BaseModel):
         return self
 
     @property
+    def api_sets(self) -> frozenset[str]:
+        """The credentials sets that read the Message Processing Log API (a flow's `confirm_credentials`):
+        keys of plan `api`, which send nothing."""
+        return frozenset(f.confirm_credentials for f in self.flows if f.confirm_credentials is not None)
+
+    def purpose(self, name: str) -> Literal["send", "api"]:
+        """What credentials set `name` is for: sending to iFlows, or reading the MPL API."""
+        return "api" if name in self.api_sets else "send"
+
+    @property
+    def send_sets(self) -> list[str]:
+        """The credentials sets that send to iFlows (every set but the MPL API ones), in config order."""
+        api = self.api_sets
+        return [name for name in self.credentials if name not in api]
+
+    @property
     def credentials_default(self) -> str | None:
-        """The set a flow without `credentials` uses: the only one, if there is only one."""
-        return next(iter(self.credentials)) if len(self.credentials) == 1 else None
+        """The set a flow without `credentials` uses: the only sending one, if there is only one."""
+        sending = self.send_sets
+        return sending[0] if len(sending) == 1 else None
 
     def set_of(self, flow: SendSettings) -> str:
         """The name of the credentials set `flow` sends with."""
@@ -510,11 +581,38 @@ class Config(BaseModel):
         """What is allowed but most likely a mistake, one line each."""
         lines = []
         for flow in self.flows:
+            where = f"{self.source}: flows.{flow.name}"
             if flow.path.startswith("/") and not flow.path.lower().startswith("/http/"):
                 lines.append(
-                    f"{self.source}: flows.{flow.name}.path: {flow.path!r} does not start with /http/: Cloud "
+                    f"{where}.path: {flow.path!r} does not start with /http/: Cloud "
                     "Integration serves an iFlow's HTTPS sender at /http/<address>; check the path"
                 )
+            size = len(flow.body_bytes() or b"")
+            if size > RECOMMENDED_MAX_BODY:
+                lines.append(
+                    f"{where}: the body is {size / 2**20:.0f} MB, more than the 40 MB SAP recommends for a message"
+                )
+            spaced = [name for name, value in flow.query.items() if _WHITESPACE.search(value)]
+            if spaced:
+                lines.append(
+                    f"{where}.query: whitespace in the value of {', '.join(spaced)}: Cloud Integration turns "
+                    "query parameters into headers, whose values should have none"
+                )
+            if flow.confirm == "mpl" and flow.message_ids is None:
+                lines.append(
+                    f'{where}: confirm = "mpl" with application_id = false: only answers that carry an MPL id '
+                    "can be confirmed (the MPL API finds other messages by their SAP_ApplicationID)"
+                )
+            elif flow.confirm == "mpl" and flow.message_ids not in (None, "auto"):
+                lines.append(
+                    f'{where}: confirm = "mpl" with a fixed application_id: every message has that id, so a '
+                    "message without an MPL id in its answer may be confirmed by an earlier one's log"
+                )
+        if self.relay is not None and self.relay.max_message_bytes > RECOMMENDED_MAX_BODY:
+            lines.append(
+                f"{self.source}: relay.max_message_bytes allows {self.relay.max_message_bytes / 2**20:.0f} MB: SAP "
+                "recommends messages of at most 40 MB"
+            )
         return lines
 
     def flow(self, name: str) -> FlowConfig:
@@ -561,16 +659,38 @@ def _credential_sets(data: dict[str, Any], source: str) -> bool:
 
 def _check_flow_sets(config: Config) -> None:
     sets = ", ".join(config.credentials)
+    api = config.api_sets
     for index, flow in enumerate(config.flows):
-        if flow.credentials is None and len(config.credentials) > 1:
+        where = f"{config.source}: flows[{index}]"
+        if flow.credentials is None and len(config.send_sets) > 1:
             raise ConfigError(
-                f"{config.source}: flows[{index}].credentials: there are several credentials sets ({sets}): "
+                f"{where}.credentials: there are several credentials sets ({', '.join(config.send_sets)}): "
                 "name the one this flow sends with (or set it in [defaults])"
             )
         if flow.credentials is not None and flow.credentials not in config.credentials:
+            raise ConfigError(f"{where}.credentials: no credentials set named {flow.credentials!r} (sets: {sets})")
+        if flow.credentials in api:
             raise ConfigError(
-                f"{config.source}: flows[{index}].credentials: no credentials set named {flow.credentials!r} "
-                f"(sets: {sets})"
+                f"{where}.credentials: set {flow.credentials!r} reads the Message Processing Log API (it is a "
+                "flow's confirm_credentials, a key of plan api): it cannot send to iFlows; name another set"
+            )
+        if flow.confirm_credentials is not None and flow.confirm_credentials not in config.credentials:
+            raise ConfigError(
+                f"{where}.confirm_credentials: no credentials set named {flow.confirm_credentials!r} (sets: {sets})"
+            )
+        if flow.confirm == "mpl" and flow.confirm_credentials is None:
+            raise ConfigError(
+                f'{where}.confirm_credentials: confirm = "mpl" needs a credentials set with a key of plan api '
+                "(role MonitoringDataRead) to read the Message Processing Log API: add [credentials.NAME] and "
+                'confirm_credentials = "NAME"'
+            )
+        if not config.send_sets:
+            raise ConfigError(f"{where}.credentials: every credentials set reads the MPL API: add one that sends")
+    for name in api:
+        if config.credentials[name].auth != "oauth":
+            raise ConfigError(
+                f"{config.source}: credentials.{name}.auth: the Message Processing Log API takes OAuth tokens: "
+                f"remove auth = {config.credentials[name].auth!r}"
             )
 
 

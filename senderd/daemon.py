@@ -128,7 +128,7 @@ class Daemon:
         engine = await resources.enter_async_context(Engine.open(config, metrics=self.metrics, clock=self.clock))
         self.engine = engine
         for flow in config.flows:
-            self.metrics.declare_flow(flow.name, flow.every)
+            self.metrics.declare_flow(flow.name, flow.every, confirms=flow.confirm == "mpl")
         if config.relay is not None:
             from senderd.relay import Relay  # sqlite3 and the relay only when a relay is configured
 
@@ -234,8 +234,8 @@ class Daemon:
         except SenderdError as exc:
             return self._reload_failed(str(exc))
         restart_needed = [name for name in RESTART_SECTIONS if getattr(new, name) != getattr(running, name)]
-        if set(new.credentials) != set(running.credentials):  # sets come and go with their sessions: a restart
-            restart_needed.append("credentials")
+        if set(new.credentials) != set(running.credentials) or new.api_sets != running.api_sets:
+            restart_needed.append("credentials")  # sets come and go with their sessions (and pollers): a restart
         # What a running daemon cannot change stays as it runs, for every component alike (said below).
         new = new.model_copy(update={name: getattr(running, name) for name in restart_needed})
         for name, credentials in new.credentials.items():  # the same key and settings: nothing happens
@@ -246,7 +246,7 @@ class Daemon:
         self.config = new
         engine.holder.swap(new)
         for flow in new.flows:
-            self.metrics.declare_flow(flow.name, flow.every)
+            self.metrics.declare_flow(flow.name, flow.every, confirms=flow.confirm == "mpl")
         restarted = scheduler.update(new.flows)
         self.metrics.config_reload_ok.set(1)
         log.info(

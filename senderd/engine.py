@@ -2,8 +2,9 @@
 
 `Engine.open(config)` loads the service key, opens the token session and the runtime session (each
 created once and reused), keeps a token fresh in the background, and gives `send(flow)`: a whole delivery
-with retries, metrics and one log event; `run_once(flows)` sends each flow once through a bounded pool
-(the CronJob mode).
+with retries, the confirmation through the Message Processing Log API where the flow asks for it
+(`confirm = "mpl"`, by the one shared poller of its `confirm_credentials`), metrics and one log event;
+`run_once(flows)` sends each flow once through a bounded pool (the CronJob mode).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import anyio
 from senderd.auth.credset import CredentialSet
 from senderd.auth.token import TokenProvider
 from senderd.clock import Clock, SystemClock
-from senderd.config import Config, ConfigHolder, FlowConfig
+from senderd.config import APPLICATION_ID_HEADER, RECOMMENDED_MAX_BODY, Config, ConfigHolder, FlowConfig
+from senderd.confirm import Confirmation, MplPoller
 from senderd.errors import ConfigError
 from senderd.logs import get_logger
 from senderd.metrics import Metrics
@@ -57,8 +59,11 @@ class Engine:
     metrics: Metrics
     clock: Clock
     listeners: list[SendListener] = field(default_factory=list)
+    confirmers: dict[str, MplPoller] = field(default_factory=dict)
+    """The Message Processing Log poller of each credentials set of plan `api`, by set name."""
     _policies: dict[str, tuple[FlowConfig, RetryPolicy]] = field(default_factory=dict)
     _stopping: anyio.Event = field(default_factory=anyio.Event)
+    _large_warned: set[str] = field(default_factory=set)
 
     @property
     def config(self) -> Config:
@@ -67,10 +72,11 @@ class Engine:
 
     @property
     def only_set(self) -> CredentialSet:
-        """The one credentials set of a single-set config (the common case; for tools and tests)."""
-        if len(self.sets) != 1:
+        """The one sending credentials set of a config with one (the common case; for tools and tests)."""
+        sending = [s for s in self.sets.values() if s.purpose == "send"]
+        if len(sending) != 1:
             raise ConfigError(f"{self.config.source}: several credentials sets ({', '.join(self.sets)}): name one")
-        return next(iter(self.sets.values()))
+        return sending[0]
 
     @property
     def tokens(self) -> TokenProvider:
@@ -98,6 +104,8 @@ class Engine:
         for credential_set in self.sets.values():
             if credential_set.tokens is not None:
                 credential_set.tokens.stop()
+        for poller in self.confirmers.values():
+            poller.stop()
 
     async def _retry_sleep(self, seconds: float) -> None:
         """The wait before a retry, cut short when senderd stops."""
@@ -140,14 +148,23 @@ class Engine:
             senders = {
                 name: Sender(s.session, s.auth, s.runtime_url, metrics, clock, s.config, name=name)
                 for name, s in sets.items()
+                if s.purpose == "send"
             }
-            engine = cls(holder=ConfigHolder(config), sets=sets, senders=senders, metrics=metrics, clock=clock)
+            confirmers = {
+                name: MplPoller(name, s.session, s.auth, s.runtime_url, clock)
+                for name, s in sets.items()
+                if s.purpose == "api"
+            }
+            engine = cls(holder=ConfigHolder(config), sets=sets, senders=senders, metrics=metrics, clock=clock,
+                         confirmers=confirmers)  # fmt: skip
             error: Exception | None = None
             async with anyio.create_task_group() as background:
                 if refresh:
                     for credential_set in sets.values():  # fetches happen here, not in a send that may give up
                         if credential_set.tokens is not None:
                             await background.start(credential_set.tokens.run)
+                for poller in confirmers.values():
+                    await background.start(poller.run)
                 try:
                     yield engine
                 except Exception as exc:  # the caller's own error: re-raised as it is, not in a group
@@ -175,9 +192,11 @@ class Engine:
         probe: bool = False,
         deadline: float | None = None,
     ) -> SendResult:
-        """Deliver to `flow` with its retry policy; counts, logs and tells the listeners.
+        """Deliver to `flow` with its retry policy, then confirm the delivery where the flow asks for it;
+        counts, logs and tells the listeners.
 
-        A `probe` send is counted apart (`senderd_probe_sends_total`); `deadline` shortens the flow's own.
+        A `probe` send is counted apart (`senderd_probe_sends_total`); `deadline` shortens the flow's own (and
+        bounds the confirmation too).
         """
         clock = self.clock
         if scheduled_at is not None:
@@ -186,6 +205,10 @@ class Engine:
         if message_id is None and ids is not None:
             message_id = new_message_id() if ids == "auto" else ids
         payload = body if body is not None else flow.body_bytes()
+        if payload is not None and len(payload) > RECOMMENDED_MAX_BODY and flow.name not in self._large_warned:
+            self._large_warned.add(flow.name)  # once per flow: the config and the relay warn too
+            log.warning("large_body", flow=flow.name, body_mb=round(len(payload) / 2**20),
+                        hint="SAP recommends messages of at most 40 MB")  # fmt: skip
         self.metrics.inflight.inc()
         sender = self.sender_for(flow)
         policy = self.policy(flow)
@@ -206,6 +229,11 @@ class Engine:
                 should_stop=self._stopping.is_set,
                 on_attempt=_log_attempt(flow) if log.is_enabled_for(logging.DEBUG) else None,
             )
+            if result.ok and flow.confirm == "mpl":
+                limit = flow.confirm_timeout
+                if deadline is not None:
+                    limit = min(limit, max(0.0, started + deadline - clock.monotonic()))
+                result = await self._confirmed(flow, result, _sent_id(flow, headers, message_id), limit)
         except Exception as exc:  # a bug, or an error nobody foresaw: this send's outcome, not the daemon's end
             log.exception("send_crashed", flow=flow.name)
             self.metrics.internal_error("send")
@@ -215,6 +243,28 @@ class Engine:
             self.metrics.inflight.dec()
         self._record(flow, result, probe)
         return result
+
+    async def _confirmed(
+        self, flow: FlowConfig, result: SendResult, application_id: str | None, timeout: float
+    ) -> SendResult:
+        """`result` with the verdict of the Message Processing Log API (`flow_failed`, `unconfirmed`)."""
+        assert flow.confirm_credentials is not None, "validated at load"
+        poller = self.confirmers.get(flow.confirm_credentials)
+        if poller is None:  # a reload made this set an MPL API set: that takes a restart
+            confirmation = Confirmation(
+                "api_error", error=f"credentials set {flow.confirm_credentials!r} was not opened for the MPL API: "
+                "restart senderd to confirm with it"
+            )  # fmt: skip
+        else:
+            confirmation = await poller.confirm(
+                flow.name, mpl_id=result.mpl_id, application_id=application_id, timeout=timeout
+            )
+        self.metrics.confirmation(flow.name, confirmation.status, confirmation.duration)
+        outcome = confirmation.outcome
+        last = result.last
+        if outcome != "success":
+            last = dataclasses.replace(last, outcome=outcome, error=confirmation.describe(timeout))
+        return dataclasses.replace(result, outcome=outcome, last=last, confirmation=confirmation)
 
     async def run_once(self, flows: Sequence[FlowConfig]) -> list[SendResult]:
         """Send every flow once through a pool of `pool.workers`; results in the order of `flows`."""
@@ -249,7 +299,10 @@ class Engine:
             outcome=result.outcome,
             latency_ms=round(result.duration * 1000, 1),
             attempts=result.attempts,
-            **{_snake(k): v for k, v in result.last.correlation.items()},
+            **{
+                **_confirmation_fields(result.confirmation),
+                **{_snake(k): v for k, v in result.last.correlation.items()},
+            },
             **({"error": result.last.error} if result.last.error else {}),
             **({"message_id": result.message_id} if result.message_id else {}),
             **({"trigger": "probe"} if probe else {}),
@@ -279,3 +332,26 @@ def _log_attempt(flow: FlowConfig) -> AttemptListener:
 
 def _snake(header: str) -> str:
     return header.lower().replace("-", "_")
+
+
+def _sent_id(flow: FlowConfig, headers: dict[str, str] | None, message_id: str | None) -> str | None:
+    """The `SAP_ApplicationID` the runtime got: a caller's or the flow's own header, else the message id."""
+    for given in (headers or {}, flow.headers):
+        for name, value in given.items():
+            if name.lower() == APPLICATION_ID_HEADER.lower():
+                return value
+    return message_id
+
+
+def _confirmation_fields(confirmation: Confirmation | None) -> dict[str, object]:
+    if confirmation is None:
+        return {}
+    fields: dict[str, object] = {
+        "confirmation": confirmation.status,
+        "confirmation_ms": round(confirmation.duration * 1000, 1),
+    }
+    if confirmation.mpl_status is not None:
+        fields["mpl_status"] = confirmation.mpl_status
+    if confirmation.mpl_id is not None:
+        fields["sap_messageprocessinglogid"] = confirmation.mpl_id
+    return fields

@@ -22,11 +22,26 @@ if TYPE_CHECKING:
     from senderd.errors import TokenError
 
 Outcome = Literal[
-    "success", "http_error", "check_failed", "timeout", "connection_error", "auth_error", "internal_error"
+    "success",
+    "http_error",
+    "check_failed",
+    "timeout",
+    "connection_error",
+    "auth_error",
+    "internal_error",
+    "flow_failed",
+    "unconfirmed",
 ]
 """How a send ended: `senderd_sends_total{outcome}` and the `send_finished` log event (`internal_error`: an
-exception senderd did not foresee, logged with its traceback as `send_crashed`)."""
+exception senderd did not foresee, logged with its traceback as `send_crashed`). A flow with `confirm = "mpl"`
+ends `flow_failed` when the runtime accepted the message but its processing log says FAILED, ESCALATED or
+CANCELLED, and `unconfirmed` when no final status was found within `confirm_timeout`."""
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
+ConfirmationStatus = Literal["completed", "failed", "escalated", "cancelled", "pending", "not_found", "api_error"]
+"""How a confirmation ended: `senderd_confirmations_total{status}`. The first four are the final MPL statuses;
+`pending`: the log still said PROCESSING, RETRY, ABANDONED (or another status that is not final) at the timeout;
+`not_found`: no log was found; `api_error`: the MPL API refused or could not be reached (its last answer)."""
+CONFIRMATION_STATUSES: tuple[ConfirmationStatus, ...] = get_args(ConfirmationStatus)
 TokenFailureReason = Literal[
     "bad_credentials",
     "client_certificate",
@@ -60,6 +75,7 @@ SPOOL_STATES: tuple[SpoolState, ...] = get_args(SpoolState)
 SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CONFIRMATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class _SpoolCollector(Collector):
@@ -139,6 +155,19 @@ class Metrics:
             ["flow", "outcome"],
             registry=r,
         )
+        self.confirmations = Counter(
+            "senderd_confirmations",
+            "Deliveries looked up in the Message Processing Log API, by how the lookup ended.",
+            ["flow", "status"],
+            registry=r,
+        )
+        self.confirmation_duration = Histogram(
+            "senderd_confirmation_duration_seconds",
+            "Time from a flow's answer to its confirmed (or unconfirmed) verdict.",
+            ["flow"],
+            buckets=CONFIRMATION_BUCKETS,
+            registry=r,
+        )
         self.schedule_lag = Histogram(
             "senderd_schedule_lag_seconds",
             "Start time minus scheduled time.",
@@ -203,13 +232,23 @@ class Metrics:
             self._flow_series[flow] = series
         return series
 
-    def declare_flow(self, flow: str, every: float | None) -> None:
-        """Create the flow's series at zero so that rates and absent() work from the first scrape."""
+    def declare_flow(self, flow: str, every: float | None, *, confirms: bool = False) -> None:
+        """Create the flow's series at zero so that rates and absent() work from the first scrape (with those
+        of its confirmations when it `confirms`)."""
         self.flow_series(flow)
         for reason in SKIP_REASONS:
             self.skipped_ticks.labels(flow, reason)
         if every is not None:
             self.flow_interval.labels(flow).set(every)
+        if confirms:
+            for status in CONFIRMATION_STATUSES:
+                self.confirmations.labels(flow, status)
+            self.confirmation_duration.labels(flow)
+
+    def confirmation(self, flow: str, status: ConfirmationStatus, seconds: float) -> None:
+        """Count a finished confirmation of a delivery to `flow` and the time it took."""
+        self.confirmations.labels(flow, status).inc()
+        self.confirmation_duration.labels(flow).observe(seconds)
 
     def tick_skipped(self, flow: str, reason: SkipReason, count: int = 1) -> None:
         """Count `count` ticks of `flow` that did not run."""

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from multidict import CIMultiDictProxy
 
 from senderd.metrics import Outcome
 
-CORRELATION_HEADERS = ("SAP_MessageProcessingLogID", "SAP_MplCorrelationId", "x-correlationid")
-"""The runtime's answer headers that find a message in Cloud Integration monitoring."""
+if TYPE_CHECKING:
+    from senderd.confirm import Confirmation
+
+MPL_HEADER = "SAP_MessageProcessingLogID"
+CORRELATION_HEADERS = (MPL_HEADER, "SAP_MplCorrelationId", "x-correlationid")
+"""The runtime's answer headers that find a message in Cloud Integration monitoring (names are matched without
+regard to case: SAP's docs also write `SAP_MessageProcessingLogId`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,13 +37,17 @@ class Attempt:
     """For a connection error: it happened after the connection was up, so the request may have arrived."""
     answer_truncated: bool = False
     """The answer was longer than the flow's `max_response_bytes`: `body` holds its first bytes only."""
+    body_mpl_id: str | None = None
+    """The MPL id the answer's body named (a 500's documented text, a 202's id to poll)."""
 
     @property
     def correlation(self) -> dict[str, str]:
-        """The runtime's correlation headers that were present, by their canonical names."""
-        if self.headers is None:
-            return {}
-        return {name: self.headers[name] for name in CORRELATION_HEADERS if name in self.headers}
+        """The runtime's correlation headers that were present, by their canonical names; the MPL id from the
+        body when no header carried it."""
+        found = {} if self.headers is None else {n: self.headers[n] for n in CORRELATION_HEADERS if n in self.headers}
+        if self.body_mpl_id is not None and MPL_HEADER not in found:
+            found = {MPL_HEADER: self.body_mpl_id, **found}
+        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +61,9 @@ class SendResult:
     last: Attempt
     message_id: str | None = None
     attempt_codes: tuple[str, ...] = ()
+    confirmation: Confirmation | None = None
+    """What the Message Processing Log API said (flows with `confirm = "mpl"` whose send succeeded); a send it
+    did not confirm has `last` carry its outcome (`flow_failed`, `unconfirmed`) and error."""
 
     @property
     def ok(self) -> bool:
@@ -74,8 +87,12 @@ class SendResult:
 
     @property
     def mpl_id(self) -> str | None:
-        """The id of the message processing log that the runtime wrote for this message, if it said."""
-        return self.last.correlation.get("SAP_MessageProcessingLogID")
+        """The id of the message processing log that the runtime wrote for this message: as its answer said
+        (header or body), else as the MPL API found it by the message's `SAP_ApplicationID`."""
+        said = self.last.correlation.get(MPL_HEADER)
+        if said is None and self.confirmation is not None:
+            return self.confirmation.mpl_id
+        return said
 
     @property
     def correlation_id(self) -> str | None:

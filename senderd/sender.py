@@ -1,7 +1,14 @@
 """One send to a Cloud Integration flow: Bearer token, CSRF handling, timeout, checks, classification.
 
-`Sender.attempt` makes one HTTP exchange as the runtime expects it (with at most one token refresh after a
-401 and one CSRF token refetch after `403 X-CSRF-Token: Required`), and says what happened in an `Attempt`.
+`Sender.attempt` makes one HTTP exchange as the runtime expects it, and says what happened in an `Attempt`:
+- at most one token refresh after a 401, and after a 500 that came while the token was within
+  `EXPIRY_500_WINDOW` seconds of its expiry (tenants before Cloud Integration 6.76.44 answered an expired
+  token with 500);
+- the CSRF rule: a 403 to a modifying request of a flow that is not `csrf = false` fetches a token once (HEAD
+  with `X-CSRF-Token: Fetch` as SAP Cloud SDK does, GET if HEAD is refused; a token is taken even from an
+  error answer; the session cookies are kept) and retries once. Whether Cloud Integration's 403 says
+  `X-CSRF-Token: Required` is unconfirmed, so nothing depends on it. A 403 that persists with a fresh token
+  is reported as the role problem it is.
 It neither schedules nor retries: `retry.deliver` does that, and `retry.RetryPolicy` decides what is
 retryable.
 """
@@ -9,8 +16,10 @@ retryable.
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 import uuid
+from typing import Literal
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -30,6 +39,13 @@ from senderd.sessions import proxy_for, proxy_problem
 
 log = get_logger("sender")
 CSRF_ANSWER_BYTES = 64 * 1024
+EXPIRY_500_WINDOW = 5.0
+"""Seconds before a token's expiry within which a 500 is taken for an expired token (old tenants): refreshed and
+retried once."""
+ROLE_HINT = (
+    "the client needs the role ESBMessaging.send (or the User Role the flow's HTTPS sender adapter names); "
+    "role changes take up to an hour to apply"
+)
 
 
 class Sender:
@@ -109,7 +125,8 @@ class Sender:
         url = self.url_of(flow)
         origin = _origin(url)
         credential = await self.auth.credential()
-        csrf_refetched = token_refreshed = False
+        token_refreshed = False
+        csrf: CsrfNote = None
         if flow.csrf is True and flow.modifying and origin not in self._csrf:
             await self._fetch_csrf(flow, url, origin, credential)
         while True:
@@ -121,13 +138,14 @@ class Sender:
                 headers["Content-Type"] = flow.content_type
             if message_id is not None and "SAP_ApplicationID" not in headers:
                 headers["SAP_ApplicationID"] = message_id
-            if flow.modifying and origin in self._csrf:
-                headers["X-CSRF-Token"] = self._csrf[origin]
+            sent_csrf = self._csrf.get(origin) if flow.modifying else None
+            if sent_csrf is not None:
+                headers["X-CSRF-Token"] = sent_csrf
             async with self.session.request(
                 flow.method,
                 url,
                 params=flow.query or None,
-                data=body,
+                data=_payload(body),
                 headers=headers,
                 proxy=self._proxy(origin),
                 allow_redirects=False,
@@ -144,38 +162,61 @@ class Sender:
                     credential = await self.auth.credential()
                     continue
                 return self._classify(flow, status, answer, payload, counted=True, truncated=truncated)
-            if (
-                status == 403
-                and answer.get("X-CSRF-Token", "").lower() == "required"
-                and flow.csrf is not False
-                and flow.modifying
-                and not csrf_refetched
-            ):
-                csrf_refetched = True
-                await self._fetch_csrf(flow, url, origin, credential, stale=self._csrf.get(origin))
-                continue
-            return self._classify(flow, status, answer, payload, counted=token_refreshed, truncated=truncated)
+            if status == 500 and not token_refreshed and self._near_expiry(credential):
+                token_refreshed = True  # an old tenant's answer to an expired token: the flow did not run
+                log.info("expired_token_500", flow=flow.name, credentials=self.name, action="refresh and retry once")
+                if self.auth.refused(credential):
+                    credential = await self.auth.credential()
+                    continue
+            if status == 403 and flow.csrf is not False and flow.modifying and csrf is None:
+                token = await self._fetch_csrf(flow, url, origin, credential, stale=sent_csrf)
+                csrf = "none" if token is None else "fresh"
+                if token is not None and token != sent_csrf:
+                    continue  # the same token again: the session was fine, the 403 is not about CSRF
+            return self._classify(
+                flow, status, answer, payload, counted=token_refreshed, truncated=truncated, csrf=csrf
+            )
+
+    def _near_expiry(self, credential: Credential) -> bool:
+        token = credential.token
+        return token is not None and token.remaining(self.clock.monotonic()) <= EXPIRY_500_WINDOW
 
     async def _fetch_csrf(
         self, flow: FlowConfig, url: str, origin: str, credential: Credential, stale: str | None = None
-    ) -> None:
-        """GET with `X-CSRF-Token: Fetch`; one fetch per origin at a time, shared by concurrent senders."""
+    ) -> str | None:
+        """Fetch a CSRF token: HEAD with `X-CSRF-Token: Fetch`, then GET if HEAD gave none (unless it was
+        refused for authorisation, which GET would be too). The token counts whatever the answer's status;
+        the answer's cookies (the session it is bound to) stay in the session's jar. One fetch per origin at
+        a time, shared by concurrent senders; one that finds a token other than `stale` already fetched by
+        another takes it. Returns the token in hand (None: the runtime gave none)."""
         lock = self._csrf_lock.setdefault(origin, anyio.Lock())
         async with lock:
-            if self._csrf.get(origin) not in (None, stale):
-                return  # another sender refreshed it while we waited
+            current = self._csrf.get(origin)
+            if current not in (None, stale):
+                return current  # another sender refreshed it while we waited
             headers = {"X-CSRF-Token": "Fetch"}
             if credential.header is not None:
                 headers["Authorization"] = credential.header
-            async with self.session.get(
-                url, headers=headers, params=flow.query or None, proxy=self._proxy(origin), allow_redirects=False
-            ) as response:
-                await read_bounded(response, CSRF_ANSWER_BYTES)  # the token is in a header; the body is waste
-                value = response.headers.get("X-CSRF-Token")
-            if value and value.lower() != "required":
+            value: str | None = None
+            for method in ("HEAD", "GET"):
+                async with self.session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    params=flow.query or None,
+                    proxy=self._proxy(origin),
+                    allow_redirects=False,
+                ) as response:
+                    await read_bounded(response, CSRF_ANSWER_BYTES)  # the token is in a header; the body is waste
+                    value = _csrf_token(response.headers.get("X-CSRF-Token"))
+                    status = response.status
+                if value is not None or status in (401, 403):
+                    break
+            if value is not None:
                 self._csrf[origin] = value
             else:
                 self._csrf.pop(origin, None)
+            return value
 
     def _classify(
         self,
@@ -186,13 +227,24 @@ class Sender:
         *,
         counted: bool = False,
         truncated: bool = False,
+        csrf: CsrfNote = None,
     ) -> Attempt:
-        """What an answer means; `counted`: a 401 of this send was already counted as an auth failure."""
-        attempt = self._verdict(flow, status, headers, body, counted)
+        """What an answer means; `counted`: a 401 of this send was already counted as an auth failure;
+        `csrf`: after a 403, whether a fresh CSRF token was tried ("fresh") or none could be had ("none")."""
+        attempt = self._verdict(flow, status, headers, body, counted, csrf)
+        body_id = mpl_id_in_body(status, body)
+        if body_id is not None:
+            attempt = dataclasses.replace(attempt, body_mpl_id=body_id)
         return dataclasses.replace(attempt, answer_truncated=True) if truncated else attempt
 
     def _verdict(
-        self, flow: FlowConfig, status: int, headers: CIMultiDictProxy[str], body: bytes, counted: bool
+        self,
+        flow: FlowConfig,
+        status: int,
+        headers: CIMultiDictProxy[str],
+        body: bytes,
+        counted: bool,
+        csrf: CsrfNote,
     ) -> Attempt:
         expected = flow.expect_status
         status_ok = status in expected if expected else 200 <= status < 300
@@ -209,7 +261,7 @@ class Sender:
                 status,
                 headers,
                 body,
-                error=_http_error(status, headers, body, urlsplit(self.url_of(flow)).path),
+                error=_http_error(status, headers, body, urlsplit(self.url_of(flow)).path, csrf),
                 retry_after=parse_retry_after(headers.get("Retry-After"), now=self.clock.time()),
             )
         if flow.expect_body is not None:
@@ -251,6 +303,55 @@ def _certificate_problem(exc: aiohttp.ClientConnectorCertificateError) -> str:
     return f"{where}: TLS certificate not trusted ({reason}): set runtime.ca_file or credentials.ca_file"
 
 
+CsrfNote = Literal["fresh", "none"] | None
+"""After a 403 to a modifying request: a fresh CSRF token was tried ("fresh"), or none could be had ("none")."""
+
+
+def _csrf_token(value: str | None) -> str | None:
+    """A CSRF token from an `X-CSRF-Token` answer header (not the words `Required` or `Fetch`)."""
+    if value is None or not value.strip() or value.strip().lower() in ("required", "fetch", "unsafe"):
+        return None
+    return value.strip()
+
+
+_MPL_ID_TEXT = re.compile(rb"The MPL ID for the failed message is\s*:\s*([A-Za-z0-9_-]{1,64})")
+_REQUEST_ID = re.compile(
+    rb"[\"']?(?:requestId|SAP_MessageProcessingLogI[Dd]|MessageGuid|mplId)[\"']?\s*(?:[:=]|>)\s*[\"']?"
+    rb"([A-Za-z0-9_-]{8,64})",
+    re.IGNORECASE,
+)
+_LONE_ID = re.compile(rb"^\s*([A-Za-z0-9_-]{20,64})\s*$")
+MPL_ID_SCAN_BYTES = 16 * 1024
+"""How much of an answer is searched for an MPL id (the documented texts are short)."""
+
+
+def mpl_id_in_body(status: int, body: bytes) -> str | None:
+    """The message processing log id an answer's body names: a 500's documented text ("The MPL ID for the
+    failed message is : <id>"), or a 202's id to poll (`"requestId": "<id>"` as in SAP's decoupling patterns,
+    `<requestId>` in XML, or the body being just the id)."""
+    head = body[:MPL_ID_SCAN_BYTES]
+    if status == 500:
+        found = _MPL_ID_TEXT.search(head)
+    elif status == 202:
+        found = _REQUEST_ID.search(head) or _LONE_ID.match(head)
+    else:
+        return None
+    return found.group(1).decode("ascii") if found else None
+
+
+STREAMED_BODY_BYTES = 1 << 20
+"""A body above this is written in pieces, the event loop free between them (aiohttp writes raw bytes in one
+go): no other send's body stalls behind a large one, and this one flows as fast as the runtime reads it."""
+
+
+def _payload(body: bytes | None) -> bytes | io.BytesIO | None:
+    """What aiohttp is given for `body`: the bytes, or a fresh view of them to write in pieces (aiohttp closes
+    it after the request: each attempt gets its own; BytesIO shares the bytes, no copy)."""
+    if body is not None and len(body) > STREAMED_BODY_BYTES:
+        return io.BytesIO(body)
+    return body
+
+
 def new_message_id() -> str:
     """A fresh id for `SAP_ApplicationID` (32 hex characters, well within the 120-character limit)."""
     return uuid.uuid4().hex
@@ -281,8 +382,20 @@ def _excerpt(body: bytes) -> str:
     return f": {text}" if text else ""
 
 
-def _http_error(status: int, headers: CIMultiDictProxy[str], body: bytes, path: str) -> str:
+def _http_error(status: int, headers: CIMultiDictProxy[str], body: bytes, path: str, csrf: CsrfNote = None) -> str:
     """What a non-expected status says, with what usually causes it."""
+    if status == 403:
+        if csrf == "fresh":
+            return f"HTTP 403 again with a freshly fetched CSRF token and its session cookies: not CSRF: {ROLE_HINT}"
+        if csrf == "none":
+            return f"HTTP 403, and the runtime handed out no CSRF token: {ROLE_HINT}"
+        return f"HTTP 403: {ROLE_HINT}"
+    mpl_id = mpl_id_in_body(status, body)
+    if status == 500 and mpl_id is not None:
+        return (
+            f"HTTP 500: the iFlow failed to process the message (MPL ID {mpl_id}): its message processing "
+            "log in Cloud Integration monitoring says why"
+        )
     if status == 404 and (not body.strip() or _HTML.match(body[:64])):  # Tomcat's page: no flow there
         return (
             f"HTTP 404: no iFlow is deployed at {path}: check the flow's path (Cloud Integration serves an "

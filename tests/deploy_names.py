@@ -38,6 +38,10 @@ PUBLIC_METRICS: frozenset[str] = frozenset(
         "senderd_config_last_reload_successful",
     }
 )
+CONFIRMATION_METRICS: frozenset[str] = frozenset(
+    {"senderd_confirmations_total", "senderd_confirmation_duration_seconds"}
+)
+"""Public too, and exposed as soon as a flow has `confirm = "mpl"` (their series are that flow's)."""
 """Every senderd metric family (without the histogram suffixes) that dashboards and alerts may use."""
 
 _NAME = re.compile(r"(?<![A-Za-z0-9_:])senderd_[a-z_]+")

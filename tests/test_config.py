@@ -81,3 +81,37 @@ def test_config_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.credentials_set().service_key == tmp_path / "keys" / "k.json"
     assert config.token.backoff_max == 120.0
+
+
+def test_what_sap_advises_against_is_a_warning(tmp_path: Path) -> None:
+    big = tmp_path / "big.xml"
+    big.write_bytes(b"x" * (41 * 1024 * 1024))
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[credentials.send]\nservice_key = 'k.json'\n[credentials.mpl]\nservice_key = 'api.json'\n"
+        "[relay]\nmax_message_bytes = 52428800\n"
+        "[[flows]]\nname = 'big'\npath = '/http/Big'\nmethod = 'POST'\nbody_file = 'big.xml'\n"
+        "[[flows]]\nname = 'q'\npath = '/http/Q'\nquery = { note = 'two words', ok = 'one' }\n"
+        "[[flows]]\nname = 'fixed'\npath = '/http/F'\nconfirm = 'mpl'\nconfirm_credentials = 'mpl'\n"
+        "application_id = 'always-the-same'\n"
+        "[[flows]]\nname = 'none'\npath = '/http/N'\nconfirm = 'mpl'\nconfirm_credentials = 'mpl'\n"
+        "application_id = false\n"
+        "[[flows]]\nname = 'fine'\npath = '/http/OK'\nconfirm = 'mpl'\nconfirm_credentials = 'mpl'\n"
+        "headers = { Content-Type = 'text/xml; charset=utf-8' }\n"
+    )
+    config = load_config(path)
+    assert config.api_sets == {"mpl"}
+    assert config.send_sets == ["send"]
+    assert config.credentials_default == "send"  # the MPL API set sends nothing: no need to name "send"
+    assert config.flow("fine").message_ids == "auto"  # a confirmed GET gets an id to be found by
+    assert config.flow("q").message_ids is None
+    assert [line.removeprefix(f"{path}: ") for line in config.warnings()] == [
+        "flows.big: the body is 41 MB, more than the 40 MB SAP recommends for a message",
+        "flows.q.query: whitespace in the value of note: Cloud Integration turns query parameters into headers, "
+        "whose values should have none",
+        'flows.fixed: confirm = "mpl" with a fixed application_id: every message has that id, so a message without '
+        "an MPL id in its answer may be confirmed by an earlier one's log",
+        'flows.none: confirm = "mpl" with application_id = false: only answers that carry an MPL id can be '
+        "confirmed (the MPL API finds other messages by their SAP_ApplicationID)",
+        "relay.max_message_bytes allows 50 MB: SAP recommends messages of at most 40 MB",
+    ]

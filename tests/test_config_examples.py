@@ -41,3 +41,11 @@ def test_the_multi_tenant_example_has_a_set_per_tenant() -> None:
     assert list(config.credentials) == ["dev", "test", "prod"]
     assert {config.set_of(flow) for flow in config.flows} == {"dev", "test", "prod"}
     assert config.token_for("prod").timeout == 20.0 and config.token_for("dev").timeout == 10.0
+
+
+def test_the_confirming_uptime_probe_reads_the_mpl_api_with_its_own_set() -> None:
+    config = load_config(ROOT / "config/uptime-probe-confirmed.toml")
+    assert config.api_sets == {"monitoring"}
+    assert {config.set_of(flow) for flow in config.flows} == {"send"}  # no flow names its set: one sends
+    assert all(flow.confirm == "mpl" and flow.message_ids == "auto" for flow in config.flows)
+    assert [flow.confirm_timeout for flow in config.flows] == [60.0, 180.0]

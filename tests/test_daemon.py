@@ -70,7 +70,7 @@ async def test_once_exit_codes_and_summary(tmp_path: Path) -> None:
         code, out, err = await senderd("once", "-c", config)
         assert code == 1
         assert "2 passed, 1 failed" in out
-        assert "failing: HTTP 500: The MPL ID for the failed message is" in err
+        assert "failing: HTTP 500: the iFlow failed to process the message (MPL ID " in err
         code, _, err = await senderd("once", "-c", config, "--flow", "nope")
         assert code == 2
         assert "no flow named 'nope' (flows: ts, failing, orders)" in err

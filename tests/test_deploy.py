@@ -24,6 +24,7 @@ import yaml
 
 from tests.deploy_names import (
     ALERTS,
+    CONFIRMATION_METRICS,
     PUBLIC_METRICS,
     ROOT,
     load_alert_rules,
@@ -127,7 +128,7 @@ def test_metric_names_strip_histogram_suffixes() -> None:
 
 def test_dashboard_uses_only_public_metric_names() -> None:
     names = metric_names_in_dashboard()
-    assert names - PUBLIC_METRICS == set()
+    assert names - PUBLIC_METRICS - CONFIRMATION_METRICS == set()
     needed = {
         "senderd_sends_total",
         "senderd_last_success_timestamp_seconds",
@@ -139,6 +140,7 @@ def test_dashboard_uses_only_public_metric_names() -> None:
         "senderd_schedule_lag_seconds",
         "senderd_skipped_ticks_total",
         "senderd_inflight_sends",
+        "senderd_confirmations_total",
     }
     assert needed - names == set(), "panels missing from the dashboard"
 
@@ -204,6 +206,8 @@ FLOW_METRICS = {
     "senderd_schedule_lag_seconds",
     "senderd_skipped_ticks_total",
     "senderd_flow_interval_seconds",
+    "senderd_confirmations_total",
+    "senderd_confirmation_duration_seconds",
 }
 
 

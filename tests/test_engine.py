@@ -104,7 +104,7 @@ async def test_client_and_flow_errors_are_not_retried(stack: EmulatorStack, stat
     assert result.attempts == 1
     assert result.status == status
     if status == 500:
-        assert "The MPL ID for the failed message is" in (result.last.error or "")
+        assert f"the iFlow failed to process the message (MPL ID {result.mpl_id})" in (result.last.error or "")
 
 
 async def test_backoff_is_bounded_by_attempts(stack: EmulatorStack) -> None:

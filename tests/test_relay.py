@@ -178,7 +178,7 @@ async def test_dead_letters_are_kept_and_can_be_redriven(tmp_path: Path) -> None
         await deliveries.wait_for(1)  # a 500 is a flow error: not retried, dead at once
         _, message = await get(f"{url}/v1/messages/{answer['id']}")
         assert message["status"] == "dead"
-        assert "The MPL ID for the failed message is" in message["last_error"]
+        assert "the iFlow failed to process the message (MPL ID " in message["last_error"]
         _, dead = await get(f"{url}/v1/dead")
         assert [m["id"] for m in dead["messages"]] == [answer["id"]]
         stack.runtime.flows["/failing"].error_rate = 0.0  # the flow is fixed

@@ -326,3 +326,36 @@ def test_an_external_key_file_with_its_chain_completes_the_certificate_chain(pki
     key_file = (client.key_pem_pkcs8() + pki.intermediate.cert_pem()).encode()
     key = parse(data, key_file_data=key_file, key_file_name="client.pem")
     assert [c.subject for c in key.chain] == [client.cert.subject, pki.intermediate.cert.subject]
+
+
+@pytest.mark.parametrize(
+    ("written", "noted"),
+    [
+        ("0x{:X}", False),  # as SAP writes it
+        ("0x{:x}", False),
+        ("{:X}", False),  # plain hex, as other tools write it
+        ("{:d}", False),  # decimal
+        ("0x1234", True),  # another certificate's
+        ("not a serial", True),
+    ],
+)
+def test_certificatedetails_serialnumber_in_any_form_is_accepted(
+    pki: Pki, client: IssuedCert, written: str, noted: bool
+) -> None:
+    data = key_dict(pki, client)
+    data["oauth"]["certificatedetails"]["serialnumber"] = written.format(client.cert.serial_number)
+    key = parse(data)  # never refused: the details are informative
+    assert key.chain[0] == client.cert
+    notes = [n for n in key.notes if "serialnumber" in n]
+    assert bool(notes) is noted
+    if noted:
+        assert notes[0].startswith("key.json: field 'oauth.certificatedetails.serialnumber' (")
+        assert f"(0x{client.cert.serial_number:X})" in notes[0]
+
+
+def test_an_external_certificate_key_of_one_certificate_without_its_chain(pki: Pki, client: IssuedCert) -> None:
+    data = key_dict(pki, client, chain=[], include_key=False)
+    key = parse(data, key_file_data=client.key_pem_pkcs8().encode(), key_file_name="client.pem")
+    assert key.key_type == "external-certificate"
+    assert key.chain == (client.cert,)
+    assert key.notes == ()

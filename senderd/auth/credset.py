@@ -8,6 +8,7 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -45,6 +46,8 @@ class CredentialSet:
     clock: Clock | None = None
     runtime_context: ssl.SSLContext | None = field(default=None, repr=False)
     token_timeout: float = 10.0
+    purpose: Purpose = "send"
+    """What the set is for: sending to iFlows, or reading the MPL API (its `runtime_url` is then the API host)."""
 
     @property
     def where(self) -> str:
@@ -54,27 +57,42 @@ class CredentialSet:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, name: str, config: Config, *, metrics: Metrics, clock: Clock, purpose: Purpose | None = "send",
+        cls, name: str, config: Config, *, metrics: Metrics, clock: Clock, purpose: Purpose | None = None,
         key: tuple[ServiceKey, KeySource] | None = None,
     ) -> AsyncIterator[CredentialSet]:  # fmt: skip
-        """Load the set's key and open its sessions (closed on exit). Raises ConfigError/CredentialsError."""
+        """Load the set's key and open its sessions (closed on exit). Raises ConfigError/CredentialsError.
+
+        `purpose` (default: what the config makes of the set) refuses a binding of the wrong plan; an `api` set
+        talks to its key's `url` (the tenant's API host), never to `[runtime] url`."""
         creds = config.credentials[name]
+        purpose = purpose or config.purpose(name)
         where = "credentials" if len(config.credentials) == 1 else f"credentials.{name}"
         loaded, source = key or load_set(creds, source=config.source, where=where, purpose=purpose)
         for note in loaded.notes:
             log.warning("credentials_note", credentials=name, note=note)
         _check_mode(creds, loaded, config.source, where)
+        if purpose == "api" and _xsappname(loaded.client_id).startswith("it-rt-"):
+            log.warning("credentials_note", credentials=name, note=f"{loaded.source}: the client id looks like a "
+                        "key of plan integration-flow (it-rt-...): the MPL API needs a key of plan api")  # fmt: skip
+        if purpose == "api" and "-rt." in (urlsplit(loaded.runtime_url or "").hostname or ""):
+            log.warning("credentials_note", credentials=name, note=f"{loaded.source}: url {loaded.runtime_url} is "
+                        "a runtime (-rt) host: the MPL API is on the tenant's host without -rt")  # fmt: skip
         metrics.declare_set(name)
         if loaded.certificate_not_after is not None:
             metrics.certificate_expires(name, loaded.certificate_not_after.timestamp())
-        runtime_url = creds.runtime_url or config.runtime.url or loaded.runtime_url
+        if purpose == "api":
+            runtime_url = creds.runtime_url or loaded.runtime_url
+            ca_file = creds.ca_file or config.runtime.ca_file
+        else:
+            runtime_url = creds.runtime_url or config.runtime.url or loaded.runtime_url
+            ca_file = config.runtime.ca_file or creds.ca_file
         if runtime_url is None:
             raise ConfigError(
                 f"{config.source}: {where}.runtime_url: the service key has no 'url': set runtime_url (or runtime.url)"
             )
         if creds.auth == "basic":
             log.warning("basic_auth", credentials=name, note="SAP does not recommend HTTP Basic for production")
-        context = trust_context(config.runtime.ca_file or creds.ca_file)
+        context = trust_context(ca_file)
         if creds.auth == "client-certificate":
             load_client_certificate(context, loaded)
         async with contextlib.AsyncExitStack() as stack:
@@ -95,7 +113,7 @@ class CredentialSet:
             )
             stack.push_async_callback(session.close)
             credential_set = cls(name, creds, loaded, source, runtime_url, session, CertificateAuth(), tokens,
-                                 metrics, clock, context, config.token_for(name).timeout)  # fmt: skip
+                                 metrics, clock, context, config.token_for(name).timeout, purpose)  # fmt: skip
             if tokens is not None:
                 credential_set.auth = BearerAuth(tokens)
             elif creds.auth == "basic":
@@ -115,7 +133,7 @@ class CredentialSet:
         """Take the credentials `config` names into use, once they work (OAuth: once they got a token); a
         broken replacement is refused with one log line, and the old credentials keep serving."""
         try:
-            key, source = load_set(config, where=where, purpose="send")
+            key, source = load_set(config, where=where, purpose=self.purpose)
             _check_mode(config, key, "", where)
             if key == self.key and config == self.config:
                 self.source = source
@@ -140,6 +158,11 @@ class CredentialSet:
         log.info("credentials_rotated", credentials=self.name, source=key.source, key_type=key.key_type,
                  certificate_expires=expiry.isoformat() if expiry else None)  # fmt: skip
         return True
+
+
+def _xsappname(client_id: str) -> str:
+    """What follows the `|` of a client id (`it-rt-<tenant>!b..` for plan integration-flow, `it!b..` for api)."""
+    return client_id.rpartition("|")[2]
 
 
 def _check_mode(config: CredentialsConfig, key: ServiceKey, source: str, where: str) -> None:

@@ -277,6 +277,7 @@ def parse_service_key(
         )
     chain = _order_chain(certs, private_key, source, where + "certificate")
     _check_validity(chain[0], source, where + "certificate", now, notes)
+    _check_details(fields.get("certificatedetails"), chain[0], source, where + "certificatedetails", notes)
     cert_url = _derive_cert_host(token_url)
     if cert_url != token_url:
         notes.append(
@@ -496,6 +497,32 @@ def _order_chain(
         chain.append(nxt)
         rest.remove(nxt)
     return chain + rest
+
+
+def _serial(text: str) -> set[int]:
+    """The serial numbers `text` can mean: SAP writes `0x` and hex ("0xABCD1234"); other tools write plain hex,
+    hex with colons, or decimal."""
+    value = text.strip().replace(":", "").replace(" ", "")
+    readings: set[int] = set()
+    for digits, base in ((value[2:], 16) if value.lower().startswith("0x") else (value, 16), (value, 10)):
+        try:
+            readings.add(int(digits, base))
+        except ValueError:
+            continue
+    return readings
+
+
+def _check_details(details: Any, cert: x509.Certificate, source: str, field_name: str, notes: list[str]) -> None:
+    """`certificatedetails` is informative: a serial number that is not the certificate's is noted (the key
+    was put together from two downloads, or edited), never refused."""
+    if not isinstance(details, Mapping):
+        return
+    serial = details.get("serialnumber")
+    if isinstance(serial, str) and serial.strip() and cert.serial_number not in _serial(serial[:200]):
+        notes.append(
+            f"{source}: field '{field_name}.serialnumber' ({serial[:70]}) is not the serial number of the key's "
+            f"certificate (0x{cert.serial_number:X}): was the certificate replaced without its details?"
+        )
 
 
 def _check_validity(

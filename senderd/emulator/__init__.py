@@ -13,6 +13,7 @@ from senderd.emulator.bindings import (
     write_plain,
     write_projected,
 )
+from senderd.emulator.mpl import MplApi, MplApiFaults, MplApiStats, MplEntry, MplStatus, MplStore
 from senderd.emulator.pki import IssuedCert, Pki, PrivateKey, create_pki, create_root_ca
 from senderd.emulator.runtime import AuthMode, FlowSpec, ReceivedMessage, Runtime, RuntimeStats, default_flows
 from senderd.emulator.servicekey import (
@@ -39,6 +40,12 @@ __all__ = [
     "IssuedCert",
     "KeyType",
     "Layout",
+    "MplApi",
+    "MplApiFaults",
+    "MplApiStats",
+    "MplEntry",
+    "MplStatus",
+    "MplStore",
     "Pki",
     "PrivateKey",
     "ReceivedMessage",

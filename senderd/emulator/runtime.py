@@ -1,4 +1,12 @@
-"""A Cloud Integration runtime: the HTTPS sender adapter serving deployed flows at /http/<address>."""
+"""A Cloud Integration runtime: the HTTPS sender adapter serving deployed flows at /http/<address>.
+
+Every message a flow processes gets a message processing log in `Runtime.mpl` (COMPLETED; FAILED with its
+error text; PROCESSING for a while, then its final status, for an asynchronous flow), which the tenant's MPL
+API (`mpl.py`) serves. Switches reproduce what SAP documents or what tenants differ in: `csrf_required_header`
+(whether a CSRF 403 says `X-CSRF-Token: Required`: unconfirmed for Cloud Integration, so off by default),
+`expired_token_status` (500 on tenants before Cloud Integration 6.76.44), `correlation_headers` (off: a flow
+whose script strips the `SAP_*` answer headers), `body_stall_limit` (SAP cancels a request whose body stalls
+for 20 s)."""
 
 from __future__ import annotations
 
@@ -9,9 +17,10 @@ import math
 import random
 import secrets
 import string
+import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -20,6 +29,7 @@ from aiohttp import web
 from cryptography import x509
 
 from senderd.emulator.listener import TlsListener, peer_chain
+from senderd.emulator.mpl import MplEntry, MplStatus, MplStore
 from senderd.emulator.pki import Pki
 from senderd.emulator.token_server import RevokedTokenError, TokenServer, basic_credentials
 
@@ -30,6 +40,10 @@ ALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"})
 MODIFYING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MAX_BODY = 64 * 1024 * 1024  # SAP recommends payloads <= 40 MB; aiohttp's default 1 MiB would be too strict
 TIMESTAMP_PLACEHOLDER = "${date:now:yyyy-MM-dd HH:mm:ss}"
+BODY_STALL_LIMIT = 20.0
+"""Seconds a request body may stall before the runtime's web server cancels the request (SAP: 20 s)."""
+APPLICATION_ID_CHARS = 120
+"""The characters of `SAP_ApplicationID` that monitoring keeps as ApplicationMessageId."""
 _MPL_ALPHABET = string.ascii_letters + string.digits + "-_"
 
 _NOT_FOUND_HTML = (
@@ -49,7 +63,9 @@ class FlowSpec:
     methods: frozenset[str] = ALL_METHODS
     csrf: bool = False
     body: str | None = None
-    kind: Literal["timestamp", "echo", "static", "large"] = "static"
+    kind: Literal["timestamp", "echo", "static", "large", "async"] = "static"
+    """"async": answers 202 at once with `{"info": ..., "requestId": "<MPL id>"}`, as SAP's decoupling patterns
+    do; its log stays PROCESSING for `processing_time`, then shows `mpl_status`."""
     status: int = 200
     content_type: str = "text/plain"
     error_rate: float = 0.0
@@ -61,10 +77,28 @@ class FlowSpec:
     """`kind="large"`: answer this many bytes (streamed, never held whole), e.g. an export of 100 MB."""
     answer_encoding: str | None = None
     """A Content-Encoding for the answer; "gzip" with `kind="large"` sends a gzip bomb of that inflated size."""
+    processing_time: float = 0.0
+    """Seconds (emulator time) the message's log shows PROCESSING after the answer (`kind="async"`)."""
+    mpl_status: MplStatus = "COMPLETED"
+    """The final status of the message's log: a flow can answer 200 or 202 and still fail inside."""
+    error_text: str = "com.sap.it.rt.adapter.http.api.exception.HttpResponseException: emulated processing error"
+    """The log's ErrorInformation when the flow fails (error_rate) or `mpl_status` is not COMPLETED."""
+    return_exception: bool = False
+    """"Return Exception to Sender": a failing flow answers its exception text instead of SAP's MPL id text."""
+    user_role: str | None = None
+    """The flow's own User Role (a scope suffix, checked after CSRF); None: `ESBMessaging.send` alone."""
+    iflow: str | None = None
+    """The integration flow's id in monitoring (default: the address without slashes)."""
+
+    @property
+    def artifact(self) -> str:
+        """The integration flow id its logs carry."""
+        return self.iflow or (self.address.strip("/").replace("/", "_").replace("*", "") or "root")
 
 
 def default_flows() -> list[FlowSpec]:
-    """GetTimestamp (the tutorial's flow), Orders (CSRF-protected echo), Flaky and Failing."""
+    """GetTimestamp (the tutorial's flow), Orders (CSRF-protected echo), Flaky, Failing and Async (202, then
+    its log PROCESSING for 3 s before COMPLETED)."""
     return [
         FlowSpec(
             "/GetTimestamp",
@@ -75,6 +109,7 @@ def default_flows() -> list[FlowSpec]:
         FlowSpec("/Orders", methods=frozenset({"POST"}), csrf=True, kind="echo"),
         FlowSpec("/Flaky", unavailable_pattern=(True, True, False), body="OK"),
         FlowSpec("/Failing", error_rate=1.0),
+        FlowSpec("/Async", methods=frozenset({"POST"}), kind="async", status=202, processing_time=3.0),
     ]
 
 
@@ -118,7 +153,13 @@ class RuntimeStats:
     incomplete_chains: int = 0
     """Client certificates sent without the chain up to the root (dropped, as SAP's load balancer does)."""
     csrf_fetches: int = 0
+    csrf_fetch_methods: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Token fetches that got a token, by method (HEAD or GET)."""
     csrf_rejections: int = 0
+    stalled_bodies: int = 0
+    """Requests cancelled because their body stalled for longer than `Runtime.body_stall_limit`."""
+    largest_body_gap: float = 0.0
+    """The longest wait (real seconds) between two pieces of a request body the runtime read."""
     messages: list[ReceivedMessage] = field(default_factory=list)
     application_ids: list[str | None] = field(default_factory=list)
     """`SAP_ApplicationID` of every request as it arrived (None without one), processed or not."""
@@ -168,6 +209,22 @@ class Runtime:
         a token is then as good as none)."""
         self.basic_auth = True
         """Accept HTTP Basic with a secret client's `clientid:clientsecret`."""
+        self.csrf_required_header = False
+        """Send `X-CSRF-Token: Required` with a CSRF 403 (Tomcat's filter does; for Cloud Integration it is
+        unconfirmed, so a client must not depend on it: off by default)."""
+        self.csrf_head_fetch = True
+        """Hand out CSRF tokens to HEAD; False: HEAD is refused with 405 (a client must then GET)."""
+        self.csrf_fetch_status = 200
+        """The status of a token fetch's answer (the token is in its header whatever the status)."""
+        self.expired_token_status = 401
+        """What an expired token gets: 401, or 500 as on tenants before Cloud Integration 6.76.44 (March 2026)."""
+        self.correlation_headers = True
+        """Answer with `SAP_MessageProcessingLogID` and `SAP_MplCorrelationId` (False: a flow that strips them,
+        as SAP recommends for internal headers; the MPL id is then only in a 500's text)."""
+        self.body_stall_limit = BODY_STALL_LIMIT
+        """Real seconds a request body may stall before the request is cancelled (408, connection closed)."""
+        self.mpl = MplStore()
+        """The message processing logs of every message processed (served by the tenant's MPL API)."""
         self.stats = RuntimeStats()
         self._pki = pki
         self._client_cas = tuple(client_cas)
@@ -274,6 +331,8 @@ class Runtime:
                 return csrf
         if request.method not in flow.methods:
             return web.Response(status=405, headers={"Allow": ", ".join(sorted(flow.methods))})
+        if flow.user_role is not None and not any(s.endswith(flow.user_role) for s in principal.scopes):
+            return web.Response(status=403, text="Forbidden")
         return await self._run_flow(request, key, flow, principal)
 
     def _authenticate(self, request: web.Request) -> web.Response | _Principal:
@@ -292,6 +351,9 @@ class Runtime:
         try:
             claims = self._token_server.verify(token) if token else None
         except jwt.ExpiredSignatureError:
+            if self.expired_token_status == 500:
+                self.stats.expired_tokens += 1
+                return web.Response(status=500, text="Internal Server Error")
             return self._refuse("bearer", "expired_tokens")
         except RevokedTokenError:
             return self._refuse("bearer", "revoked_tokens")
@@ -354,8 +416,11 @@ class Runtime:
             session = None  # routed to another instance: the session is unknown there
         header = request.headers.get("X-CSRF-Token", "")
         if request.method in ("GET", "HEAD") and header.lower() == "fetch":
+            if request.method == "HEAD" and not self.csrf_head_fetch:
+                return web.Response(status=405, headers={"Allow": "GET, POST"})
             self.stats.csrf_fetches += 1
-            response = web.Response(status=200)
+            self.stats.csrf_fetch_methods[request.method] += 1
+            response = web.Response(status=self.csrf_fetch_status)
             if session is None:
                 session_id, vcap_id = secrets.token_hex(16).upper(), secrets.token_hex(14)
                 session = (vcap_id, secrets.token_hex(16).upper())
@@ -368,7 +433,8 @@ class Runtime:
             session is None or not hmac.compare_digest(header.encode(), session[1].encode())
         ):
             self.stats.csrf_rejections += 1
-            return web.Response(status=403, text="CSRF token validation failed", headers={"X-CSRF-Token": "Required"})
+            required = {"X-CSRF-Token": "Required"} if self.csrf_required_header else None
+            return web.Response(status=403, text="CSRF token validation failed", headers=required)
         return None
 
     async def _run_flow(
@@ -385,11 +451,27 @@ class Runtime:
             self._pattern_pos[key] += 1
             if flow.unavailable_pattern[position % len(flow.unavailable_pattern)]:
                 return _unavailable(flow.retry_after)
-        mpl_id = _mpl_id()
-        headers = {"SAP_MessageProcessingLogID": mpl_id, "SAP_MplCorrelationId": _mpl_id()}
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):
+            return body
+        mpl_id, now = _mpl_id(), self._token_server.now()
+        correlation = _mpl_id()
+        application_id = request.headers.get("SAP_ApplicationID")
+        entry = MplEntry(
+            mpl_id, correlation, flow.artifact, application_id[:APPLICATION_ID_CHARS] if application_id else None, now
+        )
+        headers = {"SAP_MessageProcessingLogID": mpl_id, "SAP_MplCorrelationId": correlation}
+        if not self.correlation_headers:
+            headers = {}
         if flow.error_rate > 0 and random.random() < flow.error_rate:
-            return web.Response(status=500, text=f"The MPL ID for the failed message is : {mpl_id}", headers=headers)
-        body = await request.read()
+            self.mpl.add(replace(entry, final_status="FAILED", error=flow.error_text))
+            text = flow.error_text if flow.return_exception else _internal_error(mpl_id)
+            return web.Response(status=500, text=text, headers=headers)
+        if flow.mpl_status != "COMPLETED":
+            entry.final_status, entry.error = flow.mpl_status, flow.error_text
+        if flow.kind == "async" or flow.processing_time > 0:
+            entry.completes_at = now + flow.processing_time
+        self.mpl.add(entry)
         self.stats.messages.append(
             ReceivedMessage(
                 address=key,
@@ -398,7 +480,7 @@ class Runtime:
                 headers=_recorded_headers(request),
                 query=dict(request.query),
                 mpl_id=mpl_id,
-                at=self._token_server.now(),
+                at=now,
                 token_jti=principal.jti,
                 auth=principal.mode,
                 client_id=principal.client_id,
@@ -411,6 +493,9 @@ class Runtime:
             return web.Response(status=flow.status, body=body, headers=headers)
         if flow.kind == "large":
             return await _stream_large(request, flow, headers)
+        if flow.kind == "async":
+            accepted = {"info": "the message has been saved and will be processed soon", "requestId": mpl_id}
+            return web.json_response(accepted, status=flow.status, headers=headers)
         text = flow.body or ""
         if flow.kind == "timestamp":
             text = (flow.body or f"Current time (UTC): {TIMESTAMP_PLACEHOLDER}").replace(
@@ -419,6 +504,36 @@ class Runtime:
             )
         headers["Content-Type"] = flow.content_type
         return web.Response(status=flow.status, body=text.encode(), headers=headers)
+
+    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+        """The whole request body, read as it comes; a body that stalls for `body_stall_limit` (SAP: 20 s)
+        cancels the request (408, connection closed), one over `MAX_BODY` is refused (413)."""
+        pieces: list[bytes] = []
+        size = 0
+        last = time.monotonic()
+        while True:
+            try:
+                piece = await asyncio.wait_for(request.content.readany(), self.body_stall_limit)
+            except TimeoutError:
+                self.stats.stalled_bodies += 1
+                return web.Response(status=408, text="Request Timeout", headers={"Connection": "close"})
+            now = time.monotonic()
+            self.stats.largest_body_gap = max(self.stats.largest_body_gap, now - last)
+            last = now
+            if not piece:
+                return b"".join(pieces)
+            size += len(piece)
+            if size > MAX_BODY:
+                raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=size)
+            pieces.append(piece)
+
+
+def _internal_error(mpl_id: str) -> str:
+    """The documented answer of a flow that failed (IS Development/handle-errors-in-successful-responses)."""
+    return (
+        f"An internal server error occured: The MPL ID for the failed message is : {mpl_id}\n"
+        "For more details please check tail log."
+    )
 
 
 async def _stream_large(request: web.Request, flow: FlowSpec, headers: dict[str, str]) -> web.StreamResponse:

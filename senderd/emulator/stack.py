@@ -5,7 +5,8 @@ writes into `dir` its key files (see `tenant.py`: `service-key.json`, the Certif
 beside a key of every other type), `ca.pem` (its root CA) and `senderd.toml` (a config that uses both).
 `EmulatorStack.started(dir, tenants=("dev", "prod"))` starts one tenant per name, each with its own CA,
 clients, token server and runtime, each writing into `dir/<name>/`; the stack's own attributes (`pki`,
-`token_server`, `service_key_path`, ...) are then those of the first tenant.
+`token_server`, `service_key_path`, ...) are then those of the first tenant. Each tenant also serves the
+Message Processing Log API on a port of its own (`Tenant.api_url`, the `url` of its `api-key.json`).
 
 Either way `dir/bindings/` is a `$SERVICE_BINDING_ROOT` holding every tenant's bindings as the SAP BTP
 service operator writes them (`<tenant>-default`, `<tenant>-secretkey`, `<tenant>-secretrootkey`,

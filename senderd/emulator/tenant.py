@@ -29,7 +29,6 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
@@ -44,6 +43,7 @@ from senderd.emulator.bindings import (
     write_plain,
     write_projected,
 )
+from senderd.emulator.mpl import MplApi
 from senderd.emulator.pki import IssuedCert, Pki, create_pki, create_root_ca
 from senderd.emulator.runtime import FlowSpec, Runtime, default_flows
 from senderd.emulator.servicekey import (
@@ -94,6 +94,8 @@ class TenantSpec:
     flows: Sequence[FlowSpec] | None = None
     token_port: int = 0
     runtime_port: int = 0
+    api_port: int = 0
+    """The port of the tenant's API host (the MPL API; 0: a free one)."""
 
 
 @dataclass
@@ -141,6 +143,8 @@ class Tenant:
             client_cert_auth=spec.client_cert_auth,
             client_cas=[self.customer_ca.cert],
         )
+        self.mpl_api = MplApi(self.pki, self.token_server, self.runtime.mpl, tenant=spec.name)
+        """The Message Processing Log API on the tenant's API host (plan-`api` tokens with MonitoringDataRead)."""
         self.p12_passphrase = secrets.token_urlsafe(12)
         """The passphrase of `external-certificate.p12`."""
         self.instances: dict[KeyType, Instance] = {
@@ -165,17 +169,19 @@ class Tenant:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start token server and runtime on 127.0.0.1 (the spec's ports; 0: free ones)."""
+        """Start token server, runtime and MPL API on 127.0.0.1 (the spec's ports; 0: free ones)."""
         await self.token_server.start(port=self.spec.token_port)
         try:
             await self.runtime.start(port=self.spec.runtime_port)
+            await self.mpl_api.start(port=self.spec.api_port)
         except BaseException:
-            await self.token_server.stop()
+            await self.stop()
             raise
 
     async def stop(self) -> None:
-        """Stop both servers."""
+        """Stop the servers."""
         try:
+            await self.mpl_api.stop()
             await self.runtime.stop()
         finally:
             await self.token_server.stop()
@@ -268,10 +274,9 @@ class Tenant:
 
     @property
     def api_url(self) -> str:
-        """The `url` of the plan-`api` key: the tenant's API host (SAP: the runtime host without `-rt`). Here
-        the runtime's listener under the name `localhost` (the MPL API itself is not emulated yet)."""
-        port = urlsplit(self.runtime.url).port
-        return f"https://localhost:{port}"
+        """The `url` of the plan-`api` key: the tenant's API host (SAP: the runtime host without `-rt`), a
+        listener of its own serving the MPL API, under the name `localhost` (a host apart from the runtime's)."""
+        return f"https://localhost:{self.mpl_api.port}"
 
     def service_key(self, key_type: KeyType = "certificate", **overrides: Any) -> dict[str, Any]:
         """The service key of the tenant's `key_type` client, nested under "oauth" (`overrides`: arguments
