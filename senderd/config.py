@@ -496,6 +496,73 @@ class RelayConfig(Section):
         return env_secret(self.token_env, "relay.token_env")
 
 
+FORWARD_MAX_BODY = 128 * 1024 * 1024
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (of a listen address) is this machine only: localhost, 127.0.0.0/8 or ::1."""
+    import ipaddress
+
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ForwardConfig(Section):
+    """`[forward]`: request-reply through the sidecar: the app's own calls to iFlows, credentials injected
+    (see `senderd.forward`)."""
+
+    listen: str = "127.0.0.1:8788"
+    token_env: str | None = None
+    """Environment variable holding the bearer token the app must present (needed beyond localhost)."""
+    credentials: str | None = None
+    """The credentials set the calls go out with (default: the only sending set)."""
+    allow: list[str] = ["/http/*"]
+    """Path patterns forwarded (exact, or a prefix ending in `*`; case-insensitive); anything else is a 404."""
+    max_body_bytes: int = Field(default=FORWARD_MAX_BODY, ge=1, le=1 << 40)
+    """The largest request body forwarded (413 beyond); it is streamed, never held whole."""
+    timeout: PositiveDuration = 60.0
+    """How long the runtime may take to answer (the upload included), and the longest pause in its answer."""
+    application_id: Literal["auto"] | Literal[False] = False
+    """"auto": a fresh `SAP_ApplicationID` for a modifying request that carries none (the app's own always
+    passes through)."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        return check_listen(value)
+
+    @field_validator("allow")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError('give at least one path pattern, e.g. ["/http/*"]')
+        for pattern in value:
+            if not pattern.startswith("/") or "*" in pattern[:-1] or _CONTROL.search(pattern) or " " in pattern:
+                raise ValueError(
+                    f"{pattern!r}: a pattern is a path starting with / with at most one * at its end, e.g. /http/*"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _localhost_or_token(self) -> ForwardConfig:
+        host = self.listen.rpartition(":")[0]
+        if self.token_env is None and not is_loopback(host):
+            raise ValueError(
+                f"listen = {self.listen!r} is beyond localhost: set token_env (the bearer token the app must "
+                "present) or listen on 127.0.0.1"
+            )
+        return self
+
+    def token(self) -> str | None:
+        """The bearer token the app must present, from `token_env`."""
+        return env_secret(self.token_env, "forward.token_env")
+
+
 class Config(BaseModel):
     """The whole validated configuration."""
 
@@ -512,6 +579,7 @@ class Config(BaseModel):
     defaults: SendSettings = SendSettings()
     flows: list[FlowConfig] = []
     relay: RelayConfig | None = None
+    forward: ForwardConfig | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -694,6 +762,19 @@ def _check_flow_sets(config: Config) -> None:
             )
 
 
+def _check_forward_set(config: Config) -> None:
+    forward = config.forward
+    if forward is None:
+        return
+    where = f"{config.source}: forward.credentials"
+    if forward.credentials is None:
+        if config.credentials_default is None:
+            raise ConfigError(f"{where}: there are several credentials sets ({', '.join(config.send_sets)}): name one")
+    elif forward.credentials not in config.send_sets:
+        raise ConfigError(f"{where}: no sending credentials set named {forward.credentials!r} (sets: "
+                          f"{', '.join(config.send_sets)})")  # fmt: skip
+
+
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -793,6 +874,7 @@ def config_from_dict(data: dict[str, Any], *, source: str, base: Path | None = N
     except ValidationError as exc:
         raise ConfigError(format_validation_error(source, exc, single_set=single)) from None
     _check_flow_sets(config)
+    _check_forward_set(config)
     return config
 
 

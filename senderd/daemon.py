@@ -38,12 +38,13 @@ from senderd.scheduler import Scheduler
 from senderd.server import ObservabilityServer
 
 if TYPE_CHECKING:
+    from senderd.forward import Forwarder
     from senderd.relay import Relay
 
 log = get_logger("daemon")
 StartHook = Callable[[Engine, TaskGroup], Awaitable[None]]
 ConfigLoader = Callable[[], Config]
-RESTART_SECTIONS = ("server", "relay", "pool", "runtime", "token")
+RESTART_SECTIONS = ("server", "relay", "pool", "runtime", "token", "forward")
 """Config sections a reload cannot apply to a running daemon (logged as needing a restart)."""
 
 
@@ -61,6 +62,7 @@ class Daemon:
     engine: Engine | None = None
     server: ObservabilityServer | None = None
     relay: Relay | None = None
+    forwarder: Forwarder | None = None
     watchers: dict[str, CredentialWatcher] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -140,6 +142,11 @@ class Daemon:
                 queued=relay.spool.counts["queued"],
                 dead=relay.spool.counts["dead"],
             )
+        if config.forward is not None:
+            from senderd.forward import Forwarder
+
+            forwarder = self.forwarder = await resources.enter_async_context(Forwarder.open(config.forward, engine))
+            log.info("forward_listening", url=forwarder.url, credentials=forwarder.set.name, allow=config.forward.allow)
         if config.server.enabled:
             server = self.server = ObservabilityServer(
                 engine, config.server.listen, probe=self._probe, token=config.server.token()
@@ -286,11 +293,15 @@ class Daemon:
         self.engine.stop_waiting()  # only exchanges already on the wire drain
         if relay is not None:
             relay.stop_accepting()
+        if self.forwarder is not None:
+            self.forwarder.stop_accepting()
 
         async def all_drained() -> None:
             await self._drained.wait()
             if relay is not None:
                 await relay.wait_idle()
+            if self.forwarder is not None:
+                await self.forwarder.wait_idle()
 
         with anyio.move_on_after(self.config.pool.drain_timeout) as drain:
             await _first(all_drained, self._force.wait)

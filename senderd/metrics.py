@@ -321,3 +321,41 @@ class Metrics:
         """Count one delivery round of a relay message."""
         if self.relay_deliveries is not None:
             self.relay_deliveries.labels(flow, result).inc()
+
+    # --- the forwarder ----------------------------------------------------------------------------------
+
+    def watch_forward(self, routes: list[str]) -> ForwardMetrics:
+        """Register the forwarder's metrics (`routes`: its `allow` patterns, the bounded `route` label)."""
+        return ForwardMetrics(self.registry, routes)
+
+
+FORWARD_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"})
+"""The `method` label of `senderd_forward_requests_total`: these, or "other"."""
+FORWARD_NO_ROUTE = "none"
+"""The `route` label of a request whose path no `allow` pattern matches (answered 404)."""
+FORWARD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ForwardMetrics:
+    """`senderd_forward_requests_total{route,method,code}`, `senderd_forward_duration_seconds{route}` and
+    `senderd_forward_inflight_requests`."""
+
+    def __init__(self, registry: CollectorRegistry, routes: list[str]) -> None:
+        self.requests = Counter(
+            "senderd_forward_requests", "Forwarded requests by allow pattern, method and the status answered.",
+            ["route", "method", "code"], registry=registry,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "senderd_forward_duration_seconds", "Time of a forwarded request, the answer's streaming included.",
+            ["route"], buckets=FORWARD_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.inflight = Gauge("senderd_forward_inflight_requests", "Forwarded requests under way.", registry=registry)
+        for route in routes:
+            self.duration.labels(route)
+
+    def finished(self, route: str, method: str, code: int, seconds: float) -> None:
+        """Count one answered request (`code` 0: the app went away before an answer)."""
+        label = method if method in FORWARD_METHODS else "other"
+        self.requests.labels(route, label, str(code)).inc()
+        if route != FORWARD_NO_ROUTE:
+            self.duration.labels(route).observe(seconds)

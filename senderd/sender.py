@@ -75,6 +75,10 @@ class Sender:
         self._html_warned: set[str] = set()
         self._proxies: dict[str, str | None] = {}
 
+    def proxy(self, origin: str) -> str | None:
+        """The proxy for requests to `origin` (looked up once per origin)."""
+        return self._proxy(origin)
+
     def _proxy(self, origin: str) -> str | None:
         """The proxy for requests to `origin` (looked up once per origin)."""
         try:
@@ -181,9 +185,20 @@ class Sender:
         token = credential.token
         return token is not None and token.remaining(self.clock.monotonic()) <= EXPIRY_500_WINDOW
 
-    async def _fetch_csrf(
-        self, flow: FlowConfig, url: str, origin: str, credential: Credential, stale: str | None = None
+    def csrf_token(self, origin: str) -> str | None:
+        """The CSRF token in hand for `origin` (shared by every flow and forwarded request of this set)."""
+        return self._csrf.get(origin)
+
+    async def fetch_csrf(
+        self, url: str, credential: Credential, *, stale: str | None = None, params: dict[str, str] | None = None
     ) -> str | None:
+        """Fetch a CSRF token for `url`'s origin as flows do (see `_fetch_csrf`); the token in hand, or None."""
+        return await self._fetch_csrf(params, url, _origin(url), credential, stale)
+
+    async def _fetch_csrf(
+        self, flow: FlowConfig | dict[str, str] | None, url: str, origin: str, credential: Credential,
+        stale: str | None = None,
+    ) -> str | None:  # fmt: skip
         """Fetch a CSRF token: HEAD with `X-CSRF-Token: Fetch`, then GET if HEAD gave none (unless it was
         refused for authorisation, which GET would be too). The token counts whatever the answer's status;
         the answer's cookies (the session it is bound to) stay in the session's jar. One fetch per origin at
@@ -195,6 +210,7 @@ class Sender:
             if current not in (None, stale):
                 return current  # another sender refreshed it while we waited
             headers = {"X-CSRF-Token": "Fetch"}
+            params = flow.query if isinstance(flow, FlowConfig) else flow
             if credential.header is not None:
                 headers["Authorization"] = credential.header
             value: str | None = None
@@ -203,7 +219,7 @@ class Sender:
                     method,
                     url,
                     headers=headers,
-                    params=flow.query or None,
+                    params=params or None,
                     proxy=self._proxy(origin),
                     allow_redirects=False,
                 ) as response:

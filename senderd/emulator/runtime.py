@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import hmac
 import math
 import random
@@ -63,9 +64,10 @@ class FlowSpec:
     methods: frozenset[str] = ALL_METHODS
     csrf: bool = False
     body: str | None = None
-    kind: Literal["timestamp", "echo", "static", "large", "async"] = "static"
+    kind: Literal["timestamp", "echo", "static", "large", "async", "count"] = "static"
     """"async": answers 202 at once with `{"info": ..., "requestId": "<MPL id>"}`, as SAP's decoupling patterns
-    do; its log stays PROCESSING for `processing_time`, then shows `mpl_status`."""
+    do; its log stays PROCESSING for `processing_time`, then shows `mpl_status`. "count": reads the body as it
+    comes without keeping it (any size) and answers `{"bytes": N, "sha256": "..."}`."""
     status: int = 200
     content_type: str = "text/plain"
     error_rate: float = 0.0
@@ -451,6 +453,8 @@ class Runtime:
             self._pattern_pos[key] += 1
             if flow.unavailable_pattern[position % len(flow.unavailable_pattern)]:
                 return _unavailable(flow.retry_after)
+        if flow.kind == "count":
+            return await _count_body(request, flow)
         body = await self._read_body(request)
         if isinstance(body, web.Response):
             return body
@@ -559,6 +563,15 @@ async def _stream_large(request: web.Request, flow: FlowSpec, headers: dict[str,
     except (ConnectionResetError, RuntimeError):  # the client stopped reading: what a capped reader does
         pass
     return response
+
+
+async def _count_body(request: web.Request, flow: FlowSpec) -> web.Response:
+    """The size and SHA-256 of a body read in pieces and dropped (an upload of any size, never held)."""
+    digest, size = hashlib.sha256(), 0
+    while piece := await request.content.readany():
+        digest.update(piece)
+        size += len(piece)
+    return web.json_response({"bytes": size, "sha256": digest.hexdigest()}, status=flow.status)
 
 
 def _recorded_headers(request: web.Request) -> dict[str, str]:
