@@ -20,11 +20,12 @@ import pytest
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from senderd.config import ForwardConfig, load_config
+from senderd.config import ForwardConfig, config_from_dict, load_config
 from senderd.daemon import Daemon
 from senderd.emulator.runtime import FlowSpec
 from senderd.emulator.stack import EmulatorStack
 from senderd.engine import Engine
+from senderd.errors import ConfigError
 from senderd.forward import Forwarder, ForwardRecord
 from tests.tools import Recorder, engine_for, senderd
 
@@ -367,3 +368,63 @@ async def test_a_401_to_a_body_too_large_to_replay_is_passed_through_as_it_is(st
         again = await call(f"{forwarder.url}/http/Count", "POST", b"small")
     assert again[0] == 200
     assert records.items[-1].attempts == 1  # the refused token was dropped: the next request had a fresh one
+
+
+async def test_a_runtime_that_breaks_off_mid_answer_cuts_the_apps_answer_too(stack: EmulatorStack) -> None:
+    async with forwarding(stack) as (forwarder, _, records), aiohttp.ClientSession() as session:
+        async with session.get(f"{forwarder.url}/http/Big") as response:
+            await response.content.readexactly(MB)
+            await stack.runtime.stop()  # the runtime goes away with 99 MB unsent
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()  # a cut answer must not look complete
+        (record,) = await records.wait_for(1)
+    assert record.outcome == "runtime_broke_off"
+
+
+async def test_head_and_unusual_methods_pass_through(stack: EmulatorStack) -> None:
+    async with forwarding(stack) as (forwarder, engine, _records):
+        head = await call(f"{forwarder.url}/http/Echo", "HEAD")
+        other = await call(f"{forwarder.url}/http/Echo", "PROPFIND")
+    assert head[0] == 200 and head[1] == b""
+    assert other[0] == 405  # the runtime's own answer: the flow takes the usual methods
+    assert sample(engine, "senderd_forward_requests_total", route="/http/*", method="other", code="405") == 1
+
+
+@pytest.mark.parametrize(
+    ("forward", "message"),
+    [
+        (
+            {"allow": ["http/*"]},
+            "forward.allow: 'http/*': a pattern is a path starting with / with at most one * at its end, e.g. /http/*",
+        ),
+        (
+            {"allow": ["/http/*/x"]},
+            "forward.allow: '/http/*/x': a pattern is a path starting with / "
+            "with at most one * at its end, e.g. /http/*",
+        ),
+        ({"allow": []}, 'forward.allow: give at least one path pattern, e.g. ["/http/*"]'),
+        ({"credentials": "other"}, "forward.credentials: no sending credentials set named 'other' (sets: default)"),
+        (
+            {"listen": "[::]:8788"},
+            "forward: listen = '[::]:8788' is beyond localhost: set token_env "
+            "(the bearer token the app must present) or listen on 127.0.0.1",
+        ),
+        ({"timeout": "0s"}, "forward.timeout"),
+        ({"allowed": ["/http/*"]}, "forward.allowed"),
+    ],
+)
+def test_bad_forward_sections_are_refused_with_the_key_named(forward: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"forward": forward}, source="t.toml")
+    assert str(caught.value).startswith(f"t.toml: {message}")
+
+
+def test_a_forward_listener_on_loopback_or_with_a_token_is_accepted() -> None:
+    for forward in (
+        {},
+        {"listen": "[::1]:8788"},
+        {"listen": "localhost:1"},
+        {"listen": "0.0.0.0:8788", "token_env": "T"},
+    ):
+        config = config_from_dict({"forward": forward}, source="t.toml")
+        assert config.forward is not None and config.forward.allow == ["/http/*"]
