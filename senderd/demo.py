@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import tempfile
 from pathlib import Path
 
@@ -33,7 +34,21 @@ csrf = true
 content_type = "application/xml"
 body = "<Order><Id>42</Id></Order>"
 application_id = "auto"
+
+[forward]                              # request-reply: the app's own calls, credentials injected
+listen = "127.0.0.1:{forward_port}"
 """
+FORWARD_PORT = 8788
+
+
+def forward_port(wanted: int = FORWARD_PORT) -> int:
+    """`wanted` if it is free on 127.0.0.1, else any free port (so that two demos can run side by side)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", wanted))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def show(result: SendResult) -> None:
@@ -52,7 +67,9 @@ async def run_demo(
     with tempfile.TemporaryDirectory(prefix="senderd-demo-") as scratch:
         folder = directory or Path(scratch)
         async with EmulatorStack.started(
-            folder, token_lifetime=token_lifetime, config_extra=DEMO_FLOWS.format(every=every)
+            folder,
+            token_lifetime=token_lifetime,
+            config_extra=DEMO_FLOWS.format(every=every, forward_port=forward_port()),
         ) as stack:
             print(f"emulator: token server {stack.token_server.token_url}, runtime {stack.runtime.url}")
             print(f"config:   {stack.config_path}", flush=True)
@@ -60,6 +77,12 @@ async def run_demo(
 
             async def started(engine: Engine, _group: object) -> None:
                 engine.listeners.append(show)
+                if daemon.forwarder is not None:
+                    print(
+                        f"forward:  curl -sS -X POST {daemon.forwarder.url}/http/Orders -H 'Content-Type: "
+                        "application/xml' --data '<Order/>'  (request-reply, credentials injected)",
+                        flush=True,
+                    )
                 if daemon.server is not None:
                     print(
                         f"metrics:  {daemon.server.url}/metrics  (also /healthz, /readyz, /probe?flow=timestamp)",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from senderd.emulator.stack import EmulatorStack
 from senderd.engine import Engine
 from senderd.errors import ConfigError
 from senderd.forward import Forwarder, ForwardRecord
+from tests.conftest import CapturedLogs
 from tests.tools import Recorder, engine_for, senderd
 
 pytestmark = pytest.mark.anyio
@@ -80,7 +82,7 @@ def sample(engine: Engine, name: str, **labels: str) -> float:
     return engine.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-async def test_get_goes_out_with_the_sets_token_and_comes_back_whole(stack: EmulatorStack) -> None:
+async def test_get_goes_out_with_the_sets_token_and_comes_back_whole(stack: EmulatorStack, logs: CapturedLogs) -> None:
     async with forwarding(stack) as (forwarder, engine, records):
         status, body, headers = await call(f"{forwarder.url}/http/GetTimestamp?x=1&y=two")
     assert status == 200
@@ -96,6 +98,15 @@ async def test_get_goes_out_with_the_sets_token_and_comes_back_whole(stack: Emul
     assert sample(engine, "senderd_forward_requests_total", **labels) == 1
     assert sample(engine, "senderd_forward_duration_seconds_count", route="/http/*") == 1
     assert sample(engine, "senderd_forward_inflight_requests") == 0
+    (line,) = [json.loads(text) for text in logs.text.splitlines() if '"forwarded"' in text]
+    assert (line["method"], line["path"], line["status"], line["route"]) == (
+        "GET",
+        "/http/GetTimestamp",
+        200,
+        "/http/*",
+    )
+    assert line["messageprocessinglogid"] == received.mpl_id
+    assert "x=1" not in logs.text  # the query can carry the app's data: not logged
 
 
 async def test_post_fetches_one_csrf_token_for_all_and_refetches_on_a_csrf_403(stack: EmulatorStack) -> None:
