@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import aiohttp
 import anyio
 import pytest
+import yaml
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -439,3 +441,17 @@ def test_a_forward_listener_on_loopback_or_with_a_token_is_accepted() -> None:
     ):
         config = config_from_dict({"forward": forward}, source="t.toml")
         assert config.forward is not None and config.forward.allow == ["/http/*"]
+
+
+def test_the_sidecar_examples_forward_beside_the_relay_on_loopback() -> None:
+    root = Path(__file__).parent.parent
+    configmap = yaml.safe_load((root / "deploy/kubernetes/configmap.yaml").read_text())
+    texts = {"config/sidecar.toml": (root / "config/sidecar.toml").read_text(),
+             "configmap.yaml": configmap["data"]["senderd.toml"]}  # fmt: skip
+    for source, text in texts.items():
+        config = config_from_dict(tomllib.loads(text), source=source)
+        assert config.relay is not None and config.forward is not None, source
+        assert (config.forward.listen, config.forward.allow) == ("127.0.0.1:8788", ["/http/*"])
+    pods = [d for d in yaml.safe_load_all((root / "deploy/kubernetes/sidecar-deployment.yaml").read_text())]
+    app = pods[0]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "SENDERD_FORWARD_URL", "value": "http://127.0.0.1:8788"} in app["env"]
