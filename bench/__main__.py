@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from bench import footprint, newman, relay, schedule, throughput, tokens
+from bench import footprint, forward, newman, relay, schedule, throughput, tokens
 from bench.common import Mode, Section, machine, say, write_json
 from bench.peers import INSTALL, find_tool, tool_version
 
@@ -35,6 +35,7 @@ MEASUREMENTS: dict[str, tuple[str, Measure]] = {
     "footprint": ("footprint", footprint.measure),
     "newman": ("newman", newman.measure),
     "relay": ("relay", relay.measure),
+    "forward": ("forward", forward.measure),
 }
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -71,6 +72,8 @@ TARGETS = {
         Target("footprint.once_first_send_s", footprint.TARGET_FIRST_SEND_S, at_most=True),
         Target("relay.accept_rps", relay.TARGET_RPS, at_most=False),
         Target("relay.p99_ack_ms", relay.TARGET_P99_MS, at_most=True),
+        Target("forward.ratio_vs_direct", forward.TARGET_RATIO, at_most=False),
+        Target("forward.p99_added_ms", forward.TARGET_P99_ADDED_MS, at_most=True),
     )
 }
 
@@ -108,6 +111,11 @@ TABLE = (
     ("newman.rss_ratio", "×"),
     ("relay.accept_rps", "msgs/s"),
     ("relay.p99_ack_ms", "ms"),
+    ("forward.rps", "req/s"),
+    ("forward.ratio_vs_direct", "×"),
+    ("forward.p50_added_ms", "ms"),
+    ("forward.p99_added_ms", "ms"),
+    ("forward.cpu_ms_per_1k", "CPU ms"),
 )
 
 
