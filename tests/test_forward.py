@@ -455,3 +455,28 @@ def test_the_sidecar_examples_forward_beside_the_relay_on_loopback() -> None:
     pods = [d for d in yaml.safe_load_all((root / "deploy/kubernetes/sidecar-deployment.yaml").read_text())]
     app = pods[0]["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "SENDERD_FORWARD_URL", "value": "http://127.0.0.1:8788"} in app["env"]
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status"),
+    [
+        (b"GET http://evil.example/http/GetTimestamp HTTP/1.1", b"404"),  # absolute form: no other host
+        (b"CONNECT evil.example:443 HTTP/1.1", b"404"),
+        (b"GET /http/\xe2\x82\xac HTTP/1.1", b"400"),
+        (b"GET * HTTP/1.1", b"400"),
+    ],
+)
+async def test_hostile_request_lines_are_4xx_and_reach_nothing(
+    stack: EmulatorStack, request_line: bytes, status: bytes
+) -> None:
+    async with forwarding(stack) as (forwarder, _, _records):
+        connection = await anyio.connect_tcp("127.0.0.1", forwarder.site.port)
+        await connection.send(request_line + b"\r\nHost: x\r\n\r\n")
+        answer = b""
+        with anyio.fail_after(5):
+            while b"\r\n" not in answer:
+                answer += await connection.receive()
+        await connection.aclose()
+        assert answer.split(b" ")[1] == status
+        assert (await call(f"{forwarder.url}/http/GetTimestamp"))[0] == 200  # and the forwarder goes on
+    assert stack.runtime.stats.requests == 1
