@@ -209,7 +209,7 @@ class Engine:
             self._large_warned.add(flow.name)  # once per flow: the config and the relay warn too
             log.warning("large_body", flow=flow.name, body_mb=round(len(payload) / 2**20),
                         hint="SAP recommends messages of at most 40 MB")  # fmt: skip
-        self.metrics.inflight.inc()
+        self.metrics.inflight_sends += 1
         sender = self.sender_for(flow)
         policy = self.policy(flow)
         if not policy.replay_safe and message_id is not None:  # the id makes a replay recognisable
@@ -240,7 +240,7 @@ class Engine:
             failed = Attempt("internal_error", error=f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
             result = SendResult(flow.name, "internal_error", 1, clock.monotonic() - started, failed, message_id)
         finally:
-            self.metrics.inflight.dec()
+            self.metrics.inflight_sends -= 1
         self._record(flow, result, probe)
         return result
 
@@ -290,23 +290,25 @@ class Engine:
             duration.observe(result.duration)
             if result.ok:
                 last_success.set(self.clock.time())
-        event = log.info if result.ok else log.warning
-        event(
-            "send_finished",
-            flow=flow.name,
-            method=flow.method,
-            status=result.status,
-            outcome=result.outcome,
-            latency_ms=round(result.duration * 1000, 1),
-            attempts=result.attempts,
-            **{
-                **_confirmation_fields(result.confirmation),
-                **{_snake(k): v for k, v in result.last.correlation.items()},
-            },
-            **({"error": result.last.error} if result.last.error else {}),
-            **({"message_id": result.message_id} if result.message_id else {}),
-            **({"trigger": "probe"} if probe else {}),
-        )
+        fields: dict[str, object] = {
+            "flow": flow.name,
+            "method": flow.method,
+            "status": result.status,
+            "outcome": result.outcome,
+            "latency_ms": round(result.duration * 1000, 1),
+            "attempts": result.attempts,
+        }
+        if result.confirmation is not None:
+            fields.update(_confirmation_fields(result.confirmation))
+        for header, value in result.last.correlation.items():
+            fields[_snake(header)] = value
+        if result.last.error:
+            fields["error"] = result.last.error
+        if result.message_id:
+            fields["message_id"] = result.message_id
+        if probe:
+            fields["trigger"] = "probe"
+        (log.info if result.ok else log.warning)("send_finished", **fields)
         for listener in self.listeners:
             try:
                 listener(result)

@@ -3,16 +3,22 @@
 `offer` never waits: a job whose key is still queued or running is refused as `overlap`, a full queue
 refuses as `queue_full`; the caller counts it. Nothing is queued without bound. `close` stops taking
 jobs; the workers finish what was queued and `run` returns.
+
+The queue is a deque and workers are tasks started when a job comes and no worker is free (up to
+`workers`); a worker that finishes a job takes the next one without waiting for the event loop (only
+`checkpoint_if_cancelled`), and ends when the queue is empty. A memory stream in between cost a full
+event-loop iteration per job.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Literal
 
 import anyio
-from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.lowlevel import checkpoint_if_cancelled
 
 from senderd.logs import get_logger
 
@@ -22,15 +28,20 @@ Verdict = Literal["queued", "overlap", "queue_full", "closed"]
 
 
 class WorkerPool:
-    """`workers` tasks taking jobs from a queue of at most `queue_size`."""
+    """At most `workers` jobs running at once, and at most `queue_size` more waiting for a worker."""
 
     def __init__(self, workers: int, queue_size: int, *, on_error: Callable[[], None] | None = None) -> None:
         self.workers = workers
+        self.queue_size = queue_size
         self.on_error = on_error
         """Told of every job that ended with an exception (the daemon counts them)."""
-        self._send, self._receive = anyio.create_memory_object_stream[tuple[str, Job]](queue_size)
+        self._queue: deque[tuple[str, Job]] = deque()
         self._busy: set[str] = set()
         self._closed = False
+        self._done = anyio.Event()
+        self._room: anyio.Event | None = None  # set when a queued job is taken (for `put`)
+        self._group: TaskGroup | None = None
+        self._tasks = 0  # worker tasks started and not ended
         self.running = 0
 
     def offer(self, key: str, job: Job) -> Verdict:
@@ -39,39 +50,74 @@ class WorkerPool:
             return "closed"
         if key in self._busy:
             return "overlap"
-        try:
-            self._send.send_nowait((key, job))
-        except anyio.WouldBlock:
+        if not self._take(key, job):
             return "queue_full"
-        self._busy.add(key)
         return "queued"
 
     async def put(self, key: str, job: Job) -> None:
-        """Queue `job`, waiting for room (for callers that must not drop, such as `once`)."""
+        """Queue `job`, waiting for room (for callers that must not drop, such as `once`); raises
+        `anyio.ClosedResourceError` once the pool is closed."""
+        await checkpoint_if_cancelled()  # a cancelled caller ends here, as at any await
+        while True:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            if self._take(key, job):
+                return
+            room = self._room = self._room or anyio.Event()
+            await room.wait()
+
+    def _take(self, key: str, job: Job) -> bool:
+        """Start `job` on a free worker, or queue it if there is room; False if neither."""
+        if self._tasks < self.workers and self._group is not None:
+            self._tasks += 1
+            self._busy.add(key)
+            self._group.start_soon(self._worker, key, job)
+            return True
+        if len(self._queue) >= self.queue_size:
+            return False
         self._busy.add(key)
-        await self._send.send((key, job))
+        self._queue.append((key, job))
+        return True
 
     def close(self) -> None:
         """Take no more jobs; queued ones still run."""
         if not self._closed:
             self._closed = True
-            self._send.close()
+            self._done.set()
+            self._made_room()
+
+    def _made_room(self) -> None:
+        if self._room is not None:
+            self._room.set()
+            self._room = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the workers until the pool is closed and drained (or cancelled)."""
         try:
             async with anyio.create_task_group() as group:
-                for _ in range(self.workers):
-                    group.start_soon(self._worker, self._receive.clone())
+                self._group = group
+                while self._queue and self._tasks < self.workers:  # jobs queued before the pool ran
+                    self._tasks += 1
+                    group.start_soon(self._worker, *self._queue.popleft())
+                self._made_room()
                 task_status.started()
+                await self._done.wait()
         finally:
+            self._group = None
             self.close()
-            self._receive.close()
 
-    async def _worker(self, jobs: MemoryObjectReceiveStream[tuple[str, Job]]) -> None:
-        with jobs:
-            async for key, job in jobs:
+    async def _worker(self, key: str, job: Job) -> None:
+        try:
+            while True:
                 await self._run(key, job)
+                await checkpoint_if_cancelled()
+                if not self._queue:
+                    return
+                key, job = self._queue.popleft()
+                if len(self._queue) <= self.queue_size // 2:  # `put` wakes once per half queue, not per job
+                    self._made_room()
+        finally:
+            self._tasks -= 1
 
     async def _run(self, key: str, job: Job) -> None:
         self.running += 1

@@ -100,11 +100,16 @@ async def deliver(
     `on_attempt` hears of every attempt, with the wait before the next one (None: no next one); once
     `should_stop()` is true, no further attempt is made (the last one's result is the send's).
     """
-    rng = rng or _RNG
     started = monotonic()
+    last = await attempt()
+    if last.outcome == "success" and on_attempt is None:  # the common case: no policy, no bookkeeping
+        return SendResult(flow_name, "success", 1, monotonic() - started, last, message_id,
+                          attempt_codes=(str(last.status),))  # fmt: skip
+    rng = rng or _RNG
     codes: list[str] = []
     while True:
-        last = await attempt()
+        if codes:
+            last = await attempt()
         codes.append(str(last.status) if last.status is not None else "none")
         delay: float | None = None
         if last.outcome != "success" and policy.retryable(last) and len(codes) <= policy.retries:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from senderd.config import FlowConfig
@@ -93,3 +94,28 @@ async def test_a_flow_never_overlaps_itself_and_a_full_queue_drops() -> None:
     assert skipped("slow", "overlap") == 5
     assert total_full >= 5
     assert total_overlap + total_full == 6 * 3 - 2  # every tick but the two that got in was counted
+
+
+async def test_the_pool_runs_every_put_job_at_most_workers_at_once_and_drains_on_close() -> None:
+    pool = WorkerPool(2, 2)
+    running, most, done = 0, 0, []
+
+    def make(index: int) -> Job:
+        async def job() -> None:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            await anyio.lowlevel.checkpoint()
+            running -= 1
+            done.append(index)
+
+        return job
+
+    async with anyio.create_task_group() as group:
+        await group.start(pool.run)
+        for index in range(20):
+            await pool.put(str(index), make(index))  # waits for room: never more than 2 queued
+            assert len(pool._queue) <= 2
+        pool.close()
+        assert pool.offer("late", make(99)) == "closed"
+    assert sorted(done) == list(range(20)) and most == 2
