@@ -65,7 +65,7 @@ SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
 DeliveryResult = Literal["delivered", "retry", "dead"]
 """How one relay delivery round ended: `senderd_relay_deliveries_total{result}`."""
 DELIVERY_RESULTS: tuple[DeliveryResult, ...] = get_args(DeliveryResult)
-ErrorComponent = Literal["send", "delivery", "job"]
+ErrorComponent = Literal["send", "delivery", "job", "relay_api"]
 """Where an unforeseen exception was caught and isolated: `senderd_internal_errors_total{component}`."""
 ERROR_COMPONENTS: tuple[ErrorComponent, ...] = get_args(ErrorComponent)
 SpoolState = Literal["queued", "in_flight", "delivered", "dead"]

@@ -238,6 +238,9 @@ class Spool:
         except sqlite3.Error as exc:  # a full disk, an I/O error: refuse this batch, keep running
             log.error("spool_write_failed", error=str(exc), messages=len(batch))
             results = [SpoolError(f"spool unavailable ({exc})") for _ in batch]
+        except Exception:  # a bug: this batch is refused (503), the writer and the daemon go on
+            log.exception("spool_write_crashed", messages=len(batch))
+            results = [SpoolError("spool could not store the message") for _ in batch]
         except BaseException:
             for pending in batch:
                 pending.error = SpoolError("spool closed: senderd is stopping")
