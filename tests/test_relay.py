@@ -63,10 +63,11 @@ def relay_section(spool: Path, **extra: Any) -> str:
 
 @asynccontextmanager
 async def relay_daemon(
-    tmp_path: Path, **relay: Any
+    tmp_path: Path, *, spool: Path | None = None, **relay: Any
 ) -> AsyncIterator[tuple[EmulatorStack, Daemon, str, Recorder[SendResult]]]:
-    """A daemon with the relay on, and a recorder of the sends (deliveries) its engine finishes."""
-    extra = FLOWS + relay_section(tmp_path / "spool", **relay)
+    """A daemon with the relay on (its spool in `spool`, else tmp_path/spool), and a recorder of the sends
+    (deliveries) its engine finishes."""
+    extra = FLOWS + relay_section(spool or tmp_path / "spool", **relay)
     async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
         stack.runtime.add_flow(FlowSpec("/Down", unavailable=-1, retry_after=0))
         stack.runtime.add_flow(FlowSpec("/Ledger", kind="echo"))

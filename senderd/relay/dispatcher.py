@@ -9,6 +9,8 @@ rounds are used up (or that the flow refused) is `dead`, kept for re-drive.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import random
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -27,6 +29,8 @@ from senderd.result import SendResult
 from senderd.retry import backoff
 
 log = get_logger("relay")
+_MAX_UNRECORDED = 1000
+"""Ends of deliveries held in memory while the disk is full; no more claims beyond that."""
 _RESULTS: dict[State, DeliveryResult] = {"delivered": "delivered", "queued": "retry", "dead": "dead"}
 
 
@@ -41,6 +45,10 @@ class Dispatcher:
         self.stopping = False
         self._wake = anyio.Event()
         self._inflight: dict[str, Message] = {}
+        self._unrecorded: dict[str, tuple[Callable[[], Awaitable[None]], float]] = {}
+        """Ends of deliveries the spool could not write (a full disk), by message id, with the time before
+        which the message is not claimed again (infinite once delivered or dead): written again each round;
+        a message claimed again meanwhile (a redelivery that came due) drops its old record."""
         self._settled = anyio.Event()
         self.rounds = 0
         """Loop iterations (a test can tell waiting from spinning)."""
@@ -71,17 +79,24 @@ class Dispatcher:
                 self.spool.on_change = self._wake.set
                 ordered = [flow.name for flow in self.engine.config.flows if flow.ordered]  # a reload may change it
                 free = workers * 2 - len(self._inflight)
+                if len(self._unrecorded) >= _MAX_UNRECORDED:
+                    free = 0
                 claimed: list[Message] = []
                 try:
+                    await self._record_again()
                     await self._refresh_oldest()
                     if free > 0 and not self.stopping:
                         busy_ordered = [m.flow for m in self._inflight.values() if m.flow in ordered]
+                        now = self.clock.time()
+                        again = [i for i, (_, not_before) in self._unrecorded.items() if not_before <= now]
                         claimed = await self.spool.due(
-                            self.clock.time(), free, exclude_flows=busy_ordered, ordered_flows=ordered
-                        )
+                            now, free, exclude_flows=busy_ordered, ordered_flows=ordered,
+                            exclude_ids=[*self._inflight, *self._unrecorded], again_ids=again,
+                        )  # fmt: skip
                 except sqlite3.Error as exc:  # the spool's disk is failing: say so, try again shortly
                     log.error("spool_read_failed", error=str(exc))
                 for message in claimed:
+                    self._unrecorded.pop(message.id, None)
                     self._inflight[message.id] = message
                     await pool.put(message.id, self._job(message))
                 if not claimed:
@@ -109,6 +124,16 @@ class Dispatcher:
                     delay = min(1.0, max(0.01, next_due - now))
         with anyio.move_on_after(delay):
             await self._wake.wait()
+
+    async def _record_again(self) -> None:
+        """Write the ends of deliveries that a full disk refused, oldest first, until one fails again."""
+        for message_id, (record, _) in list(self._unrecorded.items()):
+            try:
+                with anyio.CancelScope(shield=True):
+                    await record()
+            except sqlite3.Error:
+                return
+            del self._unrecorded[message_id]
 
     async def _refresh_oldest(self) -> None:
         now = self.clock.monotonic()
@@ -168,15 +193,21 @@ class Dispatcher:
     ) -> None:
         if result is not None:
             error = result.last.error
-        with anyio.CancelScope(shield=True):
-            await self.spool.finish(
-                message,
-                state,
-                error=error,
-                retry_at=retry_at,
-                correlation_id=result.correlation_id if result else None,
-                status=result.status if result else None,
-            )
+        record = functools.partial(
+            self.spool.finish,
+            message,
+            state,
+            error=error,
+            retry_at=retry_at,
+            correlation_id=result.correlation_id if result else None,
+            status=result.status if result else None,
+        )
+        try:
+            with anyio.CancelScope(shield=True):
+                await record()
+        except sqlite3.Error as exc:  # a full disk: written again later; the message is not claimed meanwhile
+            log.error("spool_write_failed", id=message.id, error=str(exc), retry="each dispatcher round")
+            self._unrecorded[message.id] = (record, retry_at if state == "queued" else math.inf)
         outcome = _RESULTS[state]
         self.engine.metrics.relay_delivery(message.flow, outcome)
         if state != "delivered":

@@ -5,6 +5,13 @@ concurrent `add`s are gathered into one transaction, so many posts share one fsy
 in one dedicated thread, one statement batch at a time. States: `queued` → `in_flight` → `delivered`, or
 back to `queued` (retry later), or `dead` (kept for re-drive). After a crash, `in_flight` rows are queued
 again: delivery is at least once.
+
+A full disk: adds fail (the API answers 503, nothing is acknowledged that is not committed), reads go on.
+The connection holds its locks (`locking_mode=EXCLUSIVE`: one daemon per spool anyway), so the WAL index
+lives in memory and the spool opens and is read even on a disk without a free byte. A claim whose
+bookkeeping cannot be written is still handed out (in memory: `in_flight` exists only to be queued again
+after a crash, and an unwritten claim leaves the row queued, which is the same); a `finish` that cannot be
+written raises, and the dispatcher writes it again later.
 """
 
 from __future__ import annotations
@@ -143,6 +150,10 @@ class Spool:
         self.bytes = 0
         self.commits = 0
         self.on_change: Callable[[], None] | None = None
+        self._requeue_pending = False
+        """The `in_flight` rows of the last run could not be queued again at open (a full disk): retried
+        before each claim, and claimed as they are meanwhile."""
+        self._claims_unwritten = False
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -158,12 +169,18 @@ class Spool:
         db: sqlite3.Connection | None = None
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")  # WAL index in memory: no -shm to grow on a full disk
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"journal mode is {mode}, not wal")
             db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
-            db.executescript(_SCHEMA)
-            db.execute("UPDATE messages SET state='queued' WHERE state='in_flight'")
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name='messages_queued'").fetchone() is None:
+                db.executescript(_SCHEMA)
+            try:
+                db.execute("UPDATE messages SET state='queued' WHERE state='in_flight'")
+            except sqlite3.OperationalError as exc:  # a full disk: start anyway, queue them again later
+                log.error("spool_requeue_deferred", error=str(exc), path=str(self.path))
+                self._requeue_pending = True
             rows = db.execute(
                 "SELECT state, COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM messages GROUP BY state"
             ).fetchall()
@@ -301,9 +318,17 @@ class Spool:
         return _message(row) if row is not None else None
 
     async def due(
-        self, now: float, limit: int, exclude_flows: Sequence[str] = (), ordered_flows: Sequence[str] = ()
+        self,
+        now: float,
+        limit: int,
+        exclude_flows: Sequence[str] = (),
+        ordered_flows: Sequence[str] = (),
+        exclude_ids: Sequence[str] = (),
+        again_ids: Sequence[str] = (),
     ) -> list[Message]:
-        """Up to `limit` queued messages due by `now`, oldest first, marked in_flight.
+        """Up to `limit` queued messages due by `now`, oldest first, marked in_flight (in memory only, when
+        the disk is full: see the module's note). `exclude_ids` are being handled already; `again_ids` (whose
+        last end could not be written) are claimed first, whatever their state says.
 
         For a flow in `ordered_flows`, only its oldest queued message is eligible (and only if due), so
         a message waiting for a retry holds back the ones behind it.
@@ -311,6 +336,8 @@ class Spool:
 
         def claim() -> list[Message]:
             db = self.db
+            if self._requeue_pending:
+                self._requeue_stale()
             blocked = tuple(exclude_flows)
             ordered = tuple(f for f in ordered_flows if f not in blocked)
             sql = _SELECT + " INDEXED BY messages_queued WHERE state='queued' AND next_attempt_at<=?"
@@ -325,24 +352,56 @@ class Spool:
                     f"state IN ('queued', 'in_flight') AND flow IN ({marks}) GROUP BY flow))"
                 )  # only '?' marks
                 params += ordered + ordered
+            skipped = tuple(exclude_ids)
+            if skipped:
+                sql += f" AND id NOT IN ({','.join('?' * len(skipped))})"
+                params += skipped
             sql += " ORDER BY seq LIMIT ?"
             params.append(limit)
-            db.execute("BEGIN IMMEDIATE")
+            again = tuple(again_ids)[:limit]
+            chosen = [
+                _message(row)
+                for row in db.execute(
+                    _SELECT + f" WHERE id IN ({','.join('?' * len(again))}) AND state IN ('queued', 'in_flight')",
+                    again,
+                )
+            ] if again else []  # fmt: skip
+            params[-1] = limit - len(chosen)
+            chosen += [_message(row) for row in db.execute(sql, params).fetchall()]
+            if self._requeue_pending and len(chosen) < limit:  # last run's, not yet queued again
+                marks = ",".join("?" * len(skipped))
+                stale = _SELECT + " WHERE state='in_flight'" + (f" AND id NOT IN ({marks})" if skipped else "")
+                chosen += [_message(r) for r in db.execute(stale + " ORDER BY seq LIMIT ?", (*skipped, limit))]
+            queued = [m for m in chosen if m.state == "queued"]
             try:
-                chosen = [_message(row) for row in db.execute(sql, params).fetchall()]
+                db.execute("BEGIN IMMEDIATE")
                 db.executemany(
-                    "UPDATE messages SET state='in_flight', updated_at=? WHERE id=?", [(now, m.id) for m in chosen]
+                    "UPDATE messages SET state='in_flight', updated_at=? WHERE id=?", [(now, m.id) for m in queued]
                 )
                 db.execute("COMMIT")
-            except BaseException:
+            except sqlite3.Error as exc:  # a full disk: hand them out all the same (the rows stay queued)
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-                raise
-            self.counts["queued"] -= len(chosen)
-            self.counts["in_flight"] += len(chosen)
+                if not self._claims_unwritten:
+                    log.error("spool_claims_unwritten", error=str(exc))
+                self._claims_unwritten = True
+                return chosen
+            self._claims_unwritten = False
+            self.counts["queued"] -= len(queued)
+            self.counts["in_flight"] += len(queued)
             return chosen
 
         return await self._call(claim)
+
+    def _requeue_stale(self) -> None:
+        try:
+            count = self.db.execute("UPDATE messages SET state='queued' WHERE state='in_flight'").rowcount
+        except sqlite3.OperationalError:
+            return
+        self._requeue_pending = False
+        self.counts["in_flight"] -= count
+        self.counts["queued"] += count
+        log.info("spool_requeued", messages=count)
 
     async def finish(
         self,
@@ -354,19 +413,24 @@ class Spool:
         status: int | None = None,
         retry_at: float = 0.0,
     ) -> None:
-        """Record the end of a delivery attempt: delivered, back to queued (at `retry_at`), or dead."""
+        """Record the end of a delivery attempt: delivered, back to queued (at `retry_at`), or dead.
+
+        Raises sqlite3.Error when it cannot be written (a full disk): the caller tries again later."""
 
         def update() -> None:
-            cursor = self.db.execute(
+            db = self.db
+            row = db.execute("SELECT state FROM messages WHERE id=?", (message.id,)).fetchone()
+            if row is None or row[0] not in ("in_flight", "queued"):  # a claim unwritten leaves it queued
+                return
+            db.execute(
                 "UPDATE messages SET state=?, attempts=attempts+1, last_error=?, correlation_id=?, status=?, "
-                "updated_at=?, next_attempt_at=? WHERE id=? AND state='in_flight'",
+                "updated_at=?, next_attempt_at=? WHERE id=?",
                 (state, error, correlation_id, status, self.clock.time(), retry_at, message.id),
             )
-            if cursor.rowcount:
-                self.counts["in_flight"] -= 1
-                self.counts[state] += 1
-                if state == "delivered":
-                    self.bytes -= len(message.body)
+            self.counts[row[0]] -= 1
+            self.counts[state] += 1
+            if state == "delivered":
+                self.bytes -= len(message.body)
 
         await self._call(update)
         if self.on_change is not None:
@@ -376,10 +440,14 @@ class Spool:
         """Put an in-flight message back (a stop interrupted it), without counting an attempt."""
 
         def update() -> None:
-            cursor = self.db.execute(
-                "UPDATE messages SET state='queued', updated_at=? WHERE id=? AND state='in_flight'",
-                (self.clock.time(), message.id),
-            )
+            try:
+                cursor = self.db.execute(
+                    "UPDATE messages SET state='queued', updated_at=? WHERE id=? AND state='in_flight'",
+                    (self.clock.time(), message.id),
+                )
+            except sqlite3.Error as exc:  # a full disk: it is queued again at the next start
+                log.error("spool_requeue_failed", id=message.id, error=str(exc))
+                return
             if cursor.rowcount:
                 self.counts["in_flight"] -= 1
                 self.counts["queued"] += 1
