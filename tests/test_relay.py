@@ -338,3 +338,21 @@ async def test_a_blocked_backlog_neither_spins_nor_starves_other_flows(tmp_path:
         await deliveries.wait_for(4)
         spent = daemon.relay.dispatcher.rounds - rounds
     assert spent < 50, f"the dispatcher looped {spent} times while the ordered flow was blocked"
+
+
+async def test_last_error_is_redacted_where_it_is_stored_and_served(tmp_path: Path) -> None:
+    token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzZW5kZXJkIn0.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"
+    async with relay_daemon(tmp_path) as (stack, daemon, url, deliveries):
+        failing = stack.runtime.flows["/failing"]
+        failing.return_exception = True  # the iFlow answers its exception text, echoing the request's header
+        failing.error_text = f"HttpResponseException: request had Authorization: Bearer {token} and failed"
+        _, answer, _ = await post(f"{url}/v1/flows/failing/messages")
+        await deliveries.wait_for(1)
+        _, message = await get(f"{url}/v1/messages/{answer['id']}")
+        _, dead = await get(f"{url}/v1/dead")
+        assert daemon.relay is not None
+        stored = daemon.relay.spool.db.execute("SELECT last_error FROM messages").fetchone()[0]
+    for text in (message["last_error"], dead["messages"][0]["last_error"], stored):
+        assert "HttpResponseException" in text
+        assert token[:20] not in text, text
+        assert "[REDACTED]" in text

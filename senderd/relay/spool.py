@@ -30,7 +30,7 @@ from anyio import CapacityLimiter
 
 from senderd.clock import Clock, SystemClock
 from senderd.errors import ConfigError, SpoolError, SpoolFull
-from senderd.logs import get_logger
+from senderd.logs import get_logger, redact_text
 from senderd.metrics import SPOOL_STATES
 from senderd.metrics import SpoolState as State
 
@@ -85,7 +85,7 @@ class Message:
             "flow": self.flow,
             "status": self.state,
             "attempts": self.attempts,
-            "last_error": self.last_error,
+            "last_error": redact_text(self.last_error) if self.last_error else self.last_error,
             "correlation_id": self.correlation_id,
             "http_status": self.status,
             "created_at": self.created_at,
@@ -415,7 +415,9 @@ class Spool:
     ) -> None:
         """Record the end of a delivery attempt: delivered, back to queued (at `retry_at`), or dead.
 
-        Raises sqlite3.Error when it cannot be written (a full disk): the caller tries again later."""
+        Raises sqlite3.Error when it cannot be written (a full disk): the caller tries again later. The
+        error is stored redacted as the logs are (it may quote the runtime's answer)."""
+        stored_error = redact_text(error) if error else error
 
         def update() -> None:
             db = self.db
@@ -425,7 +427,7 @@ class Spool:
             db.execute(
                 "UPDATE messages SET state=?, attempts=attempts+1, last_error=?, correlation_id=?, status=?, "
                 "updated_at=?, next_attempt_at=? WHERE id=?",
-                (state, error, correlation_id, status, self.clock.time(), retry_at, message.id),
+                (state, stored_error, correlation_id, status, self.clock.time(), retry_at, message.id),
             )
             self.counts[row[0]] -= 1
             self.counts[state] += 1
