@@ -62,7 +62,7 @@ RUNTIME_FAILURE_REASONS: tuple[RuntimeFailureReason, ...] = get_args(RuntimeFail
 SkipReason = Literal["overlap", "queue_full", "late"]
 """Why a scheduled tick did not run: `senderd_skipped_ticks_total{reason}`."""
 SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
-DeliveryResult = Literal["delivered", "retry", "dead"]
+DeliveryResult = Literal["delivered", "retry", "paused", "dead"]
 """How one relay delivery round ended: `senderd_relay_deliveries_total{result}`."""
 DELIVERY_RESULTS: tuple[DeliveryResult, ...] = get_args(DeliveryResult)
 ErrorComponent = Literal["send", "delivery", "job", "relay_api"]

@@ -356,3 +356,25 @@ async def test_last_error_is_redacted_where_it_is_stored_and_served(tmp_path: Pa
         assert "HttpResponseException" in text
         assert token[:20] not in text, text
         assert "[REDACTED]" in text
+
+
+@pytest.mark.parametrize("fault", ["runtime_401", "token_server_html"])
+async def test_credential_problems_pause_delivery_and_kill_nothing(tmp_path: Path, fault: str) -> None:
+    async with relay_daemon(tmp_path, max_deliveries=2) as (stack, daemon, url, deliveries):
+        stack.runtime.refuse_tokens = True  # every token refused: a 401 (then a fresh token, refused too)
+        if fault == "token_server_html":
+            stack.token_server.faults.answer = b"<html><body>Sign in</body></html>"  # the fetch after the 401
+        _, answer, _ = await post(f"{url}/v1/flows/orders/messages")
+        await deliveries.wait_for(4)  # twice max_deliveries rounds
+        _, during = await get(f"{url}/v1/messages/{answer['id']}")
+        stack.runtime.refuse_tokens = False
+        stack.token_server.faults.answer = None
+        await deliveries.wait_until(lambda sends: any(s.ok for s in sends), timeout=30)
+        _, after = await get(f"{url}/v1/messages/{answer['id']}")
+        assert daemon.engine is not None
+        registry = daemon.engine.metrics.registry
+        paused = registry.get_sample_value("senderd_relay_deliveries_total", {"flow": "orders", "result": "paused"})
+    assert during["status"] in ("queued", "in_flight")
+    assert during["attempts"] == 0  # paused rounds are not counted against max_deliveries
+    assert after["status"] == "delivered"
+    assert paused is not None and paused >= 4

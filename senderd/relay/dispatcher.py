@@ -25,6 +25,7 @@ from senderd.metrics import DeliveryResult
 from senderd.metrics import SpoolState as State
 from senderd.pool import WorkerPool
 from senderd.relay.spool import Message, Spool
+from senderd.relay.verdict import verdict
 from senderd.result import SendResult
 from senderd.retry import backoff
 
@@ -55,6 +56,9 @@ class Dispatcher:
         self._oldest: float | None = None
         self._oldest_checked = float("-inf")
         self._rng = random.Random()
+        self._pauses: dict[str, tuple[int, float]] = {}
+        """Credentials sets whose deliveries pause (a 401, a token-server failure): consecutive pauses and
+        the monotonic time they end."""
         spool.on_change = self._wake.set
 
     def oldest_age(self) -> float:
@@ -87,6 +91,7 @@ class Dispatcher:
                     await self._refresh_oldest()
                     if free > 0 and not self.stopping:
                         busy_ordered = [m.flow for m in self._inflight.values() if m.flow in ordered]
+                        busy_ordered += self._paused_flows()
                         now = self.clock.time()
                         again = [i for i, (_, not_before) in self._unrecorded.items() if not_before <= now]
                         claimed = await self.spool.due(
@@ -101,6 +106,12 @@ class Dispatcher:
                     await pool.put(message.id, self._job(message))
                 if not claimed:
                     await self._wait_for_work(can_claim=free > 0 and not self.stopping)
+
+    def _paused_flows(self) -> list[str]:
+        now = self.clock.monotonic()
+        paused = {name for name, (_, until) in self._pauses.items() if until > now}
+        config = self.engine.config
+        return [flow.name for flow in config.flows if paused and config.set_of(flow) in paused]
 
     def stop_claiming(self) -> None:
         """Claim nothing more (the stop has begun); deliveries in flight go on."""
@@ -166,11 +177,30 @@ class Dispatcher:
         if message.content_type:
             headers["Content-Type"] = message.content_type
         result = await self.engine.send(flow, body=message.body, headers=headers, message_id=message.id)
-        if result.ok:
+        credentials = self.engine.config.set_of(flow)
+        decided = verdict(result)
+        if decided != "pause":
+            self._pauses.pop(credentials, None)
+        if decided == "delivered":
             await self._finish(message, result, "delivered")
             return
+        if decided == "pause":  # our credentials or the token server: not the message's fault
+            failures = self._pauses.get(credentials, (0, 0.0))[0] + 1
+            delay = backoff(
+                failures,
+                initial=self.config.redelivery_initial,
+                maximum=self.config.redelivery_max,
+                jitter=0.1,
+                rng=self._rng,
+            )
+            self._pauses[credentials] = (failures, self.clock.monotonic() + delay)
+            log.warning(
+                "relay_delivery_paused", credentials=credentials, seconds=round(delay, 3), error=result.last.error
+            )
+            await self._finish(message, result, "queued", retry_at=self.clock.time() + delay, counted=False)
+            return
         rounds = message.attempts + 1
-        if self.engine.policy(flow).redeliverable(result.last) and rounds < self.config.max_deliveries:
+        if decided == "redeliver" and rounds < self.config.max_deliveries:
             delay = backoff(
                 rounds,
                 initial=self.config.redelivery_initial,
@@ -190,6 +220,7 @@ class Dispatcher:
         *,
         error: str | None = None,
         retry_at: float = 0.0,
+        counted: bool = True,
     ) -> None:
         if result is not None:
             error = result.last.error
@@ -201,6 +232,7 @@ class Dispatcher:
             retry_at=retry_at,
             correlation_id=result.correlation_id if result else None,
             status=result.status if result else None,
+            counted=counted,
         )
         try:
             with anyio.CancelScope(shield=True):
@@ -208,7 +240,7 @@ class Dispatcher:
         except sqlite3.Error as exc:  # a full disk: written again later; the message is not claimed meanwhile
             log.error("spool_write_failed", id=message.id, error=str(exc), retry="each dispatcher round")
             self._unrecorded[message.id] = (record, retry_at if state == "queued" else math.inf)
-        outcome = _RESULTS[state]
+        outcome: DeliveryResult = _RESULTS[state] if counted else "paused"
         self.engine.metrics.relay_delivery(message.flow, outcome)
         if state != "delivered":
             log.warning(
@@ -216,6 +248,6 @@ class Dispatcher:
                 id=message.id,
                 flow=message.flow,
                 result=outcome,
-                attempts=message.attempts + 1,
+                attempts=message.attempts + counted,
                 error=error,
             )

@@ -412,8 +412,10 @@ class Spool:
         correlation_id: str | None = None,
         status: int | None = None,
         retry_at: float = 0.0,
+        counted: bool = True,
     ) -> None:
-        """Record the end of a delivery attempt: delivered, back to queued (at `retry_at`), or dead.
+        """Record the end of a delivery attempt: delivered, back to queued (at `retry_at`), or dead; a round
+        that is not `counted` (a pause) leaves `attempts` as it was.
 
         Raises sqlite3.Error when it cannot be written (a full disk): the caller tries again later. The
         error is stored redacted as the logs are (it may quote the runtime's answer)."""
@@ -425,9 +427,9 @@ class Spool:
             if row is None or row[0] not in ("in_flight", "queued"):  # a claim unwritten leaves it queued
                 return
             db.execute(
-                "UPDATE messages SET state=?, attempts=attempts+1, last_error=?, correlation_id=?, status=?, "
+                "UPDATE messages SET state=?, attempts=attempts+?, last_error=?, correlation_id=?, status=?, "
                 "updated_at=?, next_attempt_at=? WHERE id=?",
-                (state, stored_error, correlation_id, status, self.clock.time(), retry_at, message.id),
+                (state, int(counted), stored_error, correlation_id, status, self.clock.time(), retry_at, message.id),
             )
             self.counts[row[0]] -= 1
             self.counts[state] += 1
