@@ -482,6 +482,8 @@ class RelayConfig(Section):
     redelivery_max: PositiveDuration = 300.0
     retention: Duration = 86_400.0
     """How long delivered messages are kept (for status queries) before pruning."""
+    dead_retention: Duration | None = None
+    """How long dead messages are kept (None: until re-driven)."""
     application_id_header: str = "SAP_ApplicationID"
     read_timeout: PositiveDuration = 10.0
     """A client that has not sent its whole body by then gets 408 (a slow-loris holds nothing for long)."""

@@ -378,3 +378,20 @@ async def test_credential_problems_pause_delivery_and_kill_nothing(tmp_path: Pat
     assert during["attempts"] == 0  # paused rounds are not counted against max_deliveries
     assert after["status"] == "delivered"
     assert paused is not None and paused >= 4
+
+
+async def test_a_second_daemon_on_the_same_spool_is_refused_with_one_line(tmp_path: Path) -> None:
+    extra = FLOWS + relay_section(tmp_path / "spool")
+    async with (
+        EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack,
+        senderd_run("-c", str(stack.config_path)) as first,
+    ):
+        await first.wait_for("relay_listening", timeout=15)
+        async with senderd_run("-c", str(stack.config_path)) as second:
+            code = await second.wait()
+        first.send_signal(signal.SIGTERM)
+        assert await first.wait() == 0
+    assert code == 2
+    lines = [line for line in (second.stderr + second.text).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "is in use by another senderd (pid " in lines[0]

@@ -33,6 +33,7 @@ from senderd.errors import ConfigError, SpoolError, SpoolFull
 from senderd.logs import get_logger, redact_text
 from senderd.metrics import SPOOL_STATES
 from senderd.metrics import SpoolState as State
+from senderd.relay.spooldir import SpoolDir
 
 log = get_logger("spool")
 T = TypeVar("T")
@@ -138,6 +139,7 @@ class Spool:
         self, directory: Path, *, max_messages: int = 100_000, max_bytes: int = 1 << 30, clock: Clock | None = None
     ) -> None:
         self.path = directory / "spool.db"
+        self.directory = SpoolDir(directory)
         self.clock = clock or SystemClock()
         self.max_messages = max_messages
         self.max_bytes = max_bytes
@@ -158,12 +160,15 @@ class Spool:
     # --- lifecycle -------------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create or open the database, requeue what was in flight at a crash, load the counters."""
+        """Lock the directory, create or open the database, requeue what was in flight at a crash, load the
+        counters. Raises ConfigError (the directory, the lock, the file)."""
+        self.directory.acquire()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"relay.spool_dir: cannot create {self.path.parent} ({exc.strerror})") from None
-        await self._call(self._open_sync)
+            self.directory.create_private(self.path)
+            await self._call(self._open_sync)
+        except BaseException:
+            self.directory.release()
+            raise
 
     def _open_sync(self) -> None:
         db: sqlite3.Connection | None = None
@@ -181,19 +186,21 @@ class Spool:
             except sqlite3.OperationalError as exc:  # a full disk: start anyway, queue them again later
                 log.error("spool_requeue_deferred", error=str(exc), path=str(self.path))
                 self._requeue_pending = True
-            rows = db.execute(
-                "SELECT state, COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM messages GROUP BY state"
-            ).fetchall()
+            # The counts come from the state index; bodies are read only for what waits (delivered ones
+            # carry none), so that the cost of a start does not grow with the history kept.
+            rows = db.execute("SELECT state, COUNT(*) FROM messages INDEXED BY messages_due GROUP BY state").fetchall()
+            waiting = db.execute(
+                "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM messages WHERE state IN ('queued', 'in_flight', 'dead')"
+            ).fetchone()[0]
         except sqlite3.Error as exc:
             if db is not None:
                 db.close()
             raise ConfigError(
                 f"relay.spool_dir: cannot use {self.path} ({exc}): check the disk, or move the damaged file aside"
             ) from None
-        for state, count, size in rows:
+        for state, count in rows:
             self.counts[state] = count
-            if state != "delivered":
-                self.bytes += size
+        self.bytes = int(waiting)
         self._db = db
 
     async def close(self) -> None:
@@ -201,6 +208,7 @@ class Spool:
         if self._db is not None:
             db, self._db = self._db, None
             await self._call(db.close)
+        self.directory.release()
 
     async def _call(self, function: Callable[[], T]) -> T:
         return await anyio.to_thread.run_sync(function, limiter=self._thread)
@@ -426,6 +434,8 @@ class Spool:
             row = db.execute("SELECT state FROM messages WHERE id=?", (message.id,)).fetchone()
             if row is None or row[0] not in ("in_flight", "queued"):  # a claim unwritten leaves it queued
                 return
+            if state == "delivered":  # never sent again: its body is dead weight
+                db.execute("UPDATE messages SET body=x'' WHERE id=?", (message.id,))
             db.execute(
                 "UPDATE messages SET state=?, attempts=attempts+?, last_error=?, correlation_id=?, status=?, "
                 "updated_at=?, next_attempt_at=? WHERE id=?",
@@ -483,13 +493,25 @@ class Spool:
             self.on_change()
         return changed
 
-    async def prune(self, older_than: float) -> int:
-        """Delete delivered messages last touched before `older_than` (Unix time)."""
+    async def prune(self, older_than: float, dead_older_than: float | None = None) -> int:
+        """Delete delivered messages last touched before `older_than` (Unix time), and dead ones before
+        `dead_older_than` if given; returns how many."""
 
         def delete() -> int:
-            cursor = self.db.execute("DELETE FROM messages WHERE state='delivered' AND updated_at<?", (older_than,))
+            db = self.db
+            cursor = db.execute("DELETE FROM messages WHERE state='delivered' AND updated_at<?", (older_than,))
             self.counts["delivered"] -= cursor.rowcount
-            return cursor.rowcount
+            removed = cursor.rowcount
+            if dead_older_than is not None:
+                size = db.execute(
+                    "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM messages WHERE state='dead' AND updated_at<?",
+                    (dead_older_than,),
+                ).fetchone()[0]
+                cursor = db.execute("DELETE FROM messages WHERE state='dead' AND updated_at<?", (dead_older_than,))
+                self.counts["dead"] -= cursor.rowcount
+                self.bytes -= int(size)
+                removed += cursor.rowcount
+            return removed
 
         return await self._call(delete)
 
