@@ -6,6 +6,7 @@ Relative paths are resolved against the config file's folder. Defaults live here
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -410,6 +411,15 @@ def check_listen(value: str) -> str:
     return value
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """`host:port` (IPv6 as `[::1]:9464`) → (host, port); ConfigError if it is not one."""
     try:
@@ -492,6 +502,16 @@ class RelayConfig(Section):
     @classmethod
     def _listen(cls, value: str) -> str:
         return check_listen(value)
+
+    @model_validator(mode="after")
+    def _token_beyond_localhost(self) -> RelayConfig:
+        host = self.listen.rpartition(":")[0].strip("[]")
+        if self.token_env is None and not _loopback(host):
+            raise ValueError(
+                f"listen = {self.listen!r} is reachable beyond localhost without a token: set relay.token_env "
+                "(the app then sends 'Authorization: Bearer ...'), or listen on 127.0.0.1"
+            )
+        return self
 
     def token(self) -> str | None:
         """The bearer token the app must present, from `token_env`."""
