@@ -395,3 +395,16 @@ async def test_a_second_daemon_on_the_same_spool_is_refused_with_one_line(tmp_pa
     lines = [line for line in (second.stderr + second.text).splitlines() if line.strip()]
     assert len(lines) == 1, lines
     assert "is in use by another senderd (pid " in lines[0]
+
+
+async def test_an_idempotency_key_reused_with_another_body_is_409(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path) as (stack, _, url, deliveries):
+        first = await post(f"{url}/v1/flows/orders/messages", b"<o n='1'/>", Idempotency_Key="order-7")
+        same = await post(f"{url}/v1/flows/orders/messages", b"<o n='1'/>", Idempotency_Key="order-7")
+        other = await post(f"{url}/v1/flows/orders/messages", b"<o n='2'/>", Idempotency_Key="order-7")
+        await deliveries.wait_for(1)
+    assert (first[0], same[0]) == (202, 200)
+    assert other[0] == 409
+    assert "used for a different body" in other[1]["error"]
+    assert first[1]["id"] in other[1]["error"]
+    assert [m.body for m in stack.runtime.stats.messages] == [b"<o n='1'/>"]

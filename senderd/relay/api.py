@@ -15,7 +15,7 @@ import anyio
 from aiohttp import web
 
 from senderd.config import ConfigHolder, RelayConfig, parse_listen
-from senderd.errors import SpoolError, SpoolFull
+from senderd.errors import IdempotencyConflict, SpoolError, SpoolFull
 from senderd.logs import get_logger
 from senderd.metrics import Metrics
 from senderd.relay.spool import Spool
@@ -124,6 +124,8 @@ class RelayApi:
             message_id, created = await self.spool.add(name, body, content_type, key)
         except SpoolFull:
             return _error(503, "spool full: retry later", headers={"Retry-After": "10"})
+        except IdempotencyConflict as exc:
+            return _error(409, str(exc))
         except SpoolError as exc:
             return _error(503, f"{exc}: retry later", headers={"Retry-After": "5"})
         if created:

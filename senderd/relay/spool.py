@@ -17,6 +17,7 @@ written raises, and the dispatcher writes it again later.
 from __future__ import annotations
 
 import functools
+import hashlib
 import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ import anyio.to_thread
 from anyio import CapacityLimiter
 
 from senderd.clock import Clock, SystemClock
-from senderd.errors import ConfigError, SpoolError, SpoolFull
+from senderd.errors import ConfigError, IdempotencyConflict, SpoolError, SpoolFull
 from senderd.logs import get_logger, redact_text
 from senderd.metrics import SPOOL_STATES
 from senderd.metrics import SpoolState as State
@@ -46,6 +47,7 @@ CREATE TABLE IF NOT EXISTS messages (
     idempotency_key TEXT,
     content_type TEXT,
     body BLOB NOT NULL,
+    body_sha256 TEXT,
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
@@ -181,6 +183,8 @@ class Spool:
             db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
             if db.execute("SELECT 1 FROM sqlite_master WHERE name='messages_queued'").fetchone() is None:
                 db.executescript(_SCHEMA)
+            if "body_sha256" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}:
+                db.execute("ALTER TABLE messages ADD COLUMN body_sha256 TEXT")  # spools of older versions
             try:
                 db.execute("UPDATE messages SET state='queued' WHERE state='in_flight'")
             except sqlite3.OperationalError as exc:  # a full disk: start anyway, queue them again later
@@ -288,12 +292,25 @@ class Spool:
         db.execute("BEGIN IMMEDIATE")
         try:
             for item in batch:
+                digest = hashlib.sha256(item.body).hexdigest()
                 if item.idempotency_key is not None:
                     row = db.execute(
-                        "SELECT id FROM messages WHERE flow=? AND idempotency_key=?", (item.flow, item.idempotency_key)
+                        "SELECT id, body_sha256, CASE WHEN body_sha256 IS NULL THEN body END FROM messages "
+                        "WHERE flow=? AND idempotency_key=?",
+                        (item.flow, item.idempotency_key),
                     ).fetchone()
                     if row is not None:
-                        results.append((row[0], False))
+                        known = row[1] or hashlib.sha256(bytes(row[2] or b"")).hexdigest()
+                        if known != digest:
+                            results.append(
+                                IdempotencyConflict(
+                                    f"Idempotency-Key {item.idempotency_key!r} was used for a different body "
+                                    f"(message {row[0]}): a new message needs a new key",
+                                    message_id=row[0],
+                                )
+                            )
+                        else:
+                            results.append((row[0], False))
                         continue
                 live = self.counts["queued"] + self.counts["in_flight"] + self.counts["dead"] + added_count
                 if live >= self.max_messages or self.bytes + added_bytes + len(item.body) > self.max_bytes:
@@ -301,9 +318,9 @@ class Spool:
                     continue
                 message_id = uuid.uuid4().hex
                 db.execute(
-                    "INSERT INTO messages (id, flow, idempotency_key, content_type, body, state, created_at, "
-                    "updated_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
-                    (message_id, item.flow, item.idempotency_key, item.content_type, item.body, now, now),
+                    "INSERT INTO messages (id, flow, idempotency_key, content_type, body, body_sha256, state, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                    (message_id, item.flow, item.idempotency_key, item.content_type, item.body, digest, now, now),
                 )
                 results.append((message_id, True))
                 added_count += 1
