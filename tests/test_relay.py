@@ -18,6 +18,7 @@ from senderd.config import load_config
 from senderd.daemon import Daemon
 from senderd.emulator.runtime import FlowSpec
 from senderd.emulator.stack import EmulatorStack
+from senderd.relay.spool import Spool
 from senderd.result import SendResult
 from tests.tools import Recorder, senderd_run
 
@@ -408,3 +409,25 @@ async def test_an_idempotency_key_reused_with_another_body_is_409(tmp_path: Path
     assert "used for a different body" in other[1]["error"]
     assert first[1]["id"] in other[1]["error"]
     assert [m.body for m in stack.runtime.stats.messages] == [b"<o n='1'/>"]
+
+
+async def test_the_requeued_count_at_a_stop_is_the_rows_left_in_flight(tmp_path: Path, logs: Any) -> None:
+    async with relay_daemon(tmp_path) as (stack, daemon, url, _d):
+        assert daemon.relay is not None
+        stack.runtime.flows["/down"].latency = 30.0  # every delivery hangs: claimed ones run or wait for a worker
+        for _ in range(24):
+            await post(f"{url}/v1/flows/down/messages")
+        with anyio.fail_after(10):
+            while daemon.relay.spool.counts["in_flight"] < 16:  # 8 workers, twice as many claimed
+                await stack.runtime.wait_for_requests(len(stack.runtime.stats.messages) + 1)
+        claimed = daemon.relay.spool.counts["in_flight"]
+        daemon.stop()
+        daemon.stop()  # cut the drain short
+    lines = [json.loads(line) for line in logs.text.splitlines() if '"relay_requeued"' in line]
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    counts = dict(spool.counts)
+    await spool.close()
+    assert counts["in_flight"] == 0  # the ones still waiting for a worker stayed in flight until a restart
+    assert [line["messages"] for line in lines] == [claimed]
+    assert counts["queued"] == 24

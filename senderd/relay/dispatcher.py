@@ -72,6 +72,18 @@ class Dispatcher:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Deliver due messages until cancelled; ordered flows one at a time, in order."""
+        try:
+            await self._run(task_status)
+        finally:  # stopped: what is still claimed (running or waiting for a worker) goes back, counted
+            with anyio.CancelScope(shield=True):
+                left = list(self._inflight.values())
+                requeued = await self.spool.requeue_all(left)
+                self._inflight.clear()
+                self._settled.set()
+            if left:
+                log.info("relay_requeued", messages=requeued)
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         workers = self.engine.config.pool.workers  # the pool's size is fixed until a restart
         pool = WorkerPool(workers, workers)
         async with anyio.create_task_group() as group:
@@ -157,11 +169,13 @@ class Dispatcher:
             try:
                 await self._deliver(message)
             except anyio.get_cancelled_exc_class():
-                with anyio.CancelScope(shield=True):
-                    await self.spool.requeue(message)  # interrupted by a stop: delivered after restart
-                raise
-            finally:
+                raise  # interrupted by a stop: it stays claimed, and `run` queues it again with the rest
+            except BaseException:
                 self._inflight.pop(message.id, None)
+                raise
+            else:
+                self._inflight.pop(message.id, None)
+            finally:
                 self._wake.set()
                 self._settled.set()
 

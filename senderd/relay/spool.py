@@ -485,6 +485,25 @@ class Spool:
 
         await self._call(update)
 
+    async def requeue_all(self, messages: Sequence[Message]) -> int:
+        """Put in-flight messages back (a stop interrupted them) without counting an attempt; returns how
+        many rows went back (a full disk: none now, all at the next start)."""
+
+        def update() -> int:
+            try:
+                cursor = self.db.executemany(
+                    "UPDATE messages SET state='queued', updated_at=? WHERE id=? AND state='in_flight'",
+                    [(self.clock.time(), m.id) for m in messages],
+                )
+            except sqlite3.Error as exc:
+                log.error("spool_requeue_failed", messages=len(messages), error=str(exc))
+                return 0
+            self.counts["in_flight"] -= cursor.rowcount
+            self.counts["queued"] += cursor.rowcount
+            return cursor.rowcount
+
+        return await self._call(update) if messages and self._db is not None else 0
+
     async def dead(self, limit: int = 1000) -> list[Message]:
         """Dead messages, oldest first (without bodies)."""
         rows = await self._call(
