@@ -81,9 +81,15 @@ CONFIRMATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 1
 class _SpoolCollector(Collector):
     """`senderd_spool_messages{state}` and `senderd_spool_oldest_message_age_seconds`, read at scrape time."""
 
-    def __init__(self, counts: Callable[[], dict[SpoolState, int]], oldest_age: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        counts: Callable[[], dict[SpoolState, int]],
+        oldest_age: Callable[[], float],
+        unconfigured: Callable[[], int] | None = None,
+    ) -> None:
         self.counts = counts
         self.oldest_age = oldest_age
+        self.unconfigured = unconfigured
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         messages = GaugeMetricFamily("senderd_spool_messages", "Messages in the spool by state.", labels=["state"])
@@ -96,6 +102,12 @@ class _SpoolCollector(Collector):
             "Age of the oldest message not yet delivered (0 when none waits).",
             value=self.oldest_age(),
         )
+        if self.unconfigured is not None:
+            yield GaugeMetricFamily(
+                "senderd_spool_unconfigured_flow_messages",
+                "Queued messages of flows not in the configuration now (kept until the flow returns).",
+                value=self.unconfigured(),
+            )
 
 
 class Metrics:
@@ -301,7 +313,12 @@ class Metrics:
 
     # --- the relay --------------------------------------------------------------------------------------
 
-    def watch_relay(self, counts: Callable[[], dict[SpoolState, int]], oldest_age: Callable[[], float]) -> None:
+    def watch_relay(
+        self,
+        counts: Callable[[], dict[SpoolState, int]],
+        oldest_age: Callable[[], float],
+        unconfigured: Callable[[], int] | None = None,
+    ) -> None:
         """Register the relay's metrics; the spool gauges are read at scrape time from the two callables."""
         r = self.registry
         self.relay_requests = Counter(
@@ -310,7 +327,7 @@ class Metrics:
         self.relay_deliveries = Counter(
             "senderd_relay_deliveries", "Relay delivery rounds by result.", ["flow", "result"], registry=r
         )
-        r.register(_SpoolCollector(counts, oldest_age))
+        r.register(_SpoolCollector(counts, oldest_age, unconfigured))
 
     def relay_request(self, status: int) -> None:
         """Count one answer of the relay API."""

@@ -431,3 +431,27 @@ async def test_the_requeued_count_at_a_stop_is_the_rows_left_in_flight(tmp_path:
     assert counts["in_flight"] == 0  # the ones still waiting for a worker stayed in flight until a restart
     assert [line["messages"] for line in lines] == [claimed]
     assert counts["queued"] == 24
+
+
+async def test_messages_of_a_flow_a_reload_dropped_stay_queued_and_are_counted(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path, max_deliveries=2) as (stack, daemon, url, deliveries):
+        assert daemon.relay is not None and daemon.engine is not None
+        ids = [(await post(f"{url}/v1/flows/down/messages"))[1]["id"] for _ in range(3)]
+        await deliveries.wait_for(3)  # each delivered once (refused): queued for a second round
+        full = daemon.config
+        daemon.loader = lambda: full.model_copy(update={"flows": [f for f in full.flows if f.name != "down"]})
+        assert await daemon.reload()
+        stack.runtime.flows["/down"].unavailable = 0
+        for n in range(3):  # rounds of the dispatcher in which the dropped flow's messages came due
+            _, other, _ = await post(f"{url}/v1/flows/orders/messages", f"<o n='{n}'/>".encode())
+            wanted: str = other["id"]
+            await deliveries.wait_until(lambda sends, i=wanted: any(s.message_id == i for s in sends))
+        await daemon.relay.dispatcher.refresh_gauges()
+        registry = daemon.engine.metrics.registry
+        kept = registry.get_sample_value("senderd_spool_unconfigured_flow_messages")
+        states = [(await get(f"{url}/v1/messages/{i}"))[1]["status"] for i in ids]
+        daemon.loader = lambda: full
+        assert await daemon.reload()  # the flow is back: its messages go out
+        await deliveries.wait_until(lambda sends: set(ids) <= {s.message_id for s in sends if s.ok})
+    assert kept == 3
+    assert states == ["queued"] * 3

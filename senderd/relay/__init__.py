@@ -26,7 +26,9 @@ class Relay:
         self.api = RelayApi(config, engine.holder, spool, engine.metrics)
         self.dispatcher = Dispatcher(config, engine, spool)
         self.clock = engine.clock
-        engine.metrics.watch_relay(lambda: spool.counts, self.dispatcher.oldest_age)
+        engine.metrics.watch_relay(
+            lambda: spool.counts, self.dispatcher.oldest_age, lambda: self.dispatcher.unconfigured
+        )
 
     @classmethod
     @asynccontextmanager

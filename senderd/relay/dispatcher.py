@@ -55,6 +55,8 @@ class Dispatcher:
         """Loop iterations (a test can tell waiting from spinning)."""
         self._oldest: float | None = None
         self._oldest_checked = float("-inf")
+        self.unconfigured = 0
+        """Queued messages of flows that are not configured now (a reload dropped them), as last counted."""
         self._rng = random.Random()
         self._pauses: dict[str, tuple[int, float]] = {}
         """Credentials sets whose deliveries pause (a 401, a token-server failure): consecutive pauses and
@@ -109,6 +111,7 @@ class Dispatcher:
                         claimed = await self.spool.due(
                             now, free, exclude_flows=busy_ordered, ordered_flows=ordered,
                             exclude_ids=[*self._inflight, *self._unrecorded], again_ids=again,
+                            only_flows=[flow.name for flow in self.engine.config.flows],
                         )  # fmt: skip
                 except sqlite3.Error as exc:  # the spool's disk is failing: say so, try again shortly
                     log.error("spool_read_failed", error=str(exc))
@@ -162,7 +165,12 @@ class Dispatcher:
         now = self.clock.monotonic()
         if now - self._oldest_checked >= 1.0:
             self._oldest_checked = now
-            self._oldest = await self.spool.oldest_queued_at()
+            await self.refresh_gauges()
+
+    async def refresh_gauges(self) -> None:
+        """Look up the oldest waiting message and the messages of flows no longer configured."""
+        self._oldest = await self.spool.oldest_queued_at()
+        self.unconfigured = await self.spool.queued_outside([flow.name for flow in self.engine.config.flows])
 
     def _job(self, message: Message) -> Callable[[], Awaitable[None]]:
         async def deliver() -> None:
@@ -184,8 +192,15 @@ class Dispatcher:
     async def _deliver(self, message: Message) -> None:
         try:
             flow = self.engine.config.flow(message.flow)
-        except ConfigError:
-            await self._finish(message, None, "dead", error=f"flow {message.flow!r} is no longer configured")
+        except ConfigError:  # a reload dropped it: kept queued until it returns (or an operator acts)
+            await self._finish(
+                message,
+                None,
+                "queued",
+                error=f"flow {message.flow!r} is not configured now: kept until it is again",
+                retry_at=self.clock.time() + self.config.redelivery_max,
+                counted=False,
+            )
             return
         headers = {self.config.application_id_header: message.id}
         if message.content_type:

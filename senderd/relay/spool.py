@@ -350,6 +350,7 @@ class Spool:
         ordered_flows: Sequence[str] = (),
         exclude_ids: Sequence[str] = (),
         again_ids: Sequence[str] = (),
+        only_flows: Sequence[str] | None = None,
     ) -> list[Message]:
         """Up to `limit` queued messages due by `now`, oldest first, marked in_flight (in memory only, when
         the disk is full: see the module's note). `exclude_ids` are being handled already; `again_ids` (whose
@@ -377,6 +378,9 @@ class Spool:
                     f"state IN ('queued', 'in_flight') AND flow IN ({marks}) GROUP BY flow))"
                 )  # only '?' marks
                 params += ordered + ordered
+            if only_flows is not None:  # messages of flows not configured now stay queued
+                sql += f" AND flow IN ({','.join('?' * len(only_flows))})"
+                params += tuple(only_flows)
             skipped = tuple(exclude_ids)
             if skipped:
                 sql += f" AND id NOT IN ({','.join('?' * len(skipped))})"
@@ -550,6 +554,13 @@ class Spool:
             return removed
 
         return await self._call(delete)
+
+    async def queued_outside(self, flows: Sequence[str]) -> int:
+        """Queued messages whose flow is not one of `flows`."""
+        marks = ",".join("?" * len(flows))
+        outside = f" AND flow NOT IN ({marks})" if flows else ""
+        sql = "SELECT COUNT(*) FROM messages WHERE state='queued'" + outside  # noqa: S608 - only '?' marks
+        return int(await self._call(lambda: self.db.execute(sql, tuple(flows)).fetchone()[0]))
 
     async def oldest_queued_at(self) -> float | None:
         """Creation time of the oldest message not yet delivered or dead."""
