@@ -3,6 +3,7 @@ ordered flows, and no loss across a real SIGKILL. (The spool on its own: test_sp
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 from collections.abc import AsyncIterator
@@ -433,6 +434,11 @@ async def test_the_requeued_count_at_a_stop_is_the_rows_left_in_flight(tmp_path:
     assert counts["queued"] == 24
 
 
+def delivered(message_id: str, sends: list[SendResult]) -> bool:
+    """Whether `sends` holds a delivery of `message_id` (successful or not)."""
+    return any(s.message_id == message_id for s in sends)
+
+
 async def test_messages_of_a_flow_a_reload_dropped_stay_queued_and_are_counted(tmp_path: Path) -> None:
     async with relay_daemon(tmp_path, max_deliveries=2) as (stack, daemon, url, deliveries):
         assert daemon.relay is not None and daemon.engine is not None
@@ -444,8 +450,7 @@ async def test_messages_of_a_flow_a_reload_dropped_stay_queued_and_are_counted(t
         stack.runtime.flows["/down"].unavailable = 0
         for n in range(3):  # rounds of the dispatcher in which the dropped flow's messages came due
             _, other, _ = await post(f"{url}/v1/flows/orders/messages", f"<o n='{n}'/>".encode())
-            wanted: str = other["id"]
-            await deliveries.wait_until(lambda sends, i=wanted: any(s.message_id == i for s in sends))
+            await deliveries.wait_until(functools.partial(delivered, other["id"]))
         await daemon.relay.dispatcher.refresh_gauges()
         registry = daemon.engine.metrics.registry
         kept = registry.get_sample_value("senderd_spool_unconfigured_flow_messages")
