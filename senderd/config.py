@@ -494,6 +494,9 @@ class RelayConfig(Section):
     """How long delivered messages are kept (for status queries) before pruning."""
     dead_retention: Duration | None = None
     """How long dead messages are kept (None: until re-driven)."""
+    workers: int | None = Field(default=None, ge=1, le=1000)
+    """Relay deliveries at once (None: as many as `pool.workers`). They run beside the pool's scheduled
+    sends: up to `pool.workers` + `relay.workers` sends are under way together."""
     application_id_header: str = "SAP_ApplicationID"
     read_timeout: PositiveDuration = 10.0
     """A client that has not sent its whole body by then gets 408 (a slow-loris holds nothing for long)."""

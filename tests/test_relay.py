@@ -21,7 +21,7 @@ from senderd.emulator.runtime import FlowSpec
 from senderd.emulator.stack import EmulatorStack
 from senderd.relay.spool import Spool
 from senderd.result import SendResult
-from tests.tools import Recorder, senderd_run
+from tests.tools import Recorder, all_blocked, senderd_run
 
 pytestmark = pytest.mark.anyio
 
@@ -460,3 +460,17 @@ async def test_messages_of_a_flow_a_reload_dropped_stay_queued_and_are_counted(t
         await deliveries.wait_until(lambda sends: set(ids) <= {s.message_id for s in sends if s.ok})
     assert kept == 3
     assert states == ["queued"] * 3
+
+
+async def test_relay_workers_bound_the_deliveries_at_once(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path, workers=2) as (stack, daemon, url, _d):
+        assert daemon.engine is not None
+        stack.runtime.flows["/down"].latency = 30.0  # every delivery hangs
+        for _ in range(6):
+            await post(f"{url}/v1/flows/down/messages")
+        await stack.runtime.wait_for_requests(2)
+        await all_blocked()
+        running = daemon.engine.metrics.registry.get_sample_value("senderd_inflight_sends")
+        daemon.stop()
+        daemon.stop()  # no drain: the deliveries hang
+    assert running == 2  # not pool.workers (8) more beside the pool's own

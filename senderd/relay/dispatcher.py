@@ -86,7 +86,7 @@ class Dispatcher:
                 log.info("relay_requeued", messages=requeued)
 
     async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
-        workers = self.engine.config.pool.workers  # the pool's size is fixed until a restart
+        workers = self.config.workers or self.engine.config.pool.workers  # fixed until a restart
         pool = WorkerPool(workers, workers)
         async with anyio.create_task_group() as group:
             await group.start(pool.run)
