@@ -15,6 +15,7 @@ import aiohttp
 import anyio
 import pytest
 
+from senderd.clock import Clock, SystemClock
 from senderd.config import load_config
 from senderd.daemon import Daemon
 from senderd.emulator.runtime import FlowSpec
@@ -65,7 +66,7 @@ def relay_section(spool: Path, **extra: Any) -> str:
 
 @asynccontextmanager
 async def relay_daemon(
-    tmp_path: Path, *, spool: Path | None = None, **relay: Any
+    tmp_path: Path, *, spool: Path | None = None, clock: Clock | None = None, **relay: Any
 ) -> AsyncIterator[tuple[EmulatorStack, Daemon, str, Recorder[SendResult]]]:
     """A daemon with the relay on (its spool in `spool`, else tmp_path/spool), and a recorder of the sends
     (deliveries) its engine finishes."""
@@ -73,7 +74,7 @@ async def relay_daemon(
     async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
         stack.runtime.add_flow(FlowSpec("/Down", unavailable=-1, retry_after=0))
         stack.runtime.add_flow(FlowSpec("/Ledger", kind="echo"))
-        daemon = Daemon.create(load_config(stack.config_path), handle_signals=False)
+        daemon = Daemon.create(load_config(stack.config_path), handle_signals=False, clock=clock)
         deliveries = Recorder[SendResult]()
 
         async def hook(engine: Any, _group: object) -> None:
@@ -474,3 +475,48 @@ async def test_relay_workers_bound_the_deliveries_at_once(tmp_path: Path) -> Non
         daemon.stop()
         daemon.stop()  # no drain: the deliveries hang
     assert running == 2  # not pool.workers (8) more beside the pool's own
+
+
+class SteppedClock(SystemClock):
+    """The system's clocks, with the wall clock stepped by `offset` seconds (an NTP step, a VM resumed)."""
+
+    offset = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.offset
+
+
+async def test_a_wall_clock_stepped_back_delays_no_redelivery(tmp_path: Path) -> None:
+    clock = SteppedClock()
+    async with relay_daemon(tmp_path, clock=clock, max_deliveries=3) as (_, daemon, url, deliveries):
+        assert daemon.relay is not None
+        spool = daemon.relay.spool
+        finish = spool.finish
+
+        async def finish_then_step(*args: Any, **kwargs: Any) -> None:
+            await finish(*args, **kwargs)  # the redelivery is planned ...
+            clock.offset = -3600.0  # ... and then the wall clock goes back an hour
+
+        spool.finish = finish_then_step  # type: ignore[method-assign]
+        await post(f"{url}/v1/flows/down/messages")
+        await deliveries.wait_for(3, timeout=10)  # all three rounds, 50-200 ms apart, not an hour later
+
+
+async def test_a_redelivery_planned_far_ahead_is_bounded_at_open(tmp_path: Path) -> None:
+    from senderd.testing import FakeClock
+
+    clock = FakeClock()
+    spool = Spool(tmp_path / "spool", clock=clock)
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        await spool.add("f", b"x", "text/plain")
+        group.cancel_scope.cancel()
+    (message,) = await spool.due(clock.time(), 1)
+    await spool.finish(message, "queued", retry_at=clock.time() + 86_400)  # planned by a clock a day ahead
+    await spool.close()
+    reopened = Spool(tmp_path / "spool", clock=clock, max_delay=300)
+    await reopened.open()
+    due = await reopened.due(clock.time() + 300, 1)
+    await reopened.close()
+    assert [m.id for m in due] == [message.id]

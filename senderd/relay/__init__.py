@@ -39,6 +39,7 @@ class Relay:
             max_messages=config.max_spool_messages,
             max_bytes=config.max_spool_bytes,
             clock=engine.clock,
+            max_delay=config.redelivery_max,
         )
         await spool.open()
         try:

@@ -58,10 +58,18 @@ class Dispatcher:
         self.unconfigured = 0
         """Queued messages of flows that are not configured now (a reload dropped them), as last counted."""
         self._rng = random.Random()
+        self._wall_at_start = self.clock.time()
+        self._monotonic_at_start = self.clock.monotonic()
         self._pauses: dict[str, tuple[int, float]] = {}
         """Credentials sets whose deliveries pause (a 401, a token-server failure): consecutive pauses and
         the monotonic time they end."""
         spool.on_change = self._wake.set
+
+    def plan_time(self) -> float:
+        """Now, for planning redeliveries: the wall-clock time at start moved on by the monotonic clock, so
+        that a clock stepped back (or forward) while running delays nothing. Persisted as a "not before"
+        that reads as wall-clock time after a restart (where the spool bounds it by `redelivery_max`)."""
+        return self._wall_at_start + self.clock.monotonic() - self._monotonic_at_start
 
     def oldest_age(self) -> float:
         """Seconds since the oldest message still waiting for delivery was accepted (0 when none waits)."""
@@ -106,7 +114,7 @@ class Dispatcher:
                     if free > 0 and not self.stopping:
                         busy_ordered = [m.flow for m in self._inflight.values() if m.flow in ordered]
                         busy_ordered += self._paused_flows()
-                        now = self.clock.time()
+                        now = self.plan_time()
                         again = [i for i, (_, not_before) in self._unrecorded.items() if not_before <= now]
                         claimed = await self.spool.due(
                             now, free, exclude_flows=busy_ordered, ordered_flows=ordered,
@@ -144,7 +152,7 @@ class Dispatcher:
         delay = 1.0
         if can_claim:
             with contextlib.suppress(sqlite3.Error):
-                now = self.clock.time()
+                now = self.plan_time()
                 next_due = await self.spool.next_due_at(after=now)
                 if next_due is not None:
                     delay = min(1.0, max(0.01, next_due - now))
@@ -198,7 +206,7 @@ class Dispatcher:
                 None,
                 "queued",
                 error=f"flow {message.flow!r} is not configured now: kept until it is again",
-                retry_at=self.clock.time() + self.config.redelivery_max,
+                retry_at=self.plan_time() + self.config.redelivery_max,
                 counted=False,
             )
             return
@@ -226,7 +234,7 @@ class Dispatcher:
             log.warning(
                 "relay_delivery_paused", credentials=credentials, seconds=round(delay, 3), error=result.last.error
             )
-            await self._finish(message, result, "queued", retry_at=self.clock.time() + delay, counted=False)
+            await self._finish(message, result, "queued", retry_at=self.plan_time() + delay, counted=False)
             return
         rounds = message.attempts + 1
         if decided == "redeliver" and rounds < self.config.max_deliveries:
@@ -237,7 +245,7 @@ class Dispatcher:
                 jitter=0.1,
                 rng=self._rng,
             )
-            await self._finish(message, result, "queued", retry_at=self.clock.time() + delay)
+            await self._finish(message, result, "queued", retry_at=self.plan_time() + delay)
         else:
             await self._finish(message, result, "dead")
 

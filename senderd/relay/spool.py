@@ -138,13 +138,22 @@ class Spool:
     """The outbox at `directory/spool.db`; open with `Spool.open` in an async context."""
 
     def __init__(
-        self, directory: Path, *, max_messages: int = 100_000, max_bytes: int = 1 << 30, clock: Clock | None = None
+        self,
+        directory: Path,
+        *,
+        max_messages: int = 100_000,
+        max_bytes: int = 1 << 30,
+        clock: Clock | None = None,
+        max_delay: float | None = None,
     ) -> None:
+        """`max_delay` bounds, at open, how far ahead a planned redelivery may lie (plans are "not before"
+        times in the last run's frame: a clock stepped since must not hold a message back longer)."""
         self.path = directory / "spool.db"
         self.directory = SpoolDir(directory)
         self.clock = clock or SystemClock()
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        self.max_delay = max_delay
         self._db: sqlite3.Connection | None = None
         self._thread = CapacityLimiter(1)  # one thread owns the connection's work at a time
         self._pending: list[_Pending] = []
@@ -186,6 +195,12 @@ class Spool:
             if "body_sha256" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}:
                 db.execute("ALTER TABLE messages ADD COLUMN body_sha256 TEXT")  # spools of older versions
             try:
+                if self.max_delay is not None:
+                    bound = self.clock.time() + self.max_delay
+                    db.execute(
+                        "UPDATE messages SET next_attempt_at=? WHERE state='queued' AND next_attempt_at>?",
+                        (bound, bound),
+                    )
                 db.execute("UPDATE messages SET state='queued' WHERE state='in_flight'")
             except sqlite3.OperationalError as exc:  # a full disk: start anyway, queue them again later
                 log.error("spool_requeue_deferred", error=str(exc), path=str(self.path))
