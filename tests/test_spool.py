@@ -7,6 +7,7 @@ import functools
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -108,13 +109,40 @@ async def test_a_full_disk_refuses_the_batch_and_the_writer_lives_on(tmp_path: P
     await spool.close()
 
 
-async def test_a_damaged_spool_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
-    from senderd.errors import ConfigError
-
+async def test_a_file_that_is_not_a_database_is_quarantined_and_a_fresh_spool_starts(tmp_path: Path) -> None:
     (tmp_path / "spool").mkdir()
     (tmp_path / "spool" / "spool.db").write_bytes(b"this is not a database" * 100)
-    with pytest.raises(ConfigError, match=r"relay.spool_dir: cannot use .*spool.db \(file is not a database\)"):
-        await Spool(tmp_path / "spool").open()
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    counts = dict(spool.counts)
+    await spool.close()
+    quarantined = list((tmp_path / "spool").glob("spool.db.damaged-*"))
+    assert counts == {"queued": 0, "in_flight": 0, "delivered": 0, "dead": 0}
+    assert [p.read_bytes()[:22] for p in quarantined] == [b"this is not a database"]
+
+
+async def test_a_damaged_page_is_quarantined_and_what_can_be_read_is_salvaged(tmp_path: Path, logs: Any) -> None:
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        for n in range(60):
+            await spool.add("f", bytes([65 + n % 26]) * 1500, "text/plain")
+        group.cancel_scope.cancel()
+    await spool.close()
+    path = tmp_path / "spool" / "spool.db"
+    data = bytearray(path.read_bytes())
+    page = 4096
+    pages = len(data) // page
+    data[page * (pages // 2) : page * (pages // 2 + 1)] = b"\xde\xad" * (page // 2)  # one page in the middle
+    path.write_bytes(bytes(data))
+    reopened = Spool(tmp_path / "spool")
+    await reopened.open()
+    counts = dict(reopened.counts)
+    await reopened.close()
+    assert list((tmp_path / "spool").glob("spool.db.damaged-*"))
+    assert '"spool_quarantined"' in logs.text
+    assert 30 <= counts["queued"] < 60, counts  # the rows on the damaged page are lost, the rest kept
 
 
 async def test_retention_removes_delivered_and_dead_messages_within_a_minute(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from senderd.errors import ConfigError, IdempotencyConflict, SpoolError, SpoolFu
 from senderd.logs import get_logger, redact_text
 from senderd.metrics import SPOOL_STATES
 from senderd.metrics import SpoolState as State
+from senderd.relay.salvage import damaged, quarantine, salvage
 from senderd.relay.spooldir import SpoolDir
 
 log = get_logger("spool")
@@ -181,7 +182,7 @@ class Spool:
             self.directory.release()
             raise
 
-    def _open_sync(self) -> None:
+    def _open_sync(self, *, may_salvage: bool = True) -> None:
         db: sqlite3.Connection | None = None
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -214,6 +215,9 @@ class Spool:
         except sqlite3.Error as exc:
             if db is not None:
                 db.close()
+            if may_salvage and damaged(exc):  # one damaged page must not stop the relay: start afresh
+                self._start_afresh(quarantine(self.path, str(exc)))
+                return
             raise ConfigError(
                 f"relay.spool_dir: cannot use {self.path} ({exc}): check the disk, or move the damaged file aside"
             ) from None
@@ -221,6 +225,17 @@ class Spool:
             self.counts[state] = count
         self.bytes = int(waiting)
         self._db = db
+
+    def _start_afresh(self, damaged_copy: Path) -> None:
+        """A fresh spool in place of the quarantined one, with what could be read from it."""
+        self.directory.create_private(self.path)
+        self._open_sync(may_salvage=False)
+        salvage(damaged_copy, self.db)
+        db, self._db = self.db, None
+        db.close()
+        self.counts = dict.fromkeys(SPOOL_STATES, 0)
+        self.bytes = 0
+        self._open_sync(may_salvage=False)
 
     async def close(self) -> None:
         """Close the database (pending adds must have finished)."""
