@@ -1,10 +1,11 @@
 """Soak: `senderd run` at a steady send rate (plus relay posts) against the emulator for N minutes,
-sampling its RSS and open file descriptors; both must stay flat.
+sampling its RSS, open file descriptors and spool file size; all must stay flat.
 
     .venv/bin/python scripts/soak.py --minutes 10
 
 Prints one line per sample and a verdict; exits 1 if RSS grew more than --max-rss-growth-mb between the
-end of the warm-up and the end, or if the fd count grew at all beyond a small slack.
+end of the warm-up and the end, if the fd count grew at all beyond a small slack, or if the spool file grew
+by more than half (retention is 1 minute, and a delivered message's body is dropped at once).
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def spool_kb(folder: Path) -> int:
+    """Size of the spool's files (database and WAL) in KiB."""
+    return sum(path.stat().st_size for path in folder.glob("spool.db*")) // 1024
+
+
 def fds(pid: int) -> int:
     """Open file descriptors of `pid`."""
     return len(os.listdir(f"/proc/{pid}/fd"))
@@ -74,7 +80,7 @@ async def soak(minutes: float, every: str, posts_per_s: float, max_growth_mb: fl
             with log_path.open("wb") as log:
                 process = await anyio.open_process(command, stdout=log, stderr=log)
             relay_url = ""
-            samples: list[tuple[float, int, int]] = []
+            samples: list[tuple[float, int, int, int]] = []
             async with process:
                 try:
                     relay_url = await _relay_url(stack, folder)
@@ -85,10 +91,16 @@ async def soak(minutes: float, every: str, posts_per_s: float, max_growth_mb: fl
                     async with aiohttp.ClientSession() as session:
                         while time.monotonic() < end:
                             if time.monotonic() >= next_sample:
-                                sample = (time.monotonic() - started, rss_kb(process.pid), fds(process.pid))
+                                sample = (
+                                    time.monotonic() - started,
+                                    rss_kb(process.pid),
+                                    fds(process.pid),
+                                    spool_kb(folder / "spool"),
+                                )
                                 samples.append(sample)
                                 print(
                                     f"t={sample[0]:6.0f}s  rss={sample[1] / 1024:6.1f} MB  fds={sample[2]:3d}  "
+                                    f"spool={sample[3] / 1024:6.2f} MB  "
                                     f"sends={len(stack.runtime.stats.messages):6d}  posted={posted}",
                                     flush=True,
                                 )
@@ -107,11 +119,13 @@ async def soak(minutes: float, every: str, posts_per_s: float, max_growth_mb: fl
         last = samples[-1]
         growth_mb = (last[1] - warm[1]) / 1024
         fd_growth = last[2] - warm[2]
+        spool_growth_mb = (last[3] - warm[3]) / 1024
         sends = len(stack.runtime.stats.messages)
         print(
             f"\nsoak {minutes:g} min: {sends} deliveries, {stack.runtime.stats.expired_tokens} expired tokens, "
             f"RSS {warm[1] / 1024:.1f} -> {last[1] / 1024:.1f} MB after warm-up ({growth_mb:+.1f} MB), "
-            f"fds {warm[2]} -> {last[2]} ({fd_growth:+d})"
+            f"fds {warm[2]} -> {last[2]} ({fd_growth:+d}), spool {warm[3] / 1024:.2f} -> {last[3] / 1024:.2f} MB "
+            f"({spool_growth_mb:+.2f} MB)"
         )
         print(
             json.dumps(
@@ -122,10 +136,17 @@ async def soak(minutes: float, every: str, posts_per_s: float, max_growth_mb: fl
                     "rss_end_mb": round(last[1] / 1024, 1),
                     "fds_warm": warm[2],
                     "fds_end": last[2],
+                    "spool_warm_mb": round(warm[3] / 1024, 2),
+                    "spool_end_mb": round(last[3] / 1024, 2),
                 }
             )
         )
-        ok = growth_mb <= max_growth_mb and fd_growth <= 2 and stack.runtime.stats.expired_tokens == 0
+        ok = (
+            growth_mb <= max_growth_mb
+            and fd_growth <= 2
+            and spool_growth_mb <= max(1.0, warm[3] / 1024 / 2)  # retention is 1 minute: the file stays put
+            and stack.runtime.stats.expired_tokens == 0
+        )
         print("verdict: flat" if ok else "verdict: GROWING")
         return 0 if ok else 1
 

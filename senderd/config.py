@@ -6,6 +6,7 @@ Relative paths are resolved against the config file's folder. Defaults live here
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -410,6 +411,17 @@ def check_listen(value: str) -> str:
     return value
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (of a listen address) is this machine only: localhost, 127.0.0.0/8 or ::1."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """`host:port` (IPv6 as `[::1]:9464`) → (host, port); ConfigError if it is not one."""
     try:
@@ -482,6 +494,11 @@ class RelayConfig(Section):
     redelivery_max: PositiveDuration = 300.0
     retention: Duration = 86_400.0
     """How long delivered messages are kept (for status queries) before pruning."""
+    dead_retention: Duration | None = None
+    """How long dead messages are kept (None: until re-driven)."""
+    workers: int | None = Field(default=None, ge=1, le=1000)
+    """Relay deliveries at once (None: as many as `pool.workers`). They run beside the pool's scheduled
+    sends: up to `pool.workers` + `relay.workers` sends are under way together."""
     application_id_header: str = "SAP_ApplicationID"
     read_timeout: PositiveDuration = 10.0
     """A client that has not sent its whole body by then gets 408 (a slow-loris holds nothing for long)."""
@@ -491,25 +508,22 @@ class RelayConfig(Section):
     def _listen(cls, value: str) -> str:
         return check_listen(value)
 
+    @model_validator(mode="after")
+    def _token_beyond_localhost(self) -> RelayConfig:
+        host = self.listen.rpartition(":")[0].strip("[]")
+        if self.token_env is None and not is_loopback(host):
+            raise ValueError(
+                f"listen = {self.listen!r} is reachable beyond localhost without a token: set relay.token_env "
+                "(the app then sends 'Authorization: Bearer ...'), or listen on 127.0.0.1"
+            )
+        return self
+
     def token(self) -> str | None:
         """The bearer token the app must present, from `token_env`."""
         return env_secret(self.token_env, "relay.token_env")
 
 
 FORWARD_MAX_BODY = 128 * 1024 * 1024
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (of a listen address) is this machine only: localhost, 127.0.0.0/8 or ::1."""
-    import ipaddress
-
-    host = host.strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class ForwardConfig(Section):

@@ -306,7 +306,7 @@ class Daemon:
         with anyio.move_on_after(self.config.pool.drain_timeout) as drain:
             await _first(all_drained, self._force.wait)
         if drain.cancelled_caught or self._force.is_set():
-            log.warning("drain_cut_short", cancelled=pool.running, requeued=relay.inflight if relay is not None else 0)
+            log.warning("drain_cut_short", cancelled=pool.running)  # the relay logs relay_requeued: rows put back
         work.cancel_scope.cancel()
 
 

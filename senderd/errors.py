@@ -49,5 +49,13 @@ class SpoolFull(SpoolError):
     """The spool holds as many messages or bytes as it may."""
 
 
+class IdempotencyConflict(SpoolError):
+    """An `Idempotency-Key` already names a message with a different body (`message_id`)."""
+
+    def __init__(self, message: str, *, message_id: str) -> None:
+        super().__init__(message)
+        self.message_id = message_id
+
+
 class PushError(SenderdError):
     """The Pushgateway did not take the metrics."""

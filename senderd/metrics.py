@@ -62,10 +62,10 @@ RUNTIME_FAILURE_REASONS: tuple[RuntimeFailureReason, ...] = get_args(RuntimeFail
 SkipReason = Literal["overlap", "queue_full", "late"]
 """Why a scheduled tick did not run: `senderd_skipped_ticks_total{reason}`."""
 SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
-DeliveryResult = Literal["delivered", "retry", "dead"]
+DeliveryResult = Literal["delivered", "retry", "paused", "dead"]
 """How one relay delivery round ended: `senderd_relay_deliveries_total{result}`."""
 DELIVERY_RESULTS: tuple[DeliveryResult, ...] = get_args(DeliveryResult)
-ErrorComponent = Literal["send", "delivery", "job"]
+ErrorComponent = Literal["send", "delivery", "job", "relay_api"]
 """Where an unforeseen exception was caught and isolated: `senderd_internal_errors_total{component}`."""
 ERROR_COMPONENTS: tuple[ErrorComponent, ...] = get_args(ErrorComponent)
 SpoolState = Literal["queued", "in_flight", "delivered", "dead"]
@@ -81,9 +81,15 @@ CONFIRMATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 1
 class _SpoolCollector(Collector):
     """`senderd_spool_messages{state}` and `senderd_spool_oldest_message_age_seconds`, read at scrape time."""
 
-    def __init__(self, counts: Callable[[], dict[SpoolState, int]], oldest_age: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        counts: Callable[[], dict[SpoolState, int]],
+        oldest_age: Callable[[], float],
+        unconfigured: Callable[[], int] | None = None,
+    ) -> None:
         self.counts = counts
         self.oldest_age = oldest_age
+        self.unconfigured = unconfigured
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         messages = GaugeMetricFamily("senderd_spool_messages", "Messages in the spool by state.", labels=["state"])
@@ -96,6 +102,12 @@ class _SpoolCollector(Collector):
             "Age of the oldest message not yet delivered (0 when none waits).",
             value=self.oldest_age(),
         )
+        if self.unconfigured is not None:
+            yield GaugeMetricFamily(
+                "senderd_spool_unconfigured_flow_messages",
+                "Queued messages of flows not in the configuration now (kept until the flow returns).",
+                value=self.unconfigured(),
+            )
 
 
 class Metrics:
@@ -304,7 +316,12 @@ class Metrics:
 
     # --- the relay --------------------------------------------------------------------------------------
 
-    def watch_relay(self, counts: Callable[[], dict[SpoolState, int]], oldest_age: Callable[[], float]) -> None:
+    def watch_relay(
+        self,
+        counts: Callable[[], dict[SpoolState, int]],
+        oldest_age: Callable[[], float],
+        unconfigured: Callable[[], int] | None = None,
+    ) -> None:
         """Register the relay's metrics; the spool gauges are read at scrape time from the two callables."""
         r = self.registry
         self.relay_requests = Counter(
@@ -313,7 +330,7 @@ class Metrics:
         self.relay_deliveries = Counter(
             "senderd_relay_deliveries", "Relay delivery rounds by result.", ["flow", "result"], registry=r
         )
-        r.register(_SpoolCollector(counts, oldest_age))
+        r.register(_SpoolCollector(counts, oldest_age, unconfigured))
 
     def relay_request(self, status: int) -> None:
         """Count one answer of the relay API."""

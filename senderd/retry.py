@@ -61,10 +61,6 @@ class RetryPolicy:
             return not attempt.certificate_problem
         return attempt.outcome == "timeout"
 
-    def redeliverable(self, attempt: Attempt) -> bool:
-        """Whether a relay message whose send ended with `attempt` deserves another delivery round later."""
-        return self.retryable(attempt) or attempt.outcome in ("timeout", "connection_error")
-
     def wait(self, attempts_made: int, retry_after: float | None, rng: random.Random) -> float:
         """Seconds before the next attempt: Retry-After if given (capped), else full-jitter backoff."""
         if retry_after is not None:

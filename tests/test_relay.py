@@ -3,6 +3,7 @@ ordered flows, and no loss across a real SIGKILL. (The spool on its own: test_sp
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 from collections.abc import AsyncIterator
@@ -14,12 +15,14 @@ import aiohttp
 import anyio
 import pytest
 
+from senderd.clock import Clock, SystemClock
 from senderd.config import load_config
 from senderd.daemon import Daemon
 from senderd.emulator.runtime import FlowSpec
 from senderd.emulator.stack import EmulatorStack
+from senderd.relay.spool import Spool
 from senderd.result import SendResult
-from tests.tools import Recorder, senderd_run
+from tests.tools import Recorder, all_blocked, senderd_run
 
 pytestmark = pytest.mark.anyio
 
@@ -63,14 +66,15 @@ def relay_section(spool: Path, **extra: Any) -> str:
 
 @asynccontextmanager
 async def relay_daemon(
-    tmp_path: Path, **relay: Any
+    tmp_path: Path, *, spool: Path | None = None, clock: Clock | None = None, **relay: Any
 ) -> AsyncIterator[tuple[EmulatorStack, Daemon, str, Recorder[SendResult]]]:
-    """A daemon with the relay on, and a recorder of the sends (deliveries) its engine finishes."""
-    extra = FLOWS + relay_section(tmp_path / "spool", **relay)
+    """A daemon with the relay on (its spool in `spool`, else tmp_path/spool), and a recorder of the sends
+    (deliveries) its engine finishes."""
+    extra = FLOWS + relay_section(spool or tmp_path / "spool", **relay)
     async with EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack:
         stack.runtime.add_flow(FlowSpec("/Down", unavailable=-1, retry_after=0))
         stack.runtime.add_flow(FlowSpec("/Ledger", kind="echo"))
-        daemon = Daemon.create(load_config(stack.config_path), handle_signals=False)
+        daemon = Daemon.create(load_config(stack.config_path), handle_signals=False, clock=clock)
         deliveries = Recorder[SendResult]()
 
         async def hook(engine: Any, _group: object) -> None:
@@ -337,3 +341,182 @@ async def test_a_blocked_backlog_neither_spins_nor_starves_other_flows(tmp_path:
         await deliveries.wait_for(4)
         spent = daemon.relay.dispatcher.rounds - rounds
     assert spent < 50, f"the dispatcher looped {spent} times while the ordered flow was blocked"
+
+
+async def test_last_error_is_redacted_where_it_is_stored_and_served(tmp_path: Path) -> None:
+    token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzZW5kZXJkIn0.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"
+    async with relay_daemon(tmp_path) as (stack, daemon, url, deliveries):
+        failing = stack.runtime.flows["/failing"]
+        failing.return_exception = True  # the iFlow answers its exception text, echoing the request's header
+        failing.error_text = f"HttpResponseException: request had Authorization: Bearer {token} and failed"
+        _, answer, _ = await post(f"{url}/v1/flows/failing/messages")
+        await deliveries.wait_for(1)
+        _, message = await get(f"{url}/v1/messages/{answer['id']}")
+        _, dead = await get(f"{url}/v1/dead")
+        assert daemon.relay is not None
+        stored = daemon.relay.spool.db.execute("SELECT last_error FROM messages").fetchone()[0]
+    for text in (message["last_error"], dead["messages"][0]["last_error"], stored):
+        assert "HttpResponseException" in text
+        assert token[:20] not in text, text
+        assert "[REDACTED]" in text
+
+
+@pytest.mark.parametrize("fault", ["runtime_401", "token_server_html"])
+async def test_credential_problems_pause_delivery_and_kill_nothing(tmp_path: Path, fault: str) -> None:
+    async with relay_daemon(tmp_path, max_deliveries=2) as (stack, daemon, url, deliveries):
+        stack.runtime.refuse_tokens = True  # every token refused: a 401 (then a fresh token, refused too)
+        if fault == "token_server_html":
+            stack.token_server.faults.answer = b"<html><body>Sign in</body></html>"  # the fetch after the 401
+        _, answer, _ = await post(f"{url}/v1/flows/orders/messages")
+        await deliveries.wait_for(4)  # twice max_deliveries rounds
+        _, during = await get(f"{url}/v1/messages/{answer['id']}")
+        stack.runtime.refuse_tokens = False
+        stack.token_server.faults.answer = None
+        await deliveries.wait_until(lambda sends: any(s.ok for s in sends), timeout=30)
+        _, after = await get(f"{url}/v1/messages/{answer['id']}")
+        assert daemon.engine is not None
+        registry = daemon.engine.metrics.registry
+        paused = registry.get_sample_value("senderd_relay_deliveries_total", {"flow": "orders", "result": "paused"})
+    assert during["status"] in ("queued", "in_flight")
+    assert during["attempts"] == 0  # paused rounds are not counted against max_deliveries
+    assert after["status"] == "delivered"
+    assert paused is not None and paused >= 4
+
+
+async def test_a_second_daemon_on_the_same_spool_is_refused_with_one_line(tmp_path: Path) -> None:
+    extra = FLOWS + relay_section(tmp_path / "spool")
+    async with (
+        EmulatorStack.started(tmp_path / "emu", config_extra=extra) as stack,
+        senderd_run("-c", str(stack.config_path)) as first,
+    ):
+        await first.wait_for("relay_listening", timeout=15)
+        async with senderd_run("-c", str(stack.config_path)) as second:
+            code = await second.wait()
+        first.send_signal(signal.SIGTERM)
+        assert await first.wait() == 0
+    assert code == 2
+    lines = [line for line in (second.stderr + second.text).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "is in use by another senderd (pid " in lines[0]
+
+
+async def test_an_idempotency_key_reused_with_another_body_is_409(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path) as (stack, _, url, deliveries):
+        first = await post(f"{url}/v1/flows/orders/messages", b"<o n='1'/>", Idempotency_Key="order-7")
+        same = await post(f"{url}/v1/flows/orders/messages", b"<o n='1'/>", Idempotency_Key="order-7")
+        other = await post(f"{url}/v1/flows/orders/messages", b"<o n='2'/>", Idempotency_Key="order-7")
+        await deliveries.wait_for(1)
+    assert (first[0], same[0]) == (202, 200)
+    assert other[0] == 409
+    assert "used for a different body" in other[1]["error"]
+    assert first[1]["id"] in other[1]["error"]
+    assert [m.body for m in stack.runtime.stats.messages] == [b"<o n='1'/>"]
+
+
+async def test_the_requeued_count_at_a_stop_is_the_rows_left_in_flight(tmp_path: Path, logs: Any) -> None:
+    async with relay_daemon(tmp_path) as (stack, daemon, url, _d):
+        assert daemon.relay is not None
+        stack.runtime.flows["/down"].latency = 30.0  # every delivery hangs: claimed ones run or wait for a worker
+        for _ in range(24):
+            await post(f"{url}/v1/flows/down/messages")
+        with anyio.fail_after(10):
+            while daemon.relay.spool.counts["in_flight"] < 16:  # 8 workers, twice as many claimed
+                await stack.runtime.wait_for_requests(len(stack.runtime.stats.messages) + 1)
+        claimed = daemon.relay.spool.counts["in_flight"]
+        daemon.stop()
+        daemon.stop()  # cut the drain short
+    lines = [json.loads(line) for line in logs.text.splitlines() if '"relay_requeued"' in line]
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    counts = dict(spool.counts)
+    await spool.close()
+    assert counts["in_flight"] == 0  # the ones still waiting for a worker stayed in flight until a restart
+    assert [line["messages"] for line in lines] == [claimed]
+    assert counts["queued"] == 24
+
+
+def delivered(message_id: str, sends: list[SendResult]) -> bool:
+    """Whether `sends` holds a delivery of `message_id` (successful or not)."""
+    return any(s.message_id == message_id for s in sends)
+
+
+async def test_messages_of_a_flow_a_reload_dropped_stay_queued_and_are_counted(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path, max_deliveries=2) as (stack, daemon, url, deliveries):
+        assert daemon.relay is not None and daemon.engine is not None
+        ids = [(await post(f"{url}/v1/flows/down/messages"))[1]["id"] for _ in range(3)]
+        await deliveries.wait_for(3)  # each delivered once (refused): queued for a second round
+        full = daemon.config
+        daemon.loader = lambda: full.model_copy(update={"flows": [f for f in full.flows if f.name != "down"]})
+        assert await daemon.reload()
+        stack.runtime.flows["/down"].unavailable = 0
+        for n in range(3):  # rounds of the dispatcher in which the dropped flow's messages came due
+            _, other, _ = await post(f"{url}/v1/flows/orders/messages", f"<o n='{n}'/>".encode())
+            await deliveries.wait_until(functools.partial(delivered, other["id"]))
+        await daemon.relay.dispatcher.refresh_gauges()
+        registry = daemon.engine.metrics.registry
+        kept = registry.get_sample_value("senderd_spool_unconfigured_flow_messages")
+        states = [(await get(f"{url}/v1/messages/{i}"))[1]["status"] for i in ids]
+        daemon.loader = lambda: full
+        assert await daemon.reload()  # the flow is back: its messages go out
+        await deliveries.wait_until(lambda sends: set(ids) <= {s.message_id for s in sends if s.ok})
+    assert kept == 3
+    assert states == ["queued"] * 3
+
+
+async def test_relay_workers_bound_the_deliveries_at_once(tmp_path: Path) -> None:
+    async with relay_daemon(tmp_path, workers=2) as (stack, daemon, url, _d):
+        assert daemon.engine is not None
+        stack.runtime.flows["/down"].latency = 30.0  # every delivery hangs
+        for _ in range(6):
+            await post(f"{url}/v1/flows/down/messages")
+        await stack.runtime.wait_for_requests(2)
+        await all_blocked()
+        running = daemon.engine.metrics.registry.get_sample_value("senderd_inflight_sends")
+        daemon.stop()
+        daemon.stop()  # no drain: the deliveries hang
+    assert running == 2  # not pool.workers (8) more beside the pool's own
+
+
+class SteppedClock(SystemClock):
+    """The system's clocks, with the wall clock stepped by `offset` seconds (an NTP step, a VM resumed)."""
+
+    offset = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.offset
+
+
+async def test_a_wall_clock_stepped_back_delays_no_redelivery(tmp_path: Path) -> None:
+    clock = SteppedClock()
+    async with relay_daemon(tmp_path, clock=clock, max_deliveries=3) as (_, daemon, url, deliveries):
+        assert daemon.relay is not None
+        spool = daemon.relay.spool
+        finish = spool.finish
+
+        async def finish_then_step(*args: Any, **kwargs: Any) -> None:
+            await finish(*args, **kwargs)  # the redelivery is planned ...
+            clock.offset = -3600.0  # ... and then the wall clock goes back an hour
+
+        spool.finish = finish_then_step  # type: ignore[method-assign]
+        await post(f"{url}/v1/flows/down/messages")
+        await deliveries.wait_for(3, timeout=10)  # all three rounds, 50-200 ms apart, not an hour later
+
+
+async def test_a_redelivery_planned_far_ahead_is_bounded_at_open(tmp_path: Path) -> None:
+    from senderd.testing import FakeClock
+
+    clock = FakeClock()
+    spool = Spool(tmp_path / "spool", clock=clock)
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        await spool.add("f", b"x", "text/plain")
+        group.cancel_scope.cancel()
+    (message,) = await spool.due(clock.time(), 1)
+    await spool.finish(message, "queued", retry_at=clock.time() + 86_400)  # planned by a clock a day ahead
+    await spool.close()
+    reopened = Spool(tmp_path / "spool", clock=clock, max_delay=300)
+    await reopened.open()
+    due = await reopened.due(clock.time() + 300, 1)
+    await reopened.close()
+    assert [m.id for m in due] == [message.id]

@@ -3,9 +3,11 @@ full disk and a damaged file."""
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -107,10 +109,118 @@ async def test_a_full_disk_refuses_the_batch_and_the_writer_lives_on(tmp_path: P
     await spool.close()
 
 
-async def test_a_damaged_spool_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
-    from senderd.errors import ConfigError
-
+async def test_a_file_that_is_not_a_database_is_quarantined_and_a_fresh_spool_starts(tmp_path: Path) -> None:
     (tmp_path / "spool").mkdir()
     (tmp_path / "spool" / "spool.db").write_bytes(b"this is not a database" * 100)
-    with pytest.raises(ConfigError, match=r"relay.spool_dir: cannot use .*spool.db \(file is not a database\)"):
-        await Spool(tmp_path / "spool").open()
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    counts = dict(spool.counts)
+    await spool.close()
+    quarantined = list((tmp_path / "spool").glob("spool.db.damaged-*"))
+    assert counts == {"queued": 0, "in_flight": 0, "delivered": 0, "dead": 0}
+    assert [p.read_bytes()[:22] for p in quarantined] == [b"this is not a database"]
+
+
+async def test_a_damaged_page_is_quarantined_and_what_can_be_read_is_salvaged(tmp_path: Path, logs: Any) -> None:
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        for n in range(60):
+            await spool.add("f", bytes([65 + n % 26]) * 1500, "text/plain")
+        group.cancel_scope.cancel()
+    await spool.close()
+    path = tmp_path / "spool" / "spool.db"
+    data = bytearray(path.read_bytes())
+    page = 4096
+    pages = len(data) // page
+    data[page * (pages // 2) : page * (pages // 2 + 1)] = b"\xde\xad" * (page // 2)  # one page in the middle
+    path.write_bytes(bytes(data))
+    reopened = Spool(tmp_path / "spool")
+    await reopened.open()
+    counts = dict(reopened.counts)
+    await reopened.close()
+    assert list((tmp_path / "spool").glob("spool.db.damaged-*"))
+    assert '"spool_quarantined"' in logs.text
+    assert 30 <= counts["queued"] < 60, counts  # the rows on the damaged page are lost, the rest kept
+
+
+async def test_retention_removes_delivered_and_dead_messages_within_a_minute(tmp_path: Path) -> None:
+    from senderd.config import RelayConfig
+    from senderd.relay.retention import prune_forever
+    from senderd.testing import FakeClock
+    from tests.tools import Recorder, all_blocked
+
+    clock = FakeClock()
+    config = RelayConfig(spool_dir=tmp_path / "spool", retention=3600, dead_retention=7200)
+    spool = Spool(config.spool_dir, clock=clock)
+    await spool.open()
+    pruned = Recorder[int]()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        for _ in range(3):
+            await spool.add("f", b"x" * 1000, "text/plain")
+        delivered, dead, waiting = await spool.due(clock.time(), 3)
+        await spool.finish(delivered, "delivered")
+        await spool.finish(dead, "dead")
+        await spool.finish(waiting, "queued", retry_at=clock.time() + 1e6)
+        body = spool.db.execute("SELECT LENGTH(body) FROM messages WHERE id=?", (delivered.id,)).fetchone()[0]
+        await group.start(functools.partial(prune_forever, config, spool, clock, on_pruned=pruned))
+        clock.advance(3600 + 60)  # an hour and a minute: the delivered one is gone
+        await pruned.wait_until(lambda counts: sum(counts) >= 1)
+        after_an_hour = dict(spool.counts)
+        await all_blocked()
+        clock.advance(3600)
+        await pruned.wait_until(lambda counts: sum(counts) >= 2)
+        group.cancel_scope.cancel()
+    left = [row[0] for row in spool.db.execute("SELECT id FROM messages")]
+    await spool.close()
+    assert body == 0  # a delivered message's body is dropped at once: the file does not grow with history
+    assert after_an_hour == {"queued": 1, "in_flight": 0, "delivered": 0, "dead": 1}
+    assert left == [waiting.id]
+    assert spool.bytes == 1000
+
+
+async def test_a_second_spool_on_the_same_directory_is_refused(tmp_path: Path) -> None:
+    from senderd.errors import ConfigError
+
+    first = Spool(tmp_path / "spool")
+    await first.open()
+    try:
+        with pytest.raises(ConfigError, match=r"relay.spool_dir: .* is in use by another senderd \(pid \d+\)"):
+            await Spool(tmp_path / "spool").open()
+    finally:
+        await first.close()
+    again = Spool(tmp_path / "spool")  # the lock goes with the first
+    await again.open()
+    await again.close()
+
+
+async def test_the_spool_is_private_to_its_owner(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)  # a common umask: files 0644, readable by everyone
+    try:
+        spool = Spool(tmp_path / "spool")
+        await spool.open()
+        async with anyio.create_task_group() as group:
+            await group.start(spool.run_writer)
+            await spool.add("f", b"a body", "text/plain")
+            group.cancel_scope.cancel()
+        files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "spool").iterdir()}
+        directory = stat.S_IMODE((tmp_path / "spool").stat().st_mode)
+        await spool.close()
+        (tmp_path / "spool").chmod(0o755)  # an older spool, too open: tightened at the next start
+        (tmp_path / "spool" / "spool.db").chmod(0o644)
+        reopened = Spool(tmp_path / "spool")
+        await reopened.open()
+        tightened = stat.S_IMODE((tmp_path / "spool" / "spool.db").stat().st_mode)
+        await reopened.close()
+    finally:
+        os.umask(old)
+    assert directory == 0o700
+    assert "spool.db-wal" in files
+    assert set(files.values()) == {0o600}, files
+    assert tightened == 0o600
+    assert stat.S_IMODE((tmp_path / "spool").stat().st_mode) == 0o700

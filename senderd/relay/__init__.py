@@ -13,6 +13,7 @@ from senderd.config import RelayConfig
 from senderd.engine import Engine
 from senderd.relay.api import RelayApi
 from senderd.relay.dispatcher import Dispatcher
+from senderd.relay.retention import prune_forever
 from senderd.relay.spool import Spool
 
 
@@ -24,7 +25,10 @@ class Relay:
         self.spool = spool
         self.api = RelayApi(config, engine.holder, spool, engine.metrics)
         self.dispatcher = Dispatcher(config, engine, spool)
-        engine.metrics.watch_relay(lambda: spool.counts, self.dispatcher.oldest_age)
+        self.clock = engine.clock
+        engine.metrics.watch_relay(
+            lambda: spool.counts, self.dispatcher.oldest_age, lambda: self.dispatcher.unconfigured
+        )
 
     @classmethod
     @asynccontextmanager
@@ -35,6 +39,7 @@ class Relay:
             max_messages=config.max_spool_messages,
             max_bytes=config.max_spool_bytes,
             clock=engine.clock,
+            max_delay=config.redelivery_max,
         )
         await spool.open()
         try:
@@ -53,10 +58,11 @@ class Relay:
         return self.api.url
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """The spool's writer and the dispatcher, until cancelled."""
+        """The spool's writer, the dispatcher and the retention, until cancelled."""
         async with anyio.create_task_group() as group:
             await group.start(self.spool.run_writer)
             await group.start(self.dispatcher.run)
+            await group.start(prune_forever, self.config, self.spool, self.clock)
             task_status.started()
 
     def stop_accepting(self) -> None:

@@ -7,7 +7,6 @@ re-drives one. Nothing is dropped silently.
 
 from __future__ import annotations
 
-import hmac
 import re
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -16,14 +15,17 @@ import anyio
 from aiohttp import web
 
 from senderd.config import ConfigHolder, RelayConfig, parse_listen
-from senderd.errors import SpoolError, SpoolFull
+from senderd.errors import IdempotencyConflict, SpoolError, SpoolFull
 from senderd.logs import get_logger
 from senderd.metrics import Metrics
 from senderd.relay.spool import Spool
-from senderd.site import Site
+from senderd.site import Site, bearer_authorised
 
 log = get_logger("relay")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_MESSAGE_ID = re.compile(r"^[0-9a-f]{32}$")
+_MEDIA_TYPE = re.compile(r"^[\x20-\x7e\t]{1,255}$")
+"""A Content-Type the spool stores and the runtime is sent: visible ASCII, spaces and tabs, at most 255."""
 
 
 class RelayApi:
@@ -82,13 +84,16 @@ class RelayApi:
         except sqlite3.Error as exc:  # the spool's disk failed under a status query
             log.error("spool_read_failed", error=str(exc))
             response = _error(503, "spool unavailable: retry later", headers={"Retry-After": "5"})
+        except Exception:  # a bug: that request's answer, never the daemon's end
+            log.exception("relay_request_crashed", path=request.path.encode("utf-8", "backslashreplace").decode())
+            self.metrics.internal_error("relay_api")
+            response = _error(500, "internal error (logged)")
         self.metrics.relay_request(response.status)
         return response
 
     def _authorised(self, request: web.Request) -> bool:
         assert self.token is not None
-        given = request.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode())
+        return bearer_authorised(request.headers.get("Authorization"), self.token)
 
     async def _post(self, request: web.Request) -> web.Response:
         if self.stopping:
@@ -101,6 +106,8 @@ class RelayApi:
         content_type = request.headers.get("Content-Type")
         if not content_type:
             return _error(415, "Content-Type is missing: send the payload's media type (e.g. application/xml)")
+        if not _MEDIA_TYPE.match(content_type):
+            return _error(415, "Content-Type must be 1-255 ASCII characters (e.g. application/xml; charset=utf-8)")
         key = request.headers.get("Idempotency-Key")
         if key is not None and not _IDEMPOTENCY_KEY.match(key):
             return _error(400, "Idempotency-Key must be 1-255 visible ASCII characters")
@@ -117,6 +124,8 @@ class RelayApi:
             message_id, created = await self.spool.add(name, body, content_type, key)
         except SpoolFull:
             return _error(503, "spool full: retry later", headers={"Retry-After": "10"})
+        except IdempotencyConflict as exc:
+            return _error(409, str(exc))
         except SpoolError as exc:
             return _error(503, f"{exc}: retry later", headers={"Retry-After": "5"})
         if created:
@@ -126,7 +135,8 @@ class RelayApi:
         return web.json_response({"id": message_id, "status": state, "duplicate": True}, status=200)
 
     async def _status(self, request: web.Request) -> web.Response:
-        message = await self.spool.get(request.match_info["id"])
+        message_id = request.match_info["id"]
+        message = await self.spool.get(message_id) if _MESSAGE_ID.match(message_id) else None
         if message is None:
             return _error(404, "no such message")
         return web.json_response(message.summary())
@@ -136,7 +146,7 @@ class RelayApi:
 
     async def _redrive(self, request: web.Request) -> web.Response:
         message_id = request.match_info["id"]
-        if not await self.spool.redrive(message_id):
+        if not _MESSAGE_ID.match(message_id) or not await self.spool.redrive(message_id):
             return _error(404, "no dead message with that id")
         log.info("message_redriven", id=message_id)
         return web.json_response({"id": message_id, "status": "queued"}, status=202)

@@ -5,11 +5,19 @@ concurrent `add`s are gathered into one transaction, so many posts share one fsy
 in one dedicated thread, one statement batch at a time. States: `queued` → `in_flight` → `delivered`, or
 back to `queued` (retry later), or `dead` (kept for re-drive). After a crash, `in_flight` rows are queued
 again: delivery is at least once.
+
+A full disk: adds fail (the API answers 503, nothing is acknowledged that is not committed), reads go on.
+The connection holds its locks (`locking_mode=EXCLUSIVE`: one daemon per spool anyway), so the WAL index
+lives in memory and the spool opens and is read even on a disk without a free byte. A claim whose
+bookkeeping cannot be written is still handed out (in memory: `in_flight` exists only to be queued again
+after a crash, and an unwritten claim leaves the row queued, which is the same); a `finish` that cannot be
+written raises, and the dispatcher writes it again later.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
@@ -22,10 +30,12 @@ import anyio.to_thread
 from anyio import CapacityLimiter
 
 from senderd.clock import Clock, SystemClock
-from senderd.errors import ConfigError, SpoolError, SpoolFull
-from senderd.logs import get_logger
+from senderd.errors import ConfigError, IdempotencyConflict, SpoolError, SpoolFull
+from senderd.logs import get_logger, redact_text
 from senderd.metrics import SPOOL_STATES
 from senderd.metrics import SpoolState as State
+from senderd.relay.salvage import damaged, quarantine, salvage
+from senderd.relay.spooldir import SpoolDir
 
 log = get_logger("spool")
 T = TypeVar("T")
@@ -38,6 +48,7 @@ CREATE TABLE IF NOT EXISTS messages (
     idempotency_key TEXT,
     content_type TEXT,
     body BLOB NOT NULL,
+    body_sha256 TEXT,
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
@@ -78,7 +89,7 @@ class Message:
             "flow": self.flow,
             "status": self.state,
             "attempts": self.attempts,
-            "last_error": self.last_error,
+            "last_error": redact_text(self.last_error) if self.last_error else self.last_error,
             "correlation_id": self.correlation_id,
             "http_status": self.status,
             "created_at": self.created_at,
@@ -128,12 +139,22 @@ class Spool:
     """The outbox at `directory/spool.db`; open with `Spool.open` in an async context."""
 
     def __init__(
-        self, directory: Path, *, max_messages: int = 100_000, max_bytes: int = 1 << 30, clock: Clock | None = None
+        self,
+        directory: Path,
+        *,
+        max_messages: int = 100_000,
+        max_bytes: int = 1 << 30,
+        clock: Clock | None = None,
+        max_delay: float | None = None,
     ) -> None:
+        """`max_delay` bounds, at open, how far ahead a planned redelivery may lie (plans are "not before"
+        times in the last run's frame: a clock stepped since must not hold a message back longer)."""
         self.path = directory / "spool.db"
+        self.directory = SpoolDir(directory)
         self.clock = clock or SystemClock()
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        self.max_delay = max_delay
         self._db: sqlite3.Connection | None = None
         self._thread = CapacityLimiter(1)  # one thread owns the connection's work at a time
         self._pending: list[_Pending] = []
@@ -143,47 +164,85 @@ class Spool:
         self.bytes = 0
         self.commits = 0
         self.on_change: Callable[[], None] | None = None
+        self._requeue_pending = False
+        """The `in_flight` rows of the last run could not be queued again at open (a full disk): retried
+        before each claim, and claimed as they are meanwhile."""
+        self._claims_unwritten = False
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create or open the database, requeue what was in flight at a crash, load the counters."""
+        """Lock the directory, create or open the database, requeue what was in flight at a crash, load the
+        counters. Raises ConfigError (the directory, the lock, the file)."""
+        self.directory.acquire()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"relay.spool_dir: cannot create {self.path.parent} ({exc.strerror})") from None
-        await self._call(self._open_sync)
+            self.directory.create_private(self.path)
+            await self._call(self._open_sync)
+        except BaseException:
+            self.directory.release()
+            raise
 
-    def _open_sync(self) -> None:
+    def _open_sync(self, *, may_salvage: bool = True) -> None:
         db: sqlite3.Connection | None = None
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")  # WAL index in memory: no -shm to grow on a full disk
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"journal mode is {mode}, not wal")
             db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
-            db.executescript(_SCHEMA)
-            db.execute("UPDATE messages SET state='queued' WHERE state='in_flight'")
-            rows = db.execute(
-                "SELECT state, COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM messages GROUP BY state"
-            ).fetchall()
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name='messages_queued'").fetchone() is None:
+                db.executescript(_SCHEMA)
+            if "body_sha256" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}:
+                db.execute("ALTER TABLE messages ADD COLUMN body_sha256 TEXT")  # spools of older versions
+            try:
+                if self.max_delay is not None:
+                    bound = self.clock.time() + self.max_delay
+                    db.execute(
+                        "UPDATE messages SET next_attempt_at=? WHERE state='queued' AND next_attempt_at>?",
+                        (bound, bound),
+                    )
+                db.execute("UPDATE messages SET state='queued' WHERE state='in_flight'")
+            except sqlite3.OperationalError as exc:  # a full disk: start anyway, queue them again later
+                log.error("spool_requeue_deferred", error=str(exc), path=str(self.path))
+                self._requeue_pending = True
+            # The counts come from the state index; bodies are read only for what waits (delivered ones
+            # carry none), so that the cost of a start does not grow with the history kept.
+            rows = db.execute("SELECT state, COUNT(*) FROM messages INDEXED BY messages_due GROUP BY state").fetchall()
+            waiting = db.execute(
+                "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM messages WHERE state IN ('queued', 'in_flight', 'dead')"
+            ).fetchone()[0]
         except sqlite3.Error as exc:
             if db is not None:
                 db.close()
+            if may_salvage and damaged(exc):  # one damaged page must not stop the relay: start afresh
+                self._start_afresh(quarantine(self.path, str(exc)))
+                return
             raise ConfigError(
                 f"relay.spool_dir: cannot use {self.path} ({exc}): check the disk, or move the damaged file aside"
             ) from None
-        for state, count, size in rows:
+        for state, count in rows:
             self.counts[state] = count
-            if state != "delivered":
-                self.bytes += size
+        self.bytes = int(waiting)
         self._db = db
+
+    def _start_afresh(self, damaged_copy: Path) -> None:
+        """A fresh spool in place of the quarantined one, with what could be read from it."""
+        self.directory.create_private(self.path)
+        self._open_sync(may_salvage=False)
+        salvage(damaged_copy, self.db)
+        db, self._db = self.db, None
+        db.close()
+        self.counts = dict.fromkeys(SPOOL_STATES, 0)
+        self.bytes = 0
+        self._open_sync(may_salvage=False)
 
     async def close(self) -> None:
         """Close the database (pending adds must have finished)."""
         if self._db is not None:
             db, self._db = self._db, None
             await self._call(db.close)
+        self.directory.release()
 
     async def _call(self, function: Callable[[], T]) -> T:
         return await anyio.to_thread.run_sync(function, limiter=self._thread)
@@ -238,6 +297,9 @@ class Spool:
         except sqlite3.Error as exc:  # a full disk, an I/O error: refuse this batch, keep running
             log.error("spool_write_failed", error=str(exc), messages=len(batch))
             results = [SpoolError(f"spool unavailable ({exc})") for _ in batch]
+        except Exception:  # a bug: this batch is refused (503), the writer and the daemon go on
+            log.exception("spool_write_crashed", messages=len(batch))
+            results = [SpoolError("spool could not store the message") for _ in batch]
         except BaseException:
             for pending in batch:
                 pending.error = SpoolError("spool closed: senderd is stopping")
@@ -260,12 +322,25 @@ class Spool:
         db.execute("BEGIN IMMEDIATE")
         try:
             for item in batch:
+                digest = hashlib.sha256(item.body).hexdigest()
                 if item.idempotency_key is not None:
                     row = db.execute(
-                        "SELECT id FROM messages WHERE flow=? AND idempotency_key=?", (item.flow, item.idempotency_key)
+                        "SELECT id, body_sha256, CASE WHEN body_sha256 IS NULL THEN body END FROM messages "
+                        "WHERE flow=? AND idempotency_key=?",
+                        (item.flow, item.idempotency_key),
                     ).fetchone()
                     if row is not None:
-                        results.append((row[0], False))
+                        known = row[1] or hashlib.sha256(bytes(row[2] or b"")).hexdigest()
+                        if known != digest:
+                            results.append(
+                                IdempotencyConflict(
+                                    f"Idempotency-Key {item.idempotency_key!r} was used for a different body "
+                                    f"(message {row[0]}): a new message needs a new key",
+                                    message_id=row[0],
+                                )
+                            )
+                        else:
+                            results.append((row[0], False))
                         continue
                 live = self.counts["queued"] + self.counts["in_flight"] + self.counts["dead"] + added_count
                 if live >= self.max_messages or self.bytes + added_bytes + len(item.body) > self.max_bytes:
@@ -273,9 +348,9 @@ class Spool:
                     continue
                 message_id = uuid.uuid4().hex
                 db.execute(
-                    "INSERT INTO messages (id, flow, idempotency_key, content_type, body, state, created_at, "
-                    "updated_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
-                    (message_id, item.flow, item.idempotency_key, item.content_type, item.body, now, now),
+                    "INSERT INTO messages (id, flow, idempotency_key, content_type, body, body_sha256, state, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                    (message_id, item.flow, item.idempotency_key, item.content_type, item.body, digest, now, now),
                 )
                 results.append((message_id, True))
                 added_count += 1
@@ -298,9 +373,18 @@ class Spool:
         return _message(row) if row is not None else None
 
     async def due(
-        self, now: float, limit: int, exclude_flows: Sequence[str] = (), ordered_flows: Sequence[str] = ()
+        self,
+        now: float,
+        limit: int,
+        exclude_flows: Sequence[str] = (),
+        ordered_flows: Sequence[str] = (),
+        exclude_ids: Sequence[str] = (),
+        again_ids: Sequence[str] = (),
+        only_flows: Sequence[str] | None = None,
     ) -> list[Message]:
-        """Up to `limit` queued messages due by `now`, oldest first, marked in_flight.
+        """Up to `limit` queued messages due by `now`, oldest first, marked in_flight (in memory only, when
+        the disk is full: see the module's note). `exclude_ids` are being handled already; `again_ids` (whose
+        last end could not be written) are claimed first, whatever their state says.
 
         For a flow in `ordered_flows`, only its oldest queued message is eligible (and only if due), so
         a message waiting for a retry holds back the ones behind it.
@@ -308,6 +392,8 @@ class Spool:
 
         def claim() -> list[Message]:
             db = self.db
+            if self._requeue_pending:
+                self._requeue_stale()
             blocked = tuple(exclude_flows)
             ordered = tuple(f for f in ordered_flows if f not in blocked)
             sql = _SELECT + " INDEXED BY messages_queued WHERE state='queued' AND next_attempt_at<=?"
@@ -322,24 +408,59 @@ class Spool:
                     f"state IN ('queued', 'in_flight') AND flow IN ({marks}) GROUP BY flow))"
                 )  # only '?' marks
                 params += ordered + ordered
+            if only_flows is not None:  # messages of flows not configured now stay queued
+                sql += f" AND flow IN ({','.join('?' * len(only_flows))})"
+                params += tuple(only_flows)
+            skipped = tuple(exclude_ids)
+            if skipped:
+                sql += f" AND id NOT IN ({','.join('?' * len(skipped))})"
+                params += skipped
             sql += " ORDER BY seq LIMIT ?"
             params.append(limit)
-            db.execute("BEGIN IMMEDIATE")
+            again = tuple(again_ids)[:limit]
+            chosen = [
+                _message(row)
+                for row in db.execute(
+                    _SELECT + f" WHERE id IN ({','.join('?' * len(again))}) AND state IN ('queued', 'in_flight')",
+                    again,
+                )
+            ] if again else []  # fmt: skip
+            params[-1] = limit - len(chosen)
+            chosen += [_message(row) for row in db.execute(sql, params).fetchall()]
+            if self._requeue_pending and len(chosen) < limit:  # last run's, not yet queued again
+                marks = ",".join("?" * len(skipped))
+                stale = _SELECT + " WHERE state='in_flight'" + (f" AND id NOT IN ({marks})" if skipped else "")
+                chosen += [_message(r) for r in db.execute(stale + " ORDER BY seq LIMIT ?", (*skipped, limit))]
+            queued = [m for m in chosen if m.state == "queued"]
             try:
-                chosen = [_message(row) for row in db.execute(sql, params).fetchall()]
+                db.execute("BEGIN IMMEDIATE")
                 db.executemany(
-                    "UPDATE messages SET state='in_flight', updated_at=? WHERE id=?", [(now, m.id) for m in chosen]
+                    "UPDATE messages SET state='in_flight', updated_at=? WHERE id=?", [(now, m.id) for m in queued]
                 )
                 db.execute("COMMIT")
-            except BaseException:
+            except sqlite3.Error as exc:  # a full disk: hand them out all the same (the rows stay queued)
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-                raise
-            self.counts["queued"] -= len(chosen)
-            self.counts["in_flight"] += len(chosen)
+                if not self._claims_unwritten:
+                    log.error("spool_claims_unwritten", error=str(exc))
+                self._claims_unwritten = True
+                return chosen
+            self._claims_unwritten = False
+            self.counts["queued"] -= len(queued)
+            self.counts["in_flight"] += len(queued)
             return chosen
 
         return await self._call(claim)
+
+    def _requeue_stale(self) -> None:
+        try:
+            count = self.db.execute("UPDATE messages SET state='queued' WHERE state='in_flight'").rowcount
+        except sqlite3.OperationalError:
+            return
+        self._requeue_pending = False
+        self.counts["in_flight"] -= count
+        self.counts["queued"] += count
+        log.info("spool_requeued", messages=count)
 
     async def finish(
         self,
@@ -350,20 +471,31 @@ class Spool:
         correlation_id: str | None = None,
         status: int | None = None,
         retry_at: float = 0.0,
+        counted: bool = True,
     ) -> None:
-        """Record the end of a delivery attempt: delivered, back to queued (at `retry_at`), or dead."""
+        """Record the end of a delivery attempt: delivered, back to queued (at `retry_at`), or dead; a round
+        that is not `counted` (a pause) leaves `attempts` as it was.
+
+        Raises sqlite3.Error when it cannot be written (a full disk): the caller tries again later. The
+        error is stored redacted as the logs are (it may quote the runtime's answer)."""
+        stored_error = redact_text(error) if error else error
 
         def update() -> None:
-            cursor = self.db.execute(
-                "UPDATE messages SET state=?, attempts=attempts+1, last_error=?, correlation_id=?, status=?, "
-                "updated_at=?, next_attempt_at=? WHERE id=? AND state='in_flight'",
-                (state, error, correlation_id, status, self.clock.time(), retry_at, message.id),
+            db = self.db
+            row = db.execute("SELECT state FROM messages WHERE id=?", (message.id,)).fetchone()
+            if row is None or row[0] not in ("in_flight", "queued"):  # a claim unwritten leaves it queued
+                return
+            if state == "delivered":  # never sent again: its body is dead weight
+                db.execute("UPDATE messages SET body=x'' WHERE id=?", (message.id,))
+            db.execute(
+                "UPDATE messages SET state=?, attempts=attempts+?, last_error=?, correlation_id=?, status=?, "
+                "updated_at=?, next_attempt_at=? WHERE id=?",
+                (state, int(counted), stored_error, correlation_id, status, self.clock.time(), retry_at, message.id),
             )
-            if cursor.rowcount:
-                self.counts["in_flight"] -= 1
-                self.counts[state] += 1
-                if state == "delivered":
-                    self.bytes -= len(message.body)
+            self.counts[row[0]] -= 1
+            self.counts[state] += 1
+            if state == "delivered":
+                self.bytes -= len(message.body)
 
         await self._call(update)
         if self.on_change is not None:
@@ -373,15 +505,38 @@ class Spool:
         """Put an in-flight message back (a stop interrupted it), without counting an attempt."""
 
         def update() -> None:
-            cursor = self.db.execute(
-                "UPDATE messages SET state='queued', updated_at=? WHERE id=? AND state='in_flight'",
-                (self.clock.time(), message.id),
-            )
+            try:
+                cursor = self.db.execute(
+                    "UPDATE messages SET state='queued', updated_at=? WHERE id=? AND state='in_flight'",
+                    (self.clock.time(), message.id),
+                )
+            except sqlite3.Error as exc:  # a full disk: it is queued again at the next start
+                log.error("spool_requeue_failed", id=message.id, error=str(exc))
+                return
             if cursor.rowcount:
                 self.counts["in_flight"] -= 1
                 self.counts["queued"] += 1
 
         await self._call(update)
+
+    async def requeue_all(self, messages: Sequence[Message]) -> int:
+        """Put in-flight messages back (a stop interrupted them) without counting an attempt; returns how
+        many rows went back (a full disk: none now, all at the next start)."""
+
+        def update() -> int:
+            try:
+                cursor = self.db.executemany(
+                    "UPDATE messages SET state='queued', updated_at=? WHERE id=? AND state='in_flight'",
+                    [(self.clock.time(), m.id) for m in messages],
+                )
+            except sqlite3.Error as exc:
+                log.error("spool_requeue_failed", messages=len(messages), error=str(exc))
+                return 0
+            self.counts["in_flight"] -= cursor.rowcount
+            self.counts["queued"] += cursor.rowcount
+            return cursor.rowcount
+
+        return await self._call(update) if messages and self._db is not None else 0
 
     async def dead(self, limit: int = 1000) -> list[Message]:
         """Dead messages, oldest first (without bodies)."""
@@ -408,15 +563,34 @@ class Spool:
             self.on_change()
         return changed
 
-    async def prune(self, older_than: float) -> int:
-        """Delete delivered messages last touched before `older_than` (Unix time)."""
+    async def prune(self, older_than: float, dead_older_than: float | None = None) -> int:
+        """Delete delivered messages last touched before `older_than` (Unix time), and dead ones before
+        `dead_older_than` if given; returns how many."""
 
         def delete() -> int:
-            cursor = self.db.execute("DELETE FROM messages WHERE state='delivered' AND updated_at<?", (older_than,))
+            db = self.db
+            cursor = db.execute("DELETE FROM messages WHERE state='delivered' AND updated_at<?", (older_than,))
             self.counts["delivered"] -= cursor.rowcount
-            return cursor.rowcount
+            removed = cursor.rowcount
+            if dead_older_than is not None:
+                size = db.execute(
+                    "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM messages WHERE state='dead' AND updated_at<?",
+                    (dead_older_than,),
+                ).fetchone()[0]
+                cursor = db.execute("DELETE FROM messages WHERE state='dead' AND updated_at<?", (dead_older_than,))
+                self.counts["dead"] -= cursor.rowcount
+                self.bytes -= int(size)
+                removed += cursor.rowcount
+            return removed
 
         return await self._call(delete)
+
+    async def queued_outside(self, flows: Sequence[str]) -> int:
+        """Queued messages whose flow is not one of `flows`."""
+        marks = ",".join("?" * len(flows))
+        outside = f" AND flow NOT IN ({marks})" if flows else ""
+        sql = "SELECT COUNT(*) FROM messages WHERE state='queued'" + outside  # noqa: S608 - only '?' marks
+        return int(await self._call(lambda: self.db.execute(sql, tuple(flows)).fetchone()[0]))
 
     async def oldest_queued_at(self) -> float | None:
         """Creation time of the oldest message not yet delivered or dead."""
