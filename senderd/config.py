@@ -502,6 +502,14 @@ class RelayConfig(Section):
     application_id_header: str = "SAP_ApplicationID"
     read_timeout: PositiveDuration = 10.0
     """A client that has not sent its whole body by then gets 408 (a slow-loris holds nothing for long)."""
+    header_timeout: PositiveDuration = 10.0
+    """A connection that has not sent a request's head by then (from connecting, or from the previous
+    answer) is closed."""
+    max_connections: int = Field(default=256, ge=1, le=100_000)
+    """Connections at once; one more is answered 503 and closed."""
+    max_buffered_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    """Body bytes held in memory at once across all posts; a post that cannot get its share within
+    `read_timeout` is answered 503 (nothing acknowledged)."""
 
     @field_validator("listen")
     @classmethod

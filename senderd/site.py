@@ -7,14 +7,26 @@ from typing import Any
 
 from aiohttp import web
 
+from senderd.admission import ConnectionGuard, GuardedTCPSite
 from senderd.errors import ConfigError
 
 
 class Site:
-    """`app` on `host:port` (port 0: any free port, known after `start`)."""
+    """`app` on `host:port` (port 0: any free port, known after `start`); with a `guard`, its connections
+    are admitted by it."""
 
-    def __init__(self, app: web.Application, host: str, port: int, *, config_key: str, **runner_options: Any) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        host: str,
+        port: int,
+        *,
+        config_key: str,
+        guard: ConnectionGuard | None = None,
+        **runner_options: Any,
+    ) -> None:
         self.app = app
+        self.guard = guard
         self.config_key = config_key
         self.host = host
         self.port = port
@@ -27,7 +39,12 @@ class Site:
         runner = web.AppRunner(self.app, **self.runner_options)
         await runner.setup()
         try:
-            await web.TCPSite(runner, self.host, self.port).start()
+            site = (
+                web.TCPSite(runner, self.host, self.port)
+                if self.guard is None
+                else GuardedTCPSite(runner, self.host, self.port, self.guard)
+            )
+            await site.start()
         except OSError as exc:
             await runner.cleanup()
             raise ConfigError(

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 from aiohttp import web
 
+from senderd.admission import ByteBudget, ConnectionGuard, Limits, guard_middleware
 from senderd.config import ConfigHolder, RelayConfig, parse_listen
 from senderd.errors import IdempotencyConflict, SpoolError, SpoolFull
 from senderd.logs import get_logger
@@ -38,7 +39,9 @@ class RelayApi:
         self.metrics = metrics
         self.token = config.token()
         self.stopping = False
-        self.site = Site(self.app(), *parse_listen(config.listen), config_key="relay.listen")
+        self.guard = ConnectionGuard(Limits(config.max_connections, config.header_timeout))
+        self.budget = ByteBudget(config.max_buffered_bytes)
+        self.site = Site(self.app(), *parse_listen(config.listen), config_key="relay.listen", guard=self.guard)
 
     @property
     def url(self) -> str:
@@ -47,7 +50,9 @@ class RelayApi:
 
     def app(self) -> web.Application:
         """The relay's aiohttp application."""
-        app = web.Application(client_max_size=self.config.max_message_bytes, middlewares=[self._middleware])
+        app = web.Application(
+            client_max_size=self.config.max_message_bytes, middlewares=[guard_middleware(self.guard), self._middleware]
+        )
         app.router.add_post("/v1/flows/{flow}/messages", self._post)
         app.router.add_get("/v1/messages/{id}", self._status)
         app.router.add_get("/v1/dead", self._dead)
@@ -111,6 +116,19 @@ class RelayApi:
         key = request.headers.get("Idempotency-Key")
         if key is not None and not _IDEMPOTENCY_KEY.match(key):
             return _error(400, "Idempotency-Key must be 1-255 visible ASCII characters")
+        share = request.content_length if request.content_length is not None else self.config.max_message_bytes
+        if not await self.budget.acquire(share, self.config.read_timeout):
+            return _error(
+                503,
+                "too many message bodies in memory at once (relay.max_buffered_bytes): retry later",
+                headers={"Retry-After": "1"},
+            )
+        try:
+            return await self._spool_body(request, name, content_type, key)
+        finally:
+            self.budget.release(share)
+
+    async def _spool_body(self, request: web.Request, name: str, content_type: str, key: str | None) -> web.Response:
         body: bytes | None = None
         with anyio.move_on_after(self.config.read_timeout):
             body = await request.read()
