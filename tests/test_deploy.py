@@ -448,10 +448,23 @@ def parse_dockerfile(text: str) -> list[Stage]:
             words = [word for word in args.split() if not word.startswith("--")]
             name = words[2] if len(words) == 3 and words[1].lower() == "as" else None
             stages.append(Stage(base=words[0], name=name))
+        elif not stages:
+            assert instruction == "ARG", f"{instruction} before the first FROM"  # global build arguments
         else:
-            assert stages, f"{instruction} before the first FROM"
             stages[-1].instructions.append((instruction, args))
     return stages
+
+
+def global_args(text: str) -> dict[str, str]:
+    """The `ARG NAME=default` lines before the first FROM (what `${NAME}` in a FROM line expands to)."""
+    found = {}
+    for line in text.splitlines():
+        if line.upper().startswith("FROM"):
+            break
+        if line.upper().startswith("ARG "):
+            name, _, default = line[4:].strip().partition("=")
+            found[name] = default
+    return found
 
 
 COMPILERS = {"gcc", "g++", "cc", "clang", "build-essential", "make", "python3-dev", "libc6-dev"}
@@ -466,7 +479,10 @@ def test_dockerfile_builds_a_wheel_and_installs_only_that_as_a_non_root_user() -
     stages = parse_dockerfile(DOCKERFILE.read_text(encoding="utf-8"))
     assert len(stages) >= 2, "multi-stage"
     builder, final = stages[0], stages[-1]
-    assert {stage.base for stage in stages} == {"python:3.11-slim"}
+    assert {stage.base for stage in stages} == {"${PYTHON_IMAGE}"}, "every stage from the one pinned base"
+    base = global_args(DOCKERFILE.read_text(encoding="utf-8"))["PYTHON_IMAGE"]
+    assert re.fullmatch(r"python:3\.11-slim@sha256:[0-9a-f]{64}", base), f"the base image by digest: {base}"
+    assert "requirements.lock /dist/" in builder.args("COPY")
     assert builder.name
     assert any(re.search(r"\bpip wheel\b.*--no-deps.*-w /dist \.$", run_) for run_ in builder.args("RUN"))
 
@@ -481,6 +497,7 @@ def test_dockerfile_builds_a_wheel_and_installs_only_that_as_a_non_root_user() -
         assert f"--from={builder.name}" in copy, f"sources copied into the final stage: {copy}"
     installs = [args for args in final.args("RUN") if "pip install" in args]
     assert installs and all(f"from={builder.name}" in args and args.endswith("/dist/*.whl") for args in installs)
+    assert all("-c /dist/requirements.lock" in args for args in installs), "dependencies from the lock"
     for args in final.args("RUN"):
         words = set(re.split(r"[\s;&|]+", args))
         assert not words & COMPILERS, f"build tools in the final stage: {args}"
@@ -557,6 +574,7 @@ def docker_context() -> list[str]:
 def test_docker_context_holds_the_package_and_nothing_private() -> None:
     context = docker_context()
     assert "pyproject.toml" in context
+    assert {"LICENSE", "requirements.lock"} <= set(context)
     assert "senderd/__init__.py" in context
     assert "senderd/cli.py" in context
     for file in context:
@@ -584,3 +602,23 @@ def test_wheel_builds_from_the_docker_context(tmp_path: Path) -> None:
         assert not [name for name in names if name.startswith("tests/")]
         entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
         assert "senderd = senderd.cli:main" in wheel.read(entry_points).decode()
+
+
+def test_lock_pins_exactly_the_runtime_dependencies() -> None:
+    """requirements.lock (scripts/lock) pins every runtime dependency pyproject names, each to one version."""
+    lines = [line for line in (ROOT / "requirements.lock").read_text().splitlines() if not line.startswith("#")]
+    pins = dict(line.split("==") for line in lines)
+    assert all(re.fullmatch(r"[0-9][0-9A-Za-z.+-]*", version) for version in pins.values()), pins
+    normal = {re.sub(r"[-_.]+", "-", name).lower() for name in pins}
+    with (ROOT / "pyproject.toml").open("rb") as file:
+        wanted = tomllib.load(file)["project"]["dependencies"]
+    for requirement in wanted:
+        name = re.split(r"[\[<>=!~ ]", requirement, maxsplit=1)[0]
+        assert re.sub(r"[-_.]+", "-", name).lower() in normal, f"{name} is not in requirements.lock (scripts/lock)"
+
+
+def test_license_is_the_apache_text_pyproject_names() -> None:
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    with (ROOT / "pyproject.toml").open("rb") as file:
+        assert tomllib.load(file)["project"]["license"] == {"text": "Apache-2.0"}
