@@ -57,12 +57,12 @@ def deploy(stack: EmulatorStack) -> None:
 
 @asynccontextmanager
 async def forwarding(
-    stack: EmulatorStack, **options: Any
+    stack: EmulatorStack, credentials: dict[str, Any] | None = None, **options: Any
 ) -> AsyncIterator[tuple[Forwarder, Engine, Recorder[ForwardRecord]]]:
-    """A forwarder on a free port over an engine of the stack's one credentials set; its finished requests
-    recorded."""
+    """A forwarder on a free port over an engine of the stack's one credentials set (with `credentials`
+    added to it); its finished requests recorded."""
     deploy(stack)
-    async with engine_for(stack) as engine:
+    async with engine_for(stack, credentials=credentials) as engine:
         config = ForwardConfig.model_validate({"listen": "127.0.0.1:0", **options})
         async with Forwarder.open(config, engine) as forwarder:
             records = Recorder[ForwardRecord]()
@@ -82,6 +82,22 @@ async def call(
 
 def sample(engine: Engine, name: str, **labels: str) -> float:
     return engine.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.parametrize(
+    ("auth", "key_type", "seen_as"),
+    [("client-certificate", "certificate", "client_certificate"), ("basic", "clientsecret", "basic")],
+)
+async def test_a_set_without_tokens_forwards_with_its_own_authentication(
+    stack: EmulatorStack, auth: str, key_type: Any, seen_as: str
+) -> None:
+    key = str(stack.tenant.key_path(key_type))
+    async with forwarding(stack, credentials={"auth": auth, "service_key": key}) as (forwarder, _, _records):
+        get = await call(f"{forwarder.url}/http/GetTimestamp")
+        posted = await call(f"{forwarder.url}/http/Orders", "POST", b"<Order/>", {"Content-Type": "application/xml"})
+    assert get[0] == 200 and posted[0] == 200 and posted[1] == b"<Order/>"
+    assert stack.token_server.stats.requests == 0  # no token at all, in either mode
+    assert set(stack.runtime.stats.auth_modes) == {seen_as}  # every exchange, the CSRF fetch included
 
 
 async def test_get_goes_out_with_the_sets_token_and_comes_back_whole(stack: EmulatorStack, logs: CapturedLogs) -> None:
