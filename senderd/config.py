@@ -422,6 +422,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def open_without_token(listen: str, token_env: str | None) -> bool:
+    """Whether a `listen` address reaches beyond this machine while no `token_env` guards it."""
+    return token_env is None and not is_loopback(listen.rpartition(":")[0])
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """`host:port` (IPv6 as `[::1]:9464`) → (host, port); ConfigError if it is not one."""
     try:
@@ -518,8 +523,7 @@ class RelayConfig(Section):
 
     @model_validator(mode="after")
     def _token_beyond_localhost(self) -> RelayConfig:
-        host = self.listen.rpartition(":")[0].strip("[]")
-        if self.token_env is None and not is_loopback(host):
+        if open_without_token(self.listen, self.token_env):
             raise ValueError(
                 f"listen = {self.listen!r} is reachable beyond localhost without a token: set relay.token_env "
                 "(the app then sends 'Authorization: Bearer ...'), or listen on 127.0.0.1"
@@ -572,8 +576,7 @@ class ForwardConfig(Section):
 
     @model_validator(mode="after")
     def _localhost_or_token(self) -> ForwardConfig:
-        host = self.listen.rpartition(":")[0]
-        if self.token_env is None and not is_loopback(host):
+        if open_without_token(self.listen, self.token_env):
             raise ValueError(
                 f"listen = {self.listen!r} is beyond localhost: set token_env (the bearer token the app must "
                 "present) or listen on 127.0.0.1"

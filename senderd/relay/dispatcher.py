@@ -71,6 +71,16 @@ class Dispatcher:
         that reads as wall-clock time after a restart (where the spool bounds it by `redelivery_max`)."""
         return self._wall_at_start + self.clock.monotonic() - self._monotonic_at_start
 
+    def _redelivery_delay(self, count: int) -> float:
+        """The jittered wait before the next round, after `count` rounds (or pauses) in a row."""
+        return backoff(
+            count,
+            initial=self.config.redelivery_initial,
+            maximum=self.config.redelivery_max,
+            jitter=0.1,
+            rng=self._rng,
+        )
+
     def oldest_age(self) -> float:
         """Seconds since the oldest message still waiting for delivery was accepted (0 when none waits)."""
         return max(0.0, self.clock.time() - self._oldest) if self._oldest is not None else 0.0
@@ -223,13 +233,7 @@ class Dispatcher:
             return
         if decided == "pause":  # our credentials or the token server: not the message's fault
             failures = self._pauses.get(credentials, (0, 0.0))[0] + 1
-            delay = backoff(
-                failures,
-                initial=self.config.redelivery_initial,
-                maximum=self.config.redelivery_max,
-                jitter=0.1,
-                rng=self._rng,
-            )
+            delay = self._redelivery_delay(failures)
             self._pauses[credentials] = (failures, self.clock.monotonic() + delay)
             log.warning(
                 "relay_delivery_paused", credentials=credentials, seconds=round(delay, 3), error=result.last.error
@@ -238,13 +242,7 @@ class Dispatcher:
             return
         rounds = message.attempts + 1
         if decided == "redeliver" and rounds < self.config.max_deliveries:
-            delay = backoff(
-                rounds,
-                initial=self.config.redelivery_initial,
-                maximum=self.config.redelivery_max,
-                jitter=0.1,
-                rng=self._rng,
-            )
+            delay = self._redelivery_delay(rounds)
             await self._finish(message, result, "queued", retry_at=self.plan_time() + delay)
         else:
             await self._finish(message, result, "dead")
