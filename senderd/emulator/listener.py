@@ -49,6 +49,29 @@ class TlsListener:
         return f"https://{host}:{self.port}"
 
 
+class TlsServer:
+    """What every emulator server shares: one `TlsListener`, opened by `_listen` and closed by `stop`."""
+
+    what = "server"
+    """Its name in the error for a use before `start`."""
+    _listener: TlsListener | None = None
+
+    async def _listen(self, app: web.Application, ssl_context: ssl.SSLContext, host: str, port: int) -> None:
+        listener = TlsListener(app, ssl_context)
+        await listener.start(host, port)
+        self._listener = listener
+
+    async def stop(self) -> None:
+        """Stop listening and close connections."""
+        if self._listener is not None:
+            await self._listener.stop()
+
+    def _started(self) -> TlsListener:
+        if self._listener is None:
+            raise RuntimeError(f"{self.what} not started")
+        return self._listener
+
+
 def peer_chain(request: web.Request) -> list[bytes]:
     """The certificates the client sent in the TLS handshake, as DER, leaf first (empty without any).
 

@@ -26,7 +26,7 @@ from xml.sax.saxutils import escape
 import jwt
 from aiohttp import web
 
-from senderd.emulator.listener import TlsListener
+from senderd.emulator.listener import TlsServer
 from senderd.emulator.pki import Pki
 from senderd.emulator.token_server import TokenServer
 
@@ -112,8 +112,10 @@ class MplApiStats:
     """The most requests each client id made within one second (what the rate limit counts)."""
 
 
-class MplApi:
+class MplApi(TlsServer):
     """The tenant's OData API for message processing logs, over TLS, behind tokens with `MonitoringDataRead`."""
+
+    what = "MPL API"
 
     def __init__(
         self,
@@ -132,7 +134,6 @@ class MplApi:
         self._token_server = token_server
         self._tenant = tenant
         self._recent: dict[str, collections.deque[float]] = {}
-        self._listener: TlsListener | None = None
         self._request_seen = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -148,21 +149,12 @@ class MplApi:
         """Listen with TLS on host:port (0 = a free port)."""
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        listener = TlsListener(app, self._pki.server_ssl_context())
-        await listener.start(host, port)
-        self._listener = listener
-
-    async def stop(self) -> None:
-        """Stop listening and close connections."""
-        if self._listener is not None:
-            await self._listener.stop()
+        await self._listen(app, self._pki.server_ssl_context(), host, port)
 
     @property
     def port(self) -> int:
         """The port it listens on."""
-        if self._listener is None:
-            raise RuntimeError("MPL API not started")
-        return self._listener.port
+        return self._started().port
 
     async def wait_for_requests(self, count: int) -> None:
         """Return once at least `count` requests have arrived."""

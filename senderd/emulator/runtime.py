@@ -29,7 +29,7 @@ import jwt
 from aiohttp import web
 from cryptography import x509
 
-from senderd.emulator.listener import TlsListener, peer_chain
+from senderd.emulator.listener import TlsServer, peer_chain
 from senderd.emulator.mpl import MplEntry, MplStatus, MplStore
 from senderd.emulator.pki import Pki
 from senderd.emulator.token_server import RevokedTokenError, TokenServer, basic_credentials
@@ -183,13 +183,15 @@ class _Principal:
     jti: str | None = None
 
 
-class Runtime:
+class Runtime(TlsServer):
     """Serves flows at /http/<address> behind sender authentication, CSRF and per-flow faults.
 
     A sender authenticates with a Bearer token of `token_server`, with a client certificate of one of its
     certificate clients (no Authorization header; the TLS server asks for a certificate and the whole chain
     must be sent), or with HTTP Basic `clientid:clientsecret` of one of its secret clients.
     Its time (token expiry, `ReceivedMessage.at`, the timestamp flow's answer) is the token server's `now`."""
+
+    what = "runtime"
 
     def __init__(
         self,
@@ -235,7 +237,6 @@ class Runtime:
         self._required_scope_suffix = required_scope_suffix
         self._sessions: dict[str, tuple[str, str]] = {}  # JSESSIONID -> (__VCAP_ID__, CSRF token)
         self._pattern_pos: collections.Counter[str] = collections.Counter()
-        self._listener: TlsListener | None = None
         self._request_seen = asyncio.Event()
         for flow in default_flows() if flows is None else flows:
             self.add_flow(flow)
@@ -269,21 +270,12 @@ class Runtime:
         ctx = self._pki.server_ssl_context(
             client_ca=True, trust_intermediate=True, extra_client_cas=self._client_cas
         )  # asks for a client certificate, never requires one
-        listener = TlsListener(app, ctx)
-        await listener.start(host, port)
-        self._listener = listener
-
-    async def stop(self) -> None:
-        """Stop listening and close connections."""
-        if self._listener is not None:
-            await self._listener.stop()
+        await self._listen(app, ctx, host, port)
 
     @property
     def url(self) -> str:
         """Base URL, e.g. "https://127.0.0.1:<port>"; flows are at url + "/http/<address>"."""
-        if self._listener is None:
-            raise RuntimeError("runtime not started")
-        return self._listener.url
+        return self._started().url
 
     def _find_flow(self, path: str) -> tuple[str, FlowSpec] | None:
         if not path.lower().startswith("/http/"):

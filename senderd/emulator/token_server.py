@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from senderd.emulator.listener import TlsListener
+from senderd.emulator.listener import TlsServer
 from senderd.emulator.pki import Pki
 
 _FORM = "application/x-www-form-urlencoded"
@@ -92,8 +92,10 @@ def _json_error(status: int, error: str, description: str, **headers: str) -> we
     return web.json_response({"error": error, "error_description": description}, status=status, headers=headers or None)
 
 
-class TokenServer:
+class TokenServer(TlsServer):
     """`POST /oauth/token`, `GET /token_keys`, `GET /.well-known/openid-configuration`, like XSUAA."""
+
+    what = "token server"
 
     def __init__(
         self,
@@ -121,7 +123,6 @@ class TokenServer:
         self._newest_used: dict[str, datetime] = {}  # unpinned client id -> not_valid_before of its newest cert
         self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self._kid = f"default-jwt-key-{secrets.randbelow(10**9)}"
-        self._listener: TlsListener | None = None
         self._request_seen = asyncio.Event()
         self._issued_ids: set[str] = set()
         self._revoked_ids: set[str] = set()
@@ -215,21 +216,12 @@ class TokenServer:
         ctx = self._pki.server_ssl_context(
             client_ca=True, require_client_cert=self._require_client_cert, extra_client_cas=self._client_cas
         )
-        listener = TlsListener(app, ctx)
-        await listener.start(host, port)
-        self._listener = listener
-
-    async def stop(self) -> None:
-        """Stop listening and close connections."""
-        if self._listener is not None:
-            await self._listener.stop()
+        await self._listen(app, ctx, host, port)
 
     @property
     def url(self) -> str:
         """Base URL, e.g. "https://127.0.0.1:<port>"."""
-        if self._listener is None:
-            raise RuntimeError("token server not started")
-        return self._listener.url
+        return self._started().url
 
     @property
     def token_url(self) -> str:
