@@ -27,7 +27,7 @@ from senderd.result import SendResult
 from senderd.testing import StepClock
 from tests.conftest import CapturedLogs
 from tests.deploy_names import CONFIRMATION_METRICS
-from tests.tools import Recorder, senderd
+from tests.tools import senderd, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -397,17 +397,8 @@ async def test_the_relay_marks_a_message_delivered_only_once_confirmed(stack: Em
         '[[flows]]\nname = "orders"\npath = "/http/Orders"\nmethod = "POST"\n'
         '[[flows]]\nname = "inside"\npath = "/http/Inside"\nmethod = "POST"\n'
     )
-    deliveries = Recorder[SendResult]()
     daemon = Daemon.create(load_config(config_file(stack, relay + flows)), handle_signals=False)
-
-    async def hook(engine: Any, _group: object) -> None:
-        engine.listeners.append(deliveries)
-
-    daemon.on_start = hook
-    async with anyio.create_task_group() as group:
-        group.start_soon(daemon.serve)
-        with anyio.fail_after(10):
-            await daemon.started.wait()
+    async with serving(daemon) as deliveries:
         assert daemon.relay is not None
         url = daemon.relay.url
         states = {}
@@ -420,7 +411,6 @@ async def test_the_relay_marks_a_message_delivered_only_once_confirmed(stack: Em
             for result in deliveries.items:
                 async with http.get(f"{url}/v1/messages/{result.message_id}") as answer:
                     states[result.flow] = await answer.json()
-        daemon.stop()
     assert states["orders"]["status"] == "delivered"
     assert states["inside"]["status"] == "dead"  # accepted with 200, failed inside: kept for a re-drive
     assert "its processing log" in states["inside"]["last_error"]

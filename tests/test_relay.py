@@ -22,7 +22,7 @@ from senderd.emulator.runtime import FlowSpec
 from senderd.emulator.stack import EmulatorStack
 from senderd.relay.spool import Spool
 from senderd.result import SendResult
-from tests.tools import Recorder, all_blocked, senderd_run
+from tests.tools import Recorder, all_blocked, senderd_run, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -75,19 +75,9 @@ async def relay_daemon(
         stack.runtime.add_flow(FlowSpec("/Down", unavailable=-1, retry_after=0))
         stack.runtime.add_flow(FlowSpec("/Ledger", kind="echo"))
         daemon = Daemon.create(load_config(stack.config_path), handle_signals=False, clock=clock)
-        deliveries = Recorder[SendResult]()
-
-        async def hook(engine: Any, _group: object) -> None:
-            engine.listeners.append(deliveries)
-
-        daemon.on_start = hook
-        async with anyio.create_task_group() as group:
-            group.start_soon(daemon.serve)
-            with anyio.fail_after(10):
-                await daemon.started.wait()
+        async with serving(daemon) as deliveries:
             assert daemon.relay is not None
             yield stack, daemon, daemon.relay.url, deliveries
-            daemon.stop()
 
 
 async def post(
