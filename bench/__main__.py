@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from bench import footprint, forward, newman, relay, schedule, throughput, tokens
+from bench import footprint, forward, newman, relay, relay_memory, schedule, throughput, tokens
 from bench.common import Mode, Section, machine, say, write_json
 from bench.peers import INSTALL, find_tool, tool_version
 
@@ -35,6 +35,7 @@ MEASUREMENTS: dict[str, tuple[str, Measure]] = {
     "footprint": ("footprint", footprint.measure),
     "newman": ("newman", newman.measure),
     "relay": ("relay", relay.measure),
+    "relay_memory": ("relay_memory", relay_memory.measure),
     "forward": ("forward", forward.measure),
 }
 
@@ -72,6 +73,7 @@ TARGETS = {
         Target("footprint.once_first_send_s", footprint.TARGET_FIRST_SEND_S, at_most=True),
         Target("relay.accept_rps", relay.TARGET_RPS, at_most=False),
         Target("relay.open_loop_p99_ack_ms", relay.TARGET_OPEN_LOOP_P99_MS, at_most=True),
+        Target("relay_memory.peak_rss_mb", relay_memory.TARGET_PEAK_RSS_MB, at_most=True),
         Target("forward.ratio_vs_direct", forward.TARGET_RATIO, at_most=False),
         Target("forward.p99_added_ms", forward.TARGET_P99_ADDED_MS, at_most=True),
     )
@@ -121,6 +123,8 @@ TABLE = (
     ("relay.open_loop_p99_ack_ms", "ms"),
     ("relay.open_loop_1000_p50_ack_ms", "ms"),
     ("relay.open_loop_1000_p99_ack_ms", "ms"),
+    ("relay_memory.peak_rss_mb", "MB"),
+    ("relay_memory.accepted", ""),
 )
 
 

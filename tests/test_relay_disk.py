@@ -5,6 +5,7 @@ allowed). Posts are answered 503 while nothing can be committed, nothing acknowl
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import subprocess
 from collections.abc import Iterator
@@ -40,7 +41,9 @@ def fill(path: Path) -> None:
             filler.write(b"\0" * 4096)
 
 
-async def post_down(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, dict[str, str], str]:
+async def post_down(
+    session: aiohttp.ClientSession, url: str, body: bytes | io.BytesIO
+) -> tuple[int, dict[str, str], str]:
     """Post `body` to the flow "down" (the runtime refuses it while `unavailable`); status, headers, id/error."""
     async with session.post(
         f"{url}/v1/flows/down/messages", data=body, headers={"Content-Type": "text/plain"}
@@ -95,3 +98,22 @@ async def test_a_full_disk_is_503_loses_nothing_acked_and_recovers_by_itself(tmp
             for message_id in acked:
                 _, message = await get(f"{url}/v1/messages/{message_id}")
                 assert message["status"] in ("delivered", "queued", "in_flight"), message
+
+
+@pytest.mark.timeout(60)
+async def test_a_large_post_on_a_full_disk_is_503_and_leaves_no_staging_file(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", "3m") as disk:
+        spool = disk / "spool"
+        async with (
+            relay_daemon(tmp_path, spool=spool) as (_stack, _d, url, _deliveries),
+            aiohttp.ClientSession() as session,
+        ):
+            fill(disk / "filler")
+            status, headers, said = await post_down(session, url, io.BytesIO(b"m" * (1 << 20)))
+            assert status == 503, said  # streamed to a staging file, which cannot be written
+            assert "Retry-After" in headers
+            assert "disk is full" in said
+            assert list((spool / "incoming").iterdir()) == []
+            (disk / "filler").unlink()
+            status, _, said = await post_down(session, url, io.BytesIO(b"m" * (1 << 20)))
+            assert status == 202, said

@@ -208,7 +208,8 @@ async def test_the_spool_is_private_to_its_owner(tmp_path: Path) -> None:
             await group.start(spool.run_writer)
             await spool.add("f", b"a body", "text/plain")
             group.cancel_scope.cancel()
-        files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "spool").iterdir()}
+        files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "spool").iterdir() if p.is_file()}
+        staging = stat.S_IMODE((tmp_path / "spool" / "incoming").stat().st_mode)
         directory = stat.S_IMODE((tmp_path / "spool").stat().st_mode)
         await spool.close()
         (tmp_path / "spool").chmod(0o755)  # an older spool, too open: tightened at the next start
@@ -222,5 +223,6 @@ async def test_the_spool_is_private_to_its_owner(tmp_path: Path) -> None:
     assert directory == 0o700
     assert "spool.db-wal" in files
     assert set(files.values()) == {0o600}, files
+    assert staging == 0o700  # bodies are staged there as they arrive
     assert tightened == 0o600
     assert stat.S_IMODE((tmp_path / "spool").stat().st_mode) == 0o700

@@ -7,6 +7,7 @@ re-drives one. Nothing is dropped silently.
 
 from __future__ import annotations
 
+import errno
 import re
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from senderd.config import ConfigHolder, RelayConfig, parse_listen
 from senderd.errors import IdempotencyConflict, SpoolError, SpoolFull
 from senderd.logs import get_logger
 from senderd.metrics import Metrics
+from senderd.relay.incoming import INLINE_BODY_BYTES, PIECE_BYTES, BodyTooLarge, IncomingBody, receive
 from senderd.relay.spool import Spool
 from senderd.site import Site, bearer_authorised
 
@@ -116,7 +118,8 @@ class RelayApi:
         key = request.headers.get("Idempotency-Key")
         if key is not None and not _IDEMPOTENCY_KEY.match(key):
             return _error(400, "Idempotency-Key must be 1-255 visible ASCII characters")
-        share = request.content_length if request.content_length is not None else self.config.max_message_bytes
+        inline = request.content_length is not None and request.content_length <= INLINE_BODY_BYTES
+        share = request.content_length if inline and request.content_length is not None else 2 * PIECE_BYTES
         if not await self.budget.acquire(share, self.config.read_timeout):
             return _error(
                 503,
@@ -124,20 +127,46 @@ class RelayApi:
                 headers={"Retry-After": "1"},
             )
         try:
-            return await self._spool_body(request, name, content_type, key)
+            if inline:
+                return await self._spool_inline(request, name, content_type, key)
+            return await self._spool_streamed(request, name, content_type, key)
         finally:
             self.budget.release(share)
 
-    async def _spool_body(self, request: web.Request, name: str, content_type: str, key: str | None) -> web.Response:
+    async def _spool_inline(self, request: web.Request, name: str, content_type: str, key: str | None) -> web.Response:
+        """A small body: read into memory, then stored."""
         body: bytes | None = None
         with anyio.move_on_after(self.config.read_timeout):
             body = await request.read()
         if body is None:
+            return _late_body(self.config.read_timeout)
+        return await self._store(name, body, content_type, key)
+
+    async def _spool_streamed(
+        self, request: web.Request, name: str, content_type: str, key: str | None
+    ) -> web.Response:
+        """A large body, or one of unknown length: streamed to a staging file, then copied into the spool."""
+        staged: IncomingBody | None = None
+        limit = self.config.max_message_bytes
+        try:
+            with anyio.move_on_after(self.config.read_timeout):
+                staged = await receive(request.content, self.spool.directory.directory, limit)
+        except BodyTooLarge:
             return _error(
-                408,
-                f"the body did not arrive within relay.read_timeout ({self.config.read_timeout:g}s)",
-                headers={"Connection": "close"},
+                413, f"message larger than relay.max_message_bytes ({limit})", headers={"Connection": "close"}
             )
+        except OSError as exc:  # a full disk: nothing was acknowledged
+            log.error("relay_staging_failed", error=exc.strerror or str(exc))
+            why = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or "cannot write"
+            return _error(503, f"spool unavailable ({why}): retry later", headers={"Retry-After": "5"})
+        if staged is None:
+            return _late_body(self.config.read_timeout)
+        try:
+            return await self._store(name, staged, content_type, key)
+        finally:
+            staged.discard()
+
+    async def _store(self, name: str, body: bytes | IncomingBody, content_type: str, key: str | None) -> web.Response:
         try:
             message_id, created = await self.spool.add(name, body, content_type, key)
         except SpoolFull:
@@ -168,6 +197,12 @@ class RelayApi:
             return _error(404, "no dead message with that id")
         log.info("message_redriven", id=message_id)
         return web.json_response({"id": message_id, "status": "queued"}, status=202)
+
+
+def _late_body(seconds: float) -> web.Response:
+    return _error(
+        408, f"the body did not arrive within relay.read_timeout ({seconds:g}s)", headers={"Connection": "close"}
+    )
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -223,7 +223,8 @@ class Dispatcher:
         headers = {self.config.application_id_header: message.id}
         if message.content_type:
             headers["Content-Type"] = message.content_type
-        result = await self.engine.send(flow, body=message.body, headers=headers, message_id=message.id)
+        body = await self.spool.body_of(message)
+        result = await self.engine.send(flow, body=body, headers=headers, message_id=message.id)
         credentials = self.engine.config.set_of(flow)
         decided = verdict(result)
         if decided != "pause":

@@ -34,6 +34,7 @@ from senderd.errors import ConfigError, IdempotencyConflict, SpoolError, SpoolFu
 from senderd.logs import get_logger, redact_text
 from senderd.metrics import SPOOL_STATES
 from senderd.metrics import SpoolState as State
+from senderd.relay.incoming import INLINE_BODY_BYTES, IncomingBody, clear_incoming
 from senderd.relay.salvage import damaged, quarantine, salvage
 from senderd.relay.spooldir import SpoolDir
 
@@ -77,6 +78,9 @@ class Message:
     updated_at: float
     content_type: str | None = None
     body: bytes = b""
+    """Loaded by claims up to `INLINE_BODY_BYTES`; a larger one is read by `Spool.body_of` when delivered."""
+    size: int = 0
+    """The body's length in bytes (0 where it was not asked for, as in status queries)."""
     last_error: str | None = None
     correlation_id: str | None = None
     status: int | None = None
@@ -103,8 +107,18 @@ _COLUMNS = (
 )
 
 
-_SELECT = f"SELECT {_COLUMNS} FROM messages"  # noqa: S608 - constant column list, values are parameters
-_SELECT_NO_BODY = f"SELECT {_COLUMNS.replace('body', 'NULL')} FROM messages"  # noqa: S608 - as above
+_CLAIMED_BODY = f"CASE WHEN LENGTH(body) <= {INLINE_BODY_BYTES} THEN body END"
+"""A claim brings small bodies with it; large ones are read one at a time as they are delivered."""
+_SELECT = f"SELECT {_COLUMNS.replace('body', _CLAIMED_BODY)}, LENGTH(body) FROM messages"  # noqa: S608 - constants
+_SELECT_NO_BODY = f"SELECT {_COLUMNS.replace('body', 'NULL')}, 0 FROM messages"  # noqa: S608 - as above
+_INSERT = (
+    "INSERT INTO messages (id, flow, idempotency_key, content_type, body, body_sha256, state, created_at, "
+    "updated_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)"
+)
+_INSERT_STAGED = _INSERT.replace("?, ?, 'queued'", "zeroblob(?), ?, 'queued'")
+"""A staged body's row is inserted with a zero-filled blob of its size, which `_copy_into` then fills."""
+COPY_BYTES = 1 << 20
+"""A staged body is copied into the database in pieces of this size."""
 
 
 def _message(row: Sequence[Any]) -> Message:
@@ -121,13 +135,14 @@ def _message(row: Sequence[Any]) -> Message:
         correlation_id=row[9],
         status=row[10],
         idempotency_key=row[11],
+        size=row[12],
     )
 
 
 @dataclass
 class _Pending:
     flow: str
-    body: bytes
+    body: bytes | IncomingBody
     content_type: str | None
     idempotency_key: str | None
     done: anyio.Event
@@ -176,6 +191,9 @@ class Spool:
         counters. Raises ConfigError (the directory, the lock, the file)."""
         self.directory.acquire()
         try:
+            left = clear_incoming(self.directory.directory)
+            if left:
+                log.info("spool_staging_cleared", files=left)  # bodies of posts a crash cut off: never acknowledged
             self.directory.create_private(self.path)
             await self._call(self._open_sync)
         except BaseException:
@@ -257,9 +275,11 @@ class Spool:
     # --- adding, with group commit ---------------------------------------------------------------------
 
     async def add(
-        self, flow: str, body: bytes, content_type: str | None, idempotency_key: str | None = None
+        self, flow: str, body: bytes | IncomingBody, content_type: str | None, idempotency_key: str | None = None
     ) -> tuple[str, bool]:
-        """Store a message durably; returns (id, created). A known idempotency key returns the first id."""
+        """Store a message durably; returns (id, created). A known idempotency key returns the first id.
+
+        A staged body (`IncomingBody`) is copied into the database in pieces; its file stays the caller's."""
         if self._closed:
             raise SpoolError("spool closed: senderd is stopping")
         pending = _Pending(flow, body, content_type, idempotency_key, anyio.Event())
@@ -322,7 +342,9 @@ class Spool:
         db.execute("BEGIN IMMEDIATE")
         try:
             for item in batch:
-                digest = hashlib.sha256(item.body).hexdigest()
+                staged, inline = (item.body, b"") if isinstance(item.body, IncomingBody) else (None, item.body)
+                size = staged.size if staged is not None else len(inline)
+                digest = staged.sha256 if staged is not None else hashlib.sha256(inline).hexdigest()
                 if item.idempotency_key is not None:
                     row = db.execute(
                         "SELECT id, body_sha256, CASE WHEN body_sha256 IS NULL THEN body END FROM messages "
@@ -343,18 +365,28 @@ class Spool:
                             results.append((row[0], False))
                         continue
                 live = self.counts["queued"] + self.counts["in_flight"] + self.counts["dead"] + added_count
-                if live >= self.max_messages or self.bytes + added_bytes + len(item.body) > self.max_bytes:
+                if live >= self.max_messages or self.bytes + added_bytes + size > self.max_bytes:
                     results.append(SpoolFull("spool full"))
                     continue
                 message_id = uuid.uuid4().hex
-                db.execute(
-                    "INSERT INTO messages (id, flow, idempotency_key, content_type, body, body_sha256, state, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-                    (message_id, item.flow, item.idempotency_key, item.content_type, item.body, digest, now, now),
-                )
+                row_id = db.execute(
+                    _INSERT_STAGED if staged is not None else _INSERT,
+                    (
+                        message_id,
+                        item.flow,
+                        item.idempotency_key,
+                        item.content_type,
+                        size if staged is not None else inline,
+                        digest,
+                        now,
+                        now,
+                    ),
+                ).lastrowid
+                if staged is not None and size:
+                    _copy_into(db, staged, row_id)
                 results.append((message_id, True))
                 added_count += 1
-                added_bytes += len(item.body)
+                added_bytes += size
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:  # SQLite may have rolled back already (e.g. on a full disk)
@@ -366,6 +398,19 @@ class Spool:
         return results
 
     # --- reading and moving ----------------------------------------------------------------------------
+
+    async def body_of(self, message: Message) -> bytes:
+        """The body of a claimed message: as claimed if it came with it, else read from the database now.
+
+        Raises SpoolError if the message is gone (pruned or replaced by a salvage meanwhile)."""
+        if len(message.body) == message.size:
+            return message.body
+        row = await self._call(
+            lambda: self.db.execute("SELECT body FROM messages WHERE id=?", (message.id,)).fetchone()
+        )
+        if row is None:
+            raise SpoolError(f"message {message.id} is no longer in the spool")
+        return bytes(row[0])
 
     async def get(self, message_id: str) -> Message | None:
         """The message with this id, without its body."""
@@ -495,7 +540,7 @@ class Spool:
             self.counts[row[0]] -= 1
             self.counts[state] += 1
             if state == "delivered":
-                self.bytes -= len(message.body)
+                self.bytes -= message.size
 
         await self._call(update)
         if self.on_change is not None:
@@ -609,3 +654,12 @@ class Spool:
             ).fetchone()
         )
         return float(row[0]) if row and row[0] is not None else None
+
+
+def _copy_into(db: sqlite3.Connection, staged: IncomingBody, row_id: int | None) -> None:
+    """Copy a staged body into the zero-filled blob of row `row_id`, a piece at a time (in the insert's
+    transaction: the message is committed with its whole body or not at all)."""
+    assert row_id is not None
+    with db.blobopen("messages", "body", row_id) as blob, staged.path.open("rb") as source:
+        while piece := source.read(COPY_BYTES):
+            blob.write(piece)
