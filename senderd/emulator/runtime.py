@@ -546,9 +546,11 @@ async def _stream_large(request: web.Request, flow: FlowSpec, headers: dict[str,
         while left > 0:
             piece = chunk[: min(left, len(chunk))]
             left -= len(piece)
-            data = compressor.compress(piece) if compressor is not None else piece
-            if data:
-                await response.write(data)
+            data = piece
+            if compressor is not None:  # flushed every piece: the bomb arrives as it is made, never all at once
+                data = compressor.compress(piece) + compressor.flush(zlib.Z_SYNC_FLUSH)
+            await response.write(data)
+            await asyncio.sleep(0)  # a small write does not wait: let the reader run between pieces
         if compressor is not None:
             await response.write(compressor.flush())
         await response.write_eof()
