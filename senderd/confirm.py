@@ -192,8 +192,9 @@ class MplPoller:
         self._live.add(entry)
         self._push(entry, now)
         try:
-            with contextlib.suppress(TimeoutError), self.clock.fail_after(max(0.001, timeout)):
-                await entry.done.wait()
+            with contextlib.suppress(TimeoutError):
+                async with self.clock.fail_after(max(0.001, timeout)):
+                    await entry.done.wait()
         finally:
             self._live.discard(entry)
             result = entry.verdict(self.clock.monotonic())  # also ends the lookups of a send that gave up
@@ -270,7 +271,7 @@ class MplPoller:
     async def _lookup(self, entry: _Pending) -> None:
         entry.lookups += 1
         try:
-            with self.clock.fail_after(REQUEST_TIMEOUT):
+            async with self.clock.fail_after(REQUEST_TIMEOUT):
                 await self._look_up(entry)
         except TimeoutError:
             self._problem(entry, f"the MPL API did not answer within {REQUEST_TIMEOUT:g}s")

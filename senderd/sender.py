@@ -102,7 +102,7 @@ class Sender:
         """One exchange under the flow's timeout (or `timeout`, if shorter: what is left of a deadline)."""
         limit = flow.timeout if timeout is None else max(0.001, min(flow.timeout, timeout))
         try:
-            with self.clock.fail_after(limit):
+            async with self.clock.fail_after(limit):
                 return await self._exchange(flow, body, extra_headers or {}, message_id)
         except TimeoutError:
             self.metrics.attempt(flow.name, None)

@@ -3,11 +3,12 @@ told, so that timing is tested without sleeping."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import heapq
 import itertools
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 import anyio
 
@@ -39,13 +40,13 @@ class FakeClock:
         finally:
             event.set()
 
-    def fail_after(self, seconds: float) -> AbstractContextManager[anyio.CancelScope]:
-        """Like `anyio.fail_after`, on this clock: the body is cancelled, and TimeoutError raised, once
+    def fail_after(self, seconds: float) -> AbstractAsyncContextManager[object]:
+        """Like `asyncio.timeout`, on this clock: the body is cancelled, and TimeoutError raised, once
         `advance` has moved time `seconds` on."""
         return self._fail_after(seconds)
 
-    @contextlib.contextmanager
-    def _fail_after(self, seconds: float) -> Iterator[anyio.CancelScope]:
+    @contextlib.asynccontextmanager
+    async def _fail_after(self, seconds: float) -> AsyncIterator[anyio.CancelScope]:
         deadline = self._mono + seconds
         with anyio.CancelScope() as scope:
             entry = (deadline, next(self._seq), scope.cancel)
@@ -73,7 +74,7 @@ class FakeClock:
 class StepClock(FakeClock):
     """A fake clock whose sleeps return at once after moving time on: waits are recorded, not spent.
 
-    Its timeouts are real (`anyio.fail_after`): they bound real I/O, and this clock moves only in sleeps."""
+    Its timeouts are real (`asyncio.timeout`): they bound real I/O, and this clock moves only in sleeps."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,5 +85,5 @@ class StepClock(FakeClock):
         self.advance(max(0.0, seconds))
         await anyio.lowlevel.checkpoint()
 
-    def fail_after(self, seconds: float) -> AbstractContextManager[anyio.CancelScope]:
-        return anyio.fail_after(seconds)
+    def fail_after(self, seconds: float) -> AbstractAsyncContextManager[object]:
+        return asyncio.timeout(seconds)
