@@ -4,6 +4,9 @@ with the message id as `SAP_ApplicationID`, at least once.
 Ordered flows have one message in flight at a time, in order; other flows are delivered concurrently. A
 message whose send failed in a way another round may fix is queued again with a growing delay; one whose
 rounds are used up (or that the flow refused) is `dead`, kept for re-drive.
+
+On a stop (`drain`), it goes on claiming what is due until nothing due is left to claim and nothing is in
+flight (`wait_drained`), or until the daemon's drain timeout cancels it: what is left stays in the spool.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ class Dispatcher:
         self.spool = spool
         self.clock = engine.clock
         self.stopping = False
+        self.draining = False
+        self._drained = anyio.Event()
+        self.delivered_draining = 0
+        """Messages delivered since the drain began."""
         self._wake = anyio.Event()
         self._inflight: dict[str, Message] = {}
         self._unrecorded: dict[str, tuple[Callable[[], Awaitable[None]], float]] = {}
@@ -138,6 +145,8 @@ class Dispatcher:
                     self._inflight[message.id] = message
                     await pool.put(message.id, self._job(message))
                 if not claimed:
+                    if self.draining and not self._inflight:
+                        self._drained.set()  # nothing due that can be claimed, nothing under way
                     await self._wait_for_work(can_claim=free > 0 and not self.stopping)
 
     def _paused_flows(self) -> list[str]:
@@ -147,8 +156,17 @@ class Dispatcher:
         return [flow.name for flow in config.flows if paused and config.set_of(flow) in paused]
 
     def stop_claiming(self) -> None:
-        """Claim nothing more (the stop has begun); deliveries in flight go on."""
+        """Claim nothing more; deliveries in flight go on."""
         self.stopping = True
+
+    def drain(self) -> None:
+        """The stop has begun: deliver what is due now (and what comes due meanwhile), then report drained."""
+        self.draining = True
+        self._wake.set()
+
+    async def wait_drained(self) -> None:
+        """Return once draining found nothing due to claim and nothing in flight."""
+        await self._drained.wait()
 
     async def wait_idle(self) -> None:
         """Return once no delivery is in flight (used by the drain on stop)."""
@@ -230,6 +248,7 @@ class Dispatcher:
             self._pauses.pop(credentials, None)
         if decided == "delivered":
             await self._finish(message, result, "delivered")
+            self.delivered_draining += self.draining
             return
         if decided == "pause":  # our credentials or the token server: not the message's fault
             failures = self._pauses.get(credentials, (0, 0.0))[0] + 1
