@@ -517,6 +517,8 @@ def test_cronjob_runs_once_and_pushes_without_overlap() -> None:
     assert job["template"]["spec"]["restartPolicy"] == "Never"
     args = senderd_container(job["template"]["spec"])["args"]
     assert args[:5] == ["once", "-c", CONFIG_PATH, "--push-gateway", "http://pushgateway:9091"]
+    # a stable grouping key: one Pushgateway group per CronJob, replaced at every run
+    assert args[args.index("--push-instance") + 1] == cronjob["metadata"]["name"]
 
 
 def test_configmap_config_matches_the_mounts() -> None:
