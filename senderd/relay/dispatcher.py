@@ -46,7 +46,6 @@ class Dispatcher:
         self.engine = engine
         self.spool = spool
         self.clock = engine.clock
-        self.stopping = False
         self.draining = False
         self._drained = anyio.Event()
         self.delivered_draining = 0
@@ -57,7 +56,6 @@ class Dispatcher:
         """Ends of deliveries the spool could not write (a full disk), by message id, with the time before
         which the message is not claimed again (infinite once delivered or dead): written again each round;
         a message claimed again meanwhile (a redelivery that came due) drops its old record."""
-        self._settled = anyio.Event()
         self.rounds = 0
         """Loop iterations (a test can tell waiting from spinning)."""
         self._oldest: float | None = None
@@ -106,7 +104,6 @@ class Dispatcher:
                 left = list(self._inflight.values())
                 requeued = await self.spool.requeue_all(left)
                 self._inflight.clear()
-                self._settled.set()
             if left:
                 log.info("relay_requeued", messages=requeued)
 
@@ -128,7 +125,7 @@ class Dispatcher:
                 try:
                     await self._record_again()
                     await self._refresh_oldest()
-                    if free > 0 and not self.stopping:
+                    if free > 0:
                         busy_ordered = [m.flow for m in self._inflight.values() if m.flow in ordered]
                         busy_ordered += self._paused_flows()
                         now = self.plan_time()
@@ -147,17 +144,13 @@ class Dispatcher:
                 if not claimed:
                     if self.draining and not self._inflight:
                         self._drained.set()  # nothing due that can be claimed, nothing under way
-                    await self._wait_for_work(can_claim=free > 0 and not self.stopping)
+                    await self._wait_for_work(can_claim=free > 0)
 
     def _paused_flows(self) -> list[str]:
         now = self.clock.monotonic()
         paused = {name for name, (_, until) in self._pauses.items() if until > now}
         config = self.engine.config
         return [flow.name for flow in config.flows if paused and config.set_of(flow) in paused]
-
-    def stop_claiming(self) -> None:
-        """Claim nothing more; deliveries in flight go on."""
-        self.stopping = True
 
     def drain(self) -> None:
         """The stop has begun: deliver what is due now (and what comes due meanwhile), then report drained."""
@@ -167,12 +160,6 @@ class Dispatcher:
     async def wait_drained(self) -> None:
         """Return once draining found nothing due to claim and nothing in flight."""
         await self._drained.wait()
-
-    async def wait_idle(self) -> None:
-        """Return once no delivery is in flight (used by the drain on stop)."""
-        while self._inflight:
-            self._settled = anyio.Event()
-            await self._settled.wait()
 
     async def _wait_for_work(self, *, can_claim: bool) -> None:
         """Sleep until a post, a finished delivery or a re-drive (`_wake`), or until a queued message that
@@ -221,7 +208,6 @@ class Dispatcher:
                 self._inflight.pop(message.id, None)
             finally:
                 self._wake.set()
-                self._settled.set()
 
         return deliver
 
