@@ -1,7 +1,8 @@
 """The `senderd` command line: argument parsing, exit codes and wiring, nothing more.
 
 Exit codes: 0 success; 1 the work failed (a send or token fetch); 2 a user mistake (config, service key,
-arguments), printed as one line on stderr; 130 interrupted.
+arguments), printed as one line on stderr; 3 `once` could not push its metrics (every flow passed: a failed
+flow is 1 still); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import os
 import shlex
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -26,7 +28,10 @@ from senderd.config import CONFIG_ENV, SOURCE_KEYS, Config, config_from_dict, lo
 from senderd.errors import ConfigError, CredentialsError, TokenError, UsageError
 from senderd.logs import configure_logging
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+if TYPE_CHECKING:
+    from senderd.result import SendResult
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PUSH_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 DAEMON_COMMANDS = ("run", "once")
@@ -77,10 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--listen", metavar="HOST:PORT", help="metrics/health endpoint (overrides server.listen)")
 
-    once = commands.add_parser("once", help="every (selected) flow once; exit 0 if all passed, 1 if not")
+    once = commands.add_parser(
+        "once", help="every (selected) flow once; exit 0 if all passed, 1 if not, 3 if the push failed"
+    )
     _common(once)
     once.add_argument("--flow", action="append", default=[], metavar="NAME", help="only this flow (repeatable)")
     once.add_argument("--push-gateway", metavar="URL", help="push metrics to this Prometheus Pushgateway")
+    once.add_argument("--push-instance", metavar="NAME", help="the grouping key's instance (overrides push.instance)")
 
     send = commands.add_parser("send", help="one send to a flow; print status, correlation id and body")
     _common(send)
@@ -340,18 +348,30 @@ async def _once(args: argparse.Namespace) -> int:
         metrics.declare_flow(flow.name, flow.every, confirms=flow.confirm == "mpl")
     async with Engine.open(config, metrics=metrics) as engine:
         results = await engine.run_once(flows)
+    failed = sum(not r.ok for r in results)
+    _print_summary(results)
     gateway = args.push_gateway or config.push.gateway
-    pushed_to: str | None = None
+    push_failed = False
     if gateway:
         from senderd.errors import PushError
         from senderd.push import push_metrics
 
+        job, instance = config.push.job, args.push_instance or config.push.instance
+        metrics.once_finished(success=failed == 0, at=time.time())
         try:
-            instance = await push_metrics(metrics.registry, gateway, job=config.push.job, instance=config.push.instance)
-            pushed_to = f"pushed metrics to {gateway} (job {config.push.job}, instance {instance})"
+            await push_metrics(metrics.registry, gateway, job=job, instance=instance)
+            print(f"pushed metrics to {gateway} (job {job}, instance {instance})")
         except PushError as exc:
             print(f"senderd: error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            push_failed = True
+    print(f"{len(results) - failed} passed, {failed} failed")
+    if failed:
+        return EXIT_FAILED  # the flows' verdict first: with the push lost, the exit code is its only record
+    return EXIT_PUSH_FAILED if push_failed else EXIT_OK
+
+
+def _print_summary(results: Sequence[SendResult]) -> None:
+    """The table of a `once` run on stdout, and each failed flow's error on stderr."""
     rows = [("flow", "outcome", "status", "attempts", "latency", "mpl id")]
     for result in results:
         rows.append(
@@ -370,11 +390,6 @@ async def _once(args: argparse.Namespace) -> int:
     for result in results:
         if not result.ok and result.last.error:
             print(f"{result.flow}: {result.last.error}", file=sys.stderr)
-    failed = sum(not r.ok for r in results)
-    if pushed_to:
-        print(pushed_to)
-    print(f"{len(results) - failed} passed, {failed} failed")
-    return EXIT_OK if failed == 0 else EXIT_FAILED
 
 
 def _body_argument(value: str | None) -> bytes | None:

@@ -467,11 +467,18 @@ class ServerConfig(Section):
         return check_listen(value)
 
 
+PUSH_INSTANCE = "default"
+"""`push.instance` unless configured: a fixed value, so that every run replaces the same group."""
+
+
 class PushConfig(Section):
     """`[push]`: where `once` pushes its metrics (a Prometheus Pushgateway)."""
 
     gateway: str | None = None
     job: str = "senderd"
+    instance: str = PUSH_INSTANCE
+    """The `instance` of the grouping key: with `job`, the one group each run replaces (never the host name,
+    which a CronJob's pod changes every run: groups would pile up, stale values with them)."""
 
     @field_validator("gateway")
     @classmethod
@@ -480,7 +487,12 @@ class PushConfig(Section):
             raise ValueError(f"must be an http:// or https:// URL, found {value!r}")
         return value
 
-    instance: str | None = None
+    @field_validator("job", "instance")
+    @classmethod
+    def _label(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty: it names the Pushgateway group each run replaces")
+        return value
 
 
 class RelayConfig(Section):

@@ -35,7 +35,7 @@ from senderd.metrics import Metrics
 from senderd.pool import Job, PoolSet, Verdict
 from senderd.result import SendResult
 from senderd.scheduler import Scheduler
-from senderd.server import ObservabilityServer
+from senderd.server import ObservabilityServer, Readiness
 
 if TYPE_CHECKING:
     from senderd.forward import Forwarder
@@ -149,11 +149,13 @@ class Daemon:
             log.info("forward_listening", url=forwarder.url, credentials=forwarder.set.name, allow=config.forward.allow)
         if config.server.enabled:
             server = self.server = ObservabilityServer(
-                engine, config.server.listen, probe=self._probe, token=config.server.token()
+                engine, config.server.listen, ready=self.ready, probe=self._probe, token=config.server.token()
             )
             await server.start()
             resources.push_async_callback(server.stop)
-            log.info("listening", url=server.url, endpoints=["/metrics", "/healthz", "/readyz", "/probe"])
+            log.info(
+                "listening", url=server.url, endpoints=["/metrics", "/healthz", "/readyz", "/readyz/token", "/probe"]
+            )
         # What start-up allocated lives as long as the process: keep it out of the collector's full
         # passes, which otherwise pause a large daemon for tens of ms every few seconds.
         gc.collect()
@@ -220,6 +222,25 @@ class Daemon:
             return verdict
         await done.wait()
         return results[0] if results else "closed"
+
+    def ready(self) -> Readiness:
+        """`/readyz`: ready to take relay and forward requests (spool open, listeners up, not stopping); with
+        neither configured, started and not stopping. Holding a token is not asked: that is `/readyz/token`
+        (and `senderd_credentials_ready`), since the relay exists to absorb a token-server outage."""
+        checks: dict[str, tuple[bool, str]] = {}
+        if self._stop.is_set():
+            checks["daemon"] = (False, "stopping")
+        else:
+            checks["daemon"] = (True, "ok") if self.started.is_set() else (False, "starting")
+        if self.relay is not None:
+            checks["relay"] = self.relay.ready()
+        if self.forwarder is not None:
+            checks["forward"] = self.forwarder.ready()
+        failing = [f"{name}: {reason}" for name, (ready, reason) in checks.items() if not ready]
+        details: dict[str, object] = {
+            "checks": {name: {"ready": ready, "reason": reason} for name, (ready, reason) in checks.items()}
+        }
+        return not failing, failing[0] if failing else "ok", details
 
     # --- main loop ------------------------------------------------------------------------------------------
 

@@ -85,7 +85,8 @@ async def run_demo(
                     )
                 if daemon.server is not None:
                     print(
-                        f"metrics:  {daemon.server.url}/metrics  (also /healthz, /readyz, /probe?flow=timestamp)",
+                        f"metrics:  {daemon.server.url}/metrics"
+                        "  (also /healthz, /readyz, /readyz/token, /probe?flow=timestamp)",
                         flush=True,
                     )
 

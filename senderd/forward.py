@@ -225,6 +225,15 @@ class Forwarder:
         """From now on, new requests are answered 503 (the stop has begun); those in flight go on."""
         self.stopping = True
 
+    def ready(self) -> tuple[bool, str]:
+        """Whether requests are taken now (listening, not stopping), and why not; a missing token is not
+        a reason: such a request is answered 503 `no_token` by itself."""
+        if self.stopping:
+            return False, "stopping"
+        if not self.site.listening:
+            return False, f"not listening on {self.config.listen}"
+        return True, "ok"
+
     async def wait_idle(self) -> None:
         """Return once no request is in flight."""
         while self._inflight:

@@ -148,6 +148,12 @@ class Metrics:
             "senderd_token_expiry_timestamp_seconds", "Unix time at which the set's current token expires.",
             ["credentials"], registry=r,
         )  # fmt: skip
+        self.credentials_ready = Gauge(
+            "senderd_credentials_ready",
+            "1 while the set holds usable credentials (a valid token, or credentials that need none), else 0.",
+            ["credentials"],
+            registry=r,
+        )
         self.certificate_expiry = Gauge(
             "senderd_client_certificate_expiry_timestamp_seconds",
             "Unix time at which the set's client certificate expires.",
@@ -288,6 +294,10 @@ class Metrics:
         for rotation in ("rotated", "refused"):
             self.rotations.labels(credentials, rotation)
 
+    def watch_credentials(self, credentials: str, ready: Callable[[], bool]) -> None:
+        """`senderd_credentials_ready{credentials}`, read from `ready()` at scrape time."""
+        self.credentials_ready.labels(credentials).set_function(lambda: 1.0 if ready() else 0.0)
+
     def rotation(self, credentials: str, result: Literal["rotated", "refused"]) -> None:
         """Count a replacement of set `credentials`' credentials, taken into use or refused."""
         self.rotations.labels(credentials, result).inc()
@@ -341,6 +351,17 @@ class Metrics:
         """Count one delivery round of a relay message."""
         if self.relay_deliveries is not None:
             self.relay_deliveries.labels(flow, result).inc()
+
+    # --- `senderd once` ---------------------------------------------------------------------------------
+
+    def once_finished(self, *, success: bool, at: float) -> None:
+        """The run verdict `once` pushes: `senderd_once_last_run_timestamp_seconds` (Unix time the run
+        ended) and `senderd_once_last_run_success` (1 if every flow passed); only in a run's registry."""
+        r = self.registry
+        Gauge("senderd_once_last_run_timestamp_seconds", "Unix time the last `senderd once` run ended.",
+              registry=r).set(at)  # fmt: skip
+        Gauge("senderd_once_last_run_success", "1 if every flow of the last `senderd once` run passed, else 0.",
+              registry=r).set(1 if success else 0)  # fmt: skip
 
     # --- the forwarder ----------------------------------------------------------------------------------
 

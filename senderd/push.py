@@ -1,8 +1,12 @@
-"""Pushing a one-shot run's metrics to a Prometheus Pushgateway (the CronJob mode)."""
+"""Pushing a one-shot run's metrics to a Prometheus Pushgateway (the CronJob mode).
+
+The grouping key is `job` and `instance` from `[push]`, both fixed by configuration (never the host name,
+which a CronJob's pod changes at every run): each run replaces the one group of its CronJob, so values of
+the last run, certificate expiry included, are all the gateway keeps, and no group is left behind.
+"""
 
 from __future__ import annotations
 
-import socket
 import urllib.error
 
 import anyio
@@ -15,12 +19,11 @@ async def push_metrics(
     registry: CollectorRegistry,
     gateway: str,
     *,
-    job: str = "senderd",
-    instance: str | None = None,
+    job: str,
+    instance: str,
     timeout: float = 10.0,
-) -> str:
-    """Replace this job/instance group on the gateway with `registry`'s metrics; returns the instance."""
-    instance = instance or socket.gethostname()
+) -> None:
+    """Replace the group `{job, instance}` on the gateway with `registry`'s metrics; PushError if refused."""
 
     def push() -> None:
         push_to_gateway(gateway, job=job, registry=registry, grouping_key={"instance": instance}, timeout=timeout)
@@ -30,4 +33,3 @@ async def push_metrics(
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise PushError(f"push to gateway {gateway} failed ({reason}): check push.gateway / --push-gateway") from None
-    return instance

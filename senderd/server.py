@@ -1,4 +1,9 @@
-"""The observability endpoint: `/metrics`, `/healthz`, `/readyz` and `/probe?flow=NAME` on one port.
+"""The observability endpoint: `/metrics`, the health checks and `/probe?flow=NAME` on one port.
+
+Three health questions, answered apart: `/healthz` (alive: the event loop answers), `/readyz` (ready to take
+relay and forward requests: what a sidecar's readiness probe gates on, so that a token-server outage, which
+the relay exists to absorb, never takes the app out of its Service) and `/readyz/token` (every credentials
+set holds a valid token or needs none: a metric and an alert in a sidecar, a readiness gate for a probe).
 
 `/probe` runs a flow now and answers blackbox_exporter-style metrics from a registry made for that
 request, so Prometheus setups built on the multi-target pattern can scrape senderd instead (with the
@@ -22,6 +27,8 @@ from senderd.pool import Verdict
 from senderd.result import SendResult
 from senderd.site import Site, bearer_authorised
 
+Readiness = tuple[bool, str, dict[str, object]]
+"""A readiness answer: ready or not, the first reason why not ("ok" when ready), and details for the body."""
 ProbeRunner = Callable[[FlowConfig, float | None], Awaitable[SendResult | Verdict]]
 """Sends a flow for a probe (within the deadline, if given), or says why it cannot now (`overlap`...)."""
 SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
@@ -31,20 +38,20 @@ PROTECTED = frozenset({"/metrics", "/probe"})
 
 
 class ObservabilityServer:
-    """Serves the endpoints for one engine; `ready()` decides /readyz."""
+    """Serves the endpoints for one engine; `ready()` decides /readyz (by default: the token check)."""
 
     def __init__(
         self,
         engine: Engine,
         listen: str,
         *,
-        ready: Callable[[], tuple[bool, str]] | None = None,
+        ready: Callable[[], Readiness] | None = None,
         probe: ProbeRunner | None = None,
         token: str | None = None,
     ) -> None:
         self.engine = engine
         self.token = token
-        self._ready = ready or self._token_ready
+        self._ready = ready or self.token_ready
         self._run_probe = probe or self._probe_directly
         self._probing: set[str] = set()
         self.site = Site(self.app(), *parse_listen(listen), config_key="server.listen")
@@ -55,11 +62,12 @@ class ObservabilityServer:
         return self.site.url
 
     def app(self) -> web.Application:
-        """The aiohttp application with the four routes."""
+        """The aiohttp application with the five routes."""
         app = web.Application(middlewares=[self._authorise])
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/readyz/token", self._readyz_token)
         app.router.add_get("/probe", self._probe)
         return app
 
@@ -71,12 +79,17 @@ class ObservabilityServer:
         """Stop listening."""
         await self.site.stop()
 
-    def _token_ready(self) -> tuple[bool, str]:
+    def token_ready(self) -> Readiness:
+        """Whether every credentials set can authenticate now (a valid token, or none needed), the first
+        reason why not, and each set's answer."""
+        sets: dict[str, object] = {}
+        verdict, why = True, "ok"
         for name, credential_set in self.engine.sets.items():
             ready, reason = credential_set.ready()
-            if not ready:
-                return False, reason if len(self.engine.sets) == 1 else f"credentials {name}: {reason}"
-        return True, "ok"
+            sets[name] = {"ready": ready, "auth": credential_set.config.auth, "reason": reason}
+            if not ready and verdict:
+                verdict, why = False, reason if len(self.engine.sets) == 1 else f"credentials {name}: {reason}"
+        return verdict, why, {"credentials": sets}
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = generate_latest(self.engine.metrics.registry)
@@ -86,13 +99,10 @@ class ObservabilityServer:
         return web.json_response({"status": "ok"})  # answering at all proves the event loop runs
 
     async def _readyz(self, _request: web.Request) -> web.Response:
-        ready, reason = self._ready()
-        sets = {}
-        for name, credential_set in self.engine.sets.items():
-            set_ready, set_reason = credential_set.ready()
-            sets[name] = {"ready": set_ready, "auth": credential_set.config.auth, "reason": set_reason}
-        body = {"ready": ready, "reason": reason, "credentials": sets}
-        return web.json_response(body, status=200 if ready else 503)
+        return _answer(*self._ready())
+
+    async def _readyz_token(self, _request: web.Request) -> web.Response:
+        return _answer(*self.token_ready())
 
     @web.middleware
     async def _authorise(
@@ -147,6 +157,11 @@ class ObservabilityServer:
             return await self.engine.send(flow, probe=True, deadline=deadline)
         finally:
             self._probing.discard(flow.name)
+
+
+def _answer(ready: bool, reason: str, details: dict[str, object]) -> web.Response:
+    body = {"ready": ready, "reason": reason, **details}
+    return web.json_response(body, status=200 if ready else 503)
 
 
 def _scrape_deadline(header: str | None) -> float | None:

@@ -64,6 +64,11 @@ class Site:
             await runner.cleanup()
 
     @property
+    def listening(self) -> bool:
+        """Whether the site has started and not stopped."""
+        return self._runner is not None
+
+    @property
     def url(self) -> str:
         """The base URL, with the real port once started."""
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -36,12 +36,15 @@ PUBLIC_METRICS: frozenset[str] = frozenset(
         "senderd_build_info",
         "senderd_flow_interval_seconds",
         "senderd_config_last_reload_successful",
+        "senderd_credentials_ready",
     }
 )
 CONFIRMATION_METRICS: frozenset[str] = frozenset(
     {"senderd_confirmations_total", "senderd_confirmation_duration_seconds"}
 )
 """Public too, and exposed as soon as a flow has `confirm = "mpl"` (their series are that flow's)."""
+ONCE_METRICS: frozenset[str] = frozenset({"senderd_once_last_run_timestamp_seconds", "senderd_once_last_run_success"})
+"""Public too, pushed by `senderd once` only (never on a daemon's /metrics): the CronJob's run verdict."""
 """Every senderd metric family (without the histogram suffixes) that dashboards and alerts may use."""
 
 _NAME = re.compile(r"(?<![A-Za-z0-9_:])senderd_[a-z_]+")

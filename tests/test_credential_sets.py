@@ -58,7 +58,7 @@ async def test_each_flow_sends_with_its_own_set_to_its_own_tenant(tmp_path: Path
             assert daemon.engine is not None
             results = await daemon.engine.run_once(config.flows)
             assert daemon.server is not None
-            async with aiohttp.ClientSession() as session, session.get(f"{daemon.server.url}/readyz") as answer:
+            async with aiohttp.ClientSession() as session, session.get(f"{daemon.server.url}/readyz/token") as answer:
                 readiness = json.loads(await answer.text())
             daemon.stop()
     assert [r.ok for r in results] == [True, True]

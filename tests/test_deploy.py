@@ -25,6 +25,7 @@ import yaml
 from tests.deploy_names import (
     ALERTS,
     CONFIRMATION_METRICS,
+    ONCE_METRICS,
     PUBLIC_METRICS,
     ROOT,
     load_alert_rules,
@@ -147,14 +148,14 @@ def test_dashboard_uses_only_public_metric_names() -> None:
 
 def test_alerts_use_only_public_metric_names() -> None:
     names = metric_names_in_alerts()
-    assert names - PUBLIC_METRICS == set()
+    assert names - PUBLIC_METRICS - ONCE_METRICS == set()
     assert {
         "senderd_last_success_timestamp_seconds",
         "senderd_flow_interval_seconds",
         "senderd_client_certificate_expiry_timestamp_seconds",
     } <= names
     prose = " ".join(str(text) for rule in load_alert_rules() for text in rule.get("annotations", {}).values())
-    assert metric_names(prose) - PUBLIC_METRICS == set(), "annotations name metrics that do not exist"
+    assert metric_names(prose) - PUBLIC_METRICS - ONCE_METRICS == set(), "annotations name metrics that do not exist"
 
 
 # --- Grafana dashboard ---------------------------------------------------------------------------------
@@ -279,11 +280,18 @@ def senderd_container(pod_spec: dict[str, Any]) -> dict[str, Any]:
     return found[0]
 
 
-def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
+ALTERNATIVES = ("sidecar-statefulset.yaml",)
+"""Manifests applied instead of one the kustomization lists (not beside it): validated all the same."""
+KYMA = ("kyma/configmap.yaml", "kyma/sidecar-deployment.yaml")
+"""The Kyma manifests kubernetes-validate knows (the service operator's ServiceInstance/Binding are CRDs)."""
+
+
+def test_kustomization_lists_every_manifest_but_the_example_secret_and_the_alternatives() -> None:
     kustomization = k8s_documents("kustomization.yaml")[0]
     assert kustomization["kind"] == "Kustomization"
     on_disk = {path.name for path in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
-    assert sorted(kustomization_resources()) == sorted(on_disk)
+    assert sorted(kustomization_resources()) == sorted(on_disk - set(ALTERNATIVES))
+    assert set(ALTERNATIVES) <= on_disk
     example = (K8S / "secret.example.yaml").read_text(encoding="utf-8")
     assert "kubectl create secret generic senderd-service-key" in example
     assert "--from-file=service-key.json=" in example
@@ -292,7 +300,8 @@ def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
 @pytest.mark.parametrize("kubernetes_version", [None, OLDEST_KUBERNETES])
 def test_manifests_validate_strictly(kubernetes_version: str | None) -> None:
     validate = require_tool("kubernetes-validate")
-    files = [name for name in kustomization_resources() if name != "podmonitor.yaml"] + ["secret.example.yaml"]
+    files = [name for name in kustomization_resources() if name != "podmonitor.yaml"]
+    files += ["secret.example.yaml", *ALTERNATIVES, *KYMA]
     version = ["-k", kubernetes_version] if kubernetes_version else []
     output = run(validate, "--strict", *version, *(K8S / name for name in files))
     documents = sum(len(k8s_documents(name)) for name in files)
@@ -345,7 +354,18 @@ def test_pod_monitor_scrapes_the_sidecars_metrics_port() -> None:
     assert ports["metrics"] == 9464
 
 
-@pytest.mark.parametrize("pod", [deployment_pod, cronjob_pod], ids=["deployment", "cronjob"])
+def statefulset() -> dict[str, Any]:
+    return one("sidecar-statefulset.yaml", "StatefulSet")
+
+
+def statefulset_pod() -> dict[str, Any]:
+    pod: dict[str, Any] = statefulset()["spec"]["template"]
+    return pod
+
+
+@pytest.mark.parametrize(
+    "pod", [deployment_pod, statefulset_pod, cronjob_pod], ids=["deployment", "statefulset", "cronjob"]
+)
 def test_workloads_are_hardened(pod: Any) -> None:
     spec = pod()["spec"]
     assert spec["automountServiceAccountToken"] is False
@@ -376,18 +396,118 @@ def test_workloads_are_hardened(pod: Any) -> None:
     assert secret["items"] == [{"key": "service-key.json", "path": "key/service-key.json"}]
 
 
-def test_sidecar_serves_probes_and_metrics_and_spools_to_an_empty_dir() -> None:
-    pod = deployment_pod()["spec"]
+SPOOL_PARENT = str(PurePosixPath(SPOOL_DIR).parent)
+"""Where the spool's volume is mounted: senderd makes the spool directory below it itself (0700, its uid),
+which fsGroup's group permissions on a volume's root would otherwise open."""
+
+
+def sidecar_checks(pod: dict[str, Any]) -> dict[str, Any]:
+    """The checks every sidecar pod passes; returns the volume the spool lives on."""
     assert len(containers(pod)) == 2, "an app container and the senderd sidecar"
     senderd = senderd_container(pod)
     assert senderd["args"][:3] == ["run", "-c", CONFIG_PATH]
     assert senderd in pod.get("initContainers", []) and senderd["restartPolicy"] == "Always"
     assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in senderd["ports"]
     assert senderd["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # ready = taking relay and forward requests; never the token (/readyz/token), whose outage the relay absorbs
     assert senderd["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert senderd["startupProbe"]["httpGet"]["path"] == "/healthz"
     mounts = {mount["mountPath"]: mount["name"] for mount in senderd["volumeMounts"]}
-    volumes = {volume["name"]: volume for volume in pod["volumes"]}
-    assert "emptyDir" in volumes[mounts[SPOOL_DIR]]
+    assert SPOOL_DIR not in mounts
+    volume_name = mounts[SPOOL_PARENT]
+    volumes: dict[str, dict[str, Any]] = {volume["name"]: volume for volume in pod.get("volumes", [])}
+    return volumes.get(volume_name, {"name": volume_name})
+
+
+@pytest.mark.parametrize("name", ["sidecar-deployment.yaml", "kyma/sidecar-deployment.yaml"])
+def test_sidecar_serves_probes_and_metrics_and_says_its_empty_dir_spool_is_lost(name: str) -> None:
+    pod = one(name, "Deployment")["spec"]["template"]["spec"]
+    assert "emptyDir" in sidecar_checks(pod)
+    text = (K8S / name).read_text(encoding="utf-8")
+    comment = text[: text.index("emptyDir:\n            sizeLimit: 256Mi")].rsplit("- name: tmp", 1)[-1]
+    assert "LOST AT EVERY POD DELETION" in comment, "said plainly where the emptyDir spool is configured"
+    assert "sidecar-statefulset.yaml" in comment and "gateway mode" in comment
+
+
+def test_statefulset_keeps_the_spool_on_a_claim_of_its_own_per_pod() -> None:
+    workload = statefulset()
+    pod = workload["spec"]["template"]
+    assert "emptyDir" not in sidecar_checks(pod["spec"])
+    claim_name = next(
+        m["name"] for m in senderd_container(pod["spec"])["volumeMounts"] if m["mountPath"] == SPOOL_PARENT
+    )
+    claims = {claim["metadata"]["name"]: claim["spec"] for claim in workload["spec"]["volumeClaimTemplates"]}
+    assert claims[claim_name]["accessModes"] == ["ReadWriteOnce"]
+    assert claims[claim_name]["resources"]["requests"]["storage"]
+    assert workload["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    assert pod["spec"]["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    assert workload["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    service = one("sidecar-statefulset.yaml", "Service")
+    assert service["metadata"]["name"] == workload["spec"]["serviceName"]
+    assert service["spec"]["clusterIP"] == "None"
+    # the same containers as the Deployment's but for the spool's volume: one example, not two that drift apart
+    deployment = deployment_pod()["spec"]
+    for key in ("initContainers", "containers"):
+        assert without_spool_mount(pod["spec"][key]) == without_spool_mount(deployment[key]), key
+
+
+def without_spool_mount(pod_containers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {**c, "volumeMounts": [m for m in c.get("volumeMounts", []) if m["mountPath"] != SPOOL_PARENT]}
+        for c in pod_containers
+    ]
+
+
+def secret_mounts_through_sub_path(document: dict[str, Any]) -> list[str]:
+    """Mounts of a Secret (a secret volume, or a projected one with a secret source) through `subPath` or
+    `subPathExpr` in any workload of `document`: such a file never sees the Secret's updates."""
+    spec = document.get("spec") or {}
+    if document.get("kind") == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    pod = spec if document.get("kind") == "Pod" else (spec.get("template") or {}).get("spec") or {}
+    secret_volumes = {
+        volume["name"]
+        for volume in pod.get("volumes", [])
+        if "secret" in volume or any("secret" in source for source in volume.get("projected", {}).get("sources", []))
+    }
+    return [
+        f"{document['kind']} {document['metadata']['name']}: container {container['name']} mounts "
+        f"{mount['name']} at {mount['mountPath']} through subPath"
+        for container in [*pod.get("initContainers", []), *pod.get("containers", [])]
+        for mount in container.get("volumeMounts", [])
+        if mount["name"] in secret_volumes and ("subPath" in mount or "subPathExpr" in mount)
+    ]
+
+
+def test_no_manifest_mounts_a_secret_through_sub_path() -> None:
+    manifests = sorted(K8S.rglob("*.yaml"))
+    assert len(manifests) >= 10
+    found = [
+        f"{path.relative_to(K8S)}: {problem}"
+        for path in manifests
+        for document in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+        if document
+        for problem in secret_mounts_through_sub_path(document)
+    ]
+    assert found == [], "mount the Secret as a directory (subPath never updates):\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("volume", ["secret", "projected"])
+def test_the_sub_path_check_finds_a_secret_mounted_through_sub_path(volume: str) -> None:
+    """Guards the test above on every kind of workload it reads."""
+    for name, kind in (("sidecar-deployment.yaml", "Deployment"), ("sidecar-statefulset.yaml", "StatefulSet"),
+                       ("cronjob.yaml", "CronJob"), ("kyma/sidecar-deployment.yaml", "Deployment")):  # fmt: skip
+        document = one(name, kind)
+        pod = document["spec"]["jobTemplate"]["spec"]["template"] if kind == "CronJob" else document["spec"]["template"]
+        pod = pod["spec"]
+        senderd = senderd_container(pod)
+        if volume == "secret":
+            pod["volumes"].append({"name": "key", "secret": {"secretName": "senderd-service-key"}})
+            senderd["volumeMounts"].append({"name": "key", "mountPath": "/etc/key.json", "subPath": "key.json"})
+        else:
+            projected = next(v for v in pod["volumes"] if "projected" in v or "secret" in v)
+            senderd["volumeMounts"].append({"name": projected["name"], "mountPath": "/x", "subPath": "senderd.toml"})
+        assert len(secret_mounts_through_sub_path(document)) == 1, f"{name}: {volume}"
 
 
 def test_cronjob_runs_once_and_pushes_without_overlap() -> None:
@@ -398,6 +518,8 @@ def test_cronjob_runs_once_and_pushes_without_overlap() -> None:
     assert job["template"]["spec"]["restartPolicy"] == "Never"
     args = senderd_container(job["template"]["spec"])["args"]
     assert args[:5] == ["once", "-c", CONFIG_PATH, "--push-gateway", "http://pushgateway:9091"]
+    # a stable grouping key: one Pushgateway group per CronJob, replaced at every run
+    assert args[args.index("--push-instance") + 1] == cronjob["metadata"]["name"]
 
 
 def test_configmap_config_matches_the_mounts() -> None:

@@ -4,6 +4,7 @@ promtool, a Prometheus server scraping senderd, and a Pushgateway receiving `sen
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from senderd.errors import TokenError
 from senderd.result import SendResult
 from tests.deploy_names import (
     CONFIRMATION_METRICS,
+    ONCE_METRICS,
     PUBLIC_METRICS,
     metric_names_in_alerts,
     metric_names_in_dashboard,
@@ -108,13 +110,21 @@ async def test_metrics_are_all_there_with_sensible_values_and_pass_promtool(flow
     # flow confirms: test_confirm checks those)
     dashboard = metric_names_in_dashboard() - CONFIRMATION_METRICS
     assert dashboard <= names, sorted(dashboard - names)
-    assert metric_names_in_alerts() <= names, sorted(metric_names_in_alerts() - names)
+    alerts = metric_names_in_alerts() - ONCE_METRICS  # those are pushed by `once`: test_once_pushes_... has them
+    assert alerts <= names, sorted(alerts - names)
 
 
 async def test_health_readiness_and_probe(flows_stack: EmulatorStack) -> None:
     async with running_daemon(flows_stack) as (_, url):
         assert (await get(f"{url}/healthz"))[0] == 200
         status, _, body = await get(f"{url}/readyz")
+        assert status == 200
+        assert json.loads(body) == {  # no relay, no forwarder: ready once started
+            "ready": True,
+            "reason": "ok",
+            "checks": {"daemon": {"ready": True, "reason": "ok"}},
+        }
+        status, _, body = await get(f"{url}/readyz/token")
         assert status == 200
         assert json.loads(body) == {
             "ready": True,
@@ -136,11 +146,12 @@ async def test_health_readiness_and_probe(flows_stack: EmulatorStack) -> None:
         assert flows_stack.token_server.stats.requests == fetches_before  # the cached token serves probes
 
 
-async def test_readyz_is_503_with_a_reason_while_no_token_is_held(flows_stack: EmulatorStack) -> None:
+async def test_readyz_token_is_503_with_a_reason_while_no_token_is_held(flows_stack: EmulatorStack) -> None:
     flows_stack.token_server.faults.down = True
     async with running_daemon(flows_stack, sends=0) as (daemon, url):
         assert daemon.engine is not None
-        status, _, body = await get(f"{url}/readyz")
+        assert (await get(f"{url}/readyz"))[0] == 200  # ready all the same: the token is /readyz/token's question
+        status, _, body = await get(f"{url}/readyz/token")
         assert status == 503
         expected = ("no valid token yet", f"no valid token: {daemon.engine.tokens.last_error}")
         assert json.loads(body)["reason"] in expected
@@ -148,7 +159,7 @@ async def test_readyz_is_503_with_a_reason_while_no_token_is_held(flows_stack: E
         daemon.engine.tokens.listeners.append(lambda _duration, _token, error: fetch_errors(error))
         # the first fetch waits up to token.startup_jitter, then fails
         await fetch_errors.wait_until(lambda errors: any(errors), timeout=10)
-        status, _, body = await get(f"{url}/readyz")
+        status, _, body = await get(f"{url}/readyz/token")
         assert status == 503
         reason = json.loads(body)
         assert reason["ready"] is False
@@ -198,38 +209,90 @@ async def test_a_real_prometheus_scrapes_senderd(flows_stack: EmulatorStack, tmp
     assert all(rule["health"] == "ok" for group in groups for rule in group["rules"]), groups
 
 
-async def test_once_pushes_to_a_real_pushgateway(flows_stack: EmulatorStack, tmp_path: Path) -> None:
-    pushgateway = require_tool("prometheus-pushgateway")
+@asynccontextmanager
+async def pushgateway() -> AsyncIterator[str]:
+    """A real Pushgateway on 127.0.0.1 for the block; yields its URL."""
+    program = require_tool("prometheus-pushgateway")
     port = free_port()
-    process = await anyio.open_process(
-        [pushgateway, f"--web.listen-address=127.0.0.1:{port}", "--persistence.interval=1h"]
-    )
+    process = await anyio.open_process([program, f"--web.listen-address=127.0.0.1:{port}", "--persistence.interval=1h"])
     async with process:
         try:
             await wait_for_port(port)
-            code, out, err = await senderd(
-                "once", "-c", str(flows_stack.config_path), "--flow", "ts", "--push-gateway", f"http://127.0.0.1:{port}"
-            )
-            assert code == 0, err
-            assert f"pushed metrics to http://127.0.0.1:{port} (job senderd, instance " in out
-            _, _, text = await get(f"http://127.0.0.1:{port}/metrics")
+            yield f"http://127.0.0.1:{port}"
         finally:
             process.terminate()
-    pushed = [line for line in text.splitlines() if line.startswith("senderd_sends_total{")]
-    assert any(
-        'flow="ts"' in line
-        and 'job="senderd"' in line
-        and 'outcome="success"' in line
-        and 'instance="' in line
-        and line.endswith(" 1")
-        for line in pushed
-    ), pushed
 
 
-async def test_push_failure_is_exit_1_with_one_line(flows_stack: EmulatorStack) -> None:
-    code, _, err = await senderd(
-        "once", "-c", str(flows_stack.config_path), "--flow", "ts", "--push-gateway", f"http://127.0.0.1:{free_port()}"
-    )
-    assert code == 1
-    assert err.strip().splitlines()[-1].startswith("senderd: error: push to gateway http://127.0.0.1:")
+async def pushed_groups(gateway: str) -> list[dict[str, str]]:
+    """The grouping keys of every group the gateway holds (its API v1)."""
+    _, _, body = await get(f"{gateway}/api/v1/metrics")
+    return [group["labels"] for group in json.loads(body)["data"]]
+
+
+def pushed_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of the pushed sample `name` whose labels include `labels` (None when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return float(sample.value)
+    return None
+
+
+async def test_once_pushes_to_one_stable_group_with_the_run_verdict(flows_stack: EmulatorStack) -> None:
+    config = str(flows_stack.config_path)
+    async with pushgateway() as gateway:
+        before = time.time()
+        code, out, err = await senderd("once", "-c", config, "--flow", "ts", "--push-gateway", gateway)
+        after = time.time()
+        assert code == 0, err
+        assert f"pushed metrics to {gateway} (job senderd, instance default)" in out
+        _, _, first = await get(f"{gateway}/metrics")
+        code, out, err = await senderd("once", "-c", config, "--flow", "failing", "--push-gateway", gateway)
+        assert code == 1, err
+        assert "0 passed, 1 failed" in out
+        _, _, second = await get(f"{gateway}/metrics")
+        groups = await pushed_groups(gateway)
+    group = {"job": "senderd", "instance": "default"}
+    assert groups == [group]  # the second run replaced the first one's group: none left behind
+    assert pushed_value(first, "senderd_sends_total", flow="ts", outcome="success", **group) == 1
+    assert all(pushed_value(first, name, **group) is not None for name in ONCE_METRICS)
+    assert pushed_value(first, "senderd_once_last_run_success", **group) == 1
+    stamp = pushed_value(first, "senderd_once_last_run_timestamp_seconds", **group)
+    assert stamp is not None and before <= stamp <= after
+    assert pushed_value(first, "senderd_credentials_ready", credentials="default", **group) == 1
+    assert pushed_value(second, "senderd_once_last_run_success", **group) == 0
+    assert pushed_value(second, "senderd_sends_total", flow="ts", outcome="success", **group) is None  # replaced
+    second_stamp = pushed_value(second, "senderd_once_last_run_timestamp_seconds", **group)
+    assert second_stamp is not None and second_stamp > stamp
+
+
+async def test_push_instance_comes_from_the_config_or_the_command_line(flows_stack: EmulatorStack) -> None:
+    config = flows_stack.config_path.with_name("poller.toml")
+    config.write_text(flows_stack.config_path.read_text() + '\n[push]\njob = "pollers"\ninstance = "orders"\n')
+    async with pushgateway() as gateway:
+        code, out, err = await senderd("once", "-c", str(config), "--flow", "ts", "--push-gateway", gateway)
+        assert code == 0, err
+        assert "(job pollers, instance orders)" in out
+        code, out, err = await senderd(
+            "once", "-c", str(config), "--flow", "ts", "--push-gateway", gateway, "--push-instance", "eu10"
+        )
+        assert code == 0, err
+        groups = await pushed_groups(gateway)
+    assert sorted(g["instance"] for g in groups) == ["eu10", "orders"]
+    assert {g["job"] for g in groups} == {"pollers"}
+
+
+async def test_a_failed_push_prints_the_summary_and_exits_3(flows_stack: EmulatorStack) -> None:
+    gateway, config = f"http://127.0.0.1:{free_port()}", str(flows_stack.config_path)  # nobody listens there
+    code, out, err = await senderd("once", "-c", config, "--flow", "ts", "--push-gateway", gateway)
+    assert code == 3
+    lines = out.splitlines()
+    assert lines[0].split() == ["flow", "outcome", "status", "attempts", "latency", "mpl", "id"]
+    assert lines[1].split()[:3] == ["ts", "success", "200"]
+    assert lines[-1] == "1 passed, 0 failed"
+    assert err.strip().splitlines()[-1].startswith(f"senderd: error: push to gateway {gateway} failed (")
     assert "Traceback" not in err  # above it: the JSON log lines of the run itself
+    # a failed flow keeps its own code: with the push lost, the exit code is the run's only verdict
+    code, out, _ = await senderd("once", "-c", config, "--flow", "failing", "--push-gateway", gateway)
+    assert code == 1
+    assert out.splitlines()[-1] == "0 passed, 1 failed"

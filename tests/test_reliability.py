@@ -58,14 +58,14 @@ async def daemon_on(
 
 async def readyz(daemon: Daemon) -> int:
     assert daemon.server is not None
-    async with aiohttp.ClientSession() as session, session.get(f"{daemon.server.url}/readyz") as response:
+    async with aiohttp.ClientSession() as session, session.get(f"{daemon.server.url}/readyz/token") as response:
         return response.status
 
 
 async def test_token_server_down_for_twice_the_lifetime(tmp_path: Path) -> None:
     """The token server goes down just after senderd fetched a 4 s token, for 8 s. One fake clock serves
     senderd and the emulator; it moves in 50 ms steps, and the sends and token fetches (real HTTPS) that a
-    step starts finish before the next. /readyz is asked at every step."""
+    step starts finish before the next. /readyz/token is asked at every step."""
     lifetime, step = 4, 0.05
     clock = FakeClock()
     extra = (
@@ -83,7 +83,7 @@ async def test_token_server_down_for_twice_the_lifetime(tmp_path: Path) -> None:
         cached = await tokens.get()
         down_at = clock.time()
         stack.token_server.faults.down = True
-        readiness: list[tuple[bool, int]] = []  # (a valid token is held, /readyz status), at every step
+        readiness: list[tuple[bool, int]] = []  # (a valid token is held, /readyz/token status), at every step
         while clock.time() < down_at + 2 * lifetime:  # the outage lasts twice the token lifetime
             readiness.append((tokens.has_valid_token(), await readyz(daemon)))
             clock.advance(step)

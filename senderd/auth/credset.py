@@ -118,6 +118,7 @@ class CredentialSet:
                 credential_set.auth = BearerAuth(tokens)
             elif creds.auth == "basic":
                 credential_set.auth = BasicAuth(lambda: credential_set.key)  # the key in use, also after a rotation
+            metrics.watch_credentials(name, lambda: credential_set.ready()[0])
             yield credential_set
 
     def ready(self) -> tuple[bool, str]:

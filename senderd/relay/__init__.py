@@ -11,10 +11,13 @@ from anyio.abc import TaskStatus
 
 from senderd.config import RelayConfig
 from senderd.engine import Engine
+from senderd.logs import get_logger
 from senderd.relay.api import RelayApi
 from senderd.relay.dispatcher import Dispatcher
 from senderd.relay.retention import prune_forever
 from senderd.relay.spool import Spool
+
+log = get_logger("relay")
 
 
 class Relay:
@@ -59,20 +62,47 @@ class Relay:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The spool's writer, the dispatcher and the retention, until cancelled."""
-        async with anyio.create_task_group() as group:
-            await group.start(self.spool.run_writer)
-            await group.start(self.dispatcher.run)
-            await group.start(prune_forever, self.config, self.spool, self.clock)
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as group:
+                await group.start(self.spool.run_writer)
+                await group.start(self.dispatcher.run)
+                await group.start(prune_forever, self.config, self.spool, self.clock)
+                task_status.started()
+        finally:  # the dispatcher has put back what it held: the spool's counts are final
+            self._log_left()
+
+    def _log_left(self) -> None:
+        """One line on stop: how many messages wait in the spool (delivered at the next start, from this
+        directory; lost with it if it is an emptyDir and the pod is deleted)."""
+        counts = self.spool.counts
+        left = counts["queued"] + counts["in_flight"]
+        (log.warning if left else log.info)(
+            "relay_spool_left",
+            messages=left,
+            dead=counts["dead"],
+            delivered_while_stopping=self.dispatcher.delivered_draining,
+            spool=str(self.spool.path),
+        )
 
     def stop_accepting(self) -> None:
-        """Answer new posts 503 and claim no more messages; deliveries in flight go on."""
+        """Answer new posts 503; the dispatcher drains: it goes on delivering what is due."""
         self.api.stop_accepting()
-        self.dispatcher.stop_claiming()
+        self.dispatcher.drain()
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether posts are taken now (spool open, API listening, not stopping), and why not; holding a
+        token is not needed: posts are spooled and delivered once one is held."""
+        if self.api.stopping:
+            return False, "stopping"
+        if not self.spool.is_open:
+            return False, f"spool {self.spool.path} is not open"
+        if not self.api.site.listening:
+            return False, f"not listening on {self.config.listen}"
+        return True, "ok"
 
     async def wait_idle(self) -> None:
-        """Return once no delivery is in flight."""
-        await self.dispatcher.wait_idle()
+        """Return once the drain is through: nothing due is left to deliver and nothing is in flight."""
+        await self.dispatcher.wait_drained()
 
     @property
     def inflight(self) -> int:

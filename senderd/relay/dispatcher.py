@@ -4,6 +4,9 @@ with the message id as `SAP_ApplicationID`, at least once.
 Ordered flows have one message in flight at a time, in order; other flows are delivered concurrently. A
 message whose send failed in a way another round may fix is queued again with a growing delay; one whose
 rounds are used up (or that the flow refused) is `dead`, kept for re-drive.
+
+On a stop (`drain`), it goes on claiming what is due until nothing due is left to claim and nothing is in
+flight (`wait_drained`), or until the daemon's drain timeout cancels it: what is left stays in the spool.
 """
 
 from __future__ import annotations
@@ -43,14 +46,16 @@ class Dispatcher:
         self.engine = engine
         self.spool = spool
         self.clock = engine.clock
-        self.stopping = False
+        self.draining = False
+        self._drained = anyio.Event()
+        self.delivered_draining = 0
+        """Messages delivered since the drain began."""
         self._wake = anyio.Event()
         self._inflight: dict[str, Message] = {}
         self._unrecorded: dict[str, tuple[Callable[[], Awaitable[None]], float]] = {}
         """Ends of deliveries the spool could not write (a full disk), by message id, with the time before
         which the message is not claimed again (infinite once delivered or dead): written again each round;
         a message claimed again meanwhile (a redelivery that came due) drops its old record."""
-        self._settled = anyio.Event()
         self.rounds = 0
         """Loop iterations (a test can tell waiting from spinning)."""
         self._oldest: float | None = None
@@ -99,7 +104,6 @@ class Dispatcher:
                 left = list(self._inflight.values())
                 requeued = await self.spool.requeue_all(left)
                 self._inflight.clear()
-                self._settled.set()
             if left:
                 log.info("relay_requeued", messages=requeued)
 
@@ -121,7 +125,7 @@ class Dispatcher:
                 try:
                     await self._record_again()
                     await self._refresh_oldest()
-                    if free > 0 and not self.stopping:
+                    if free > 0:
                         busy_ordered = [m.flow for m in self._inflight.values() if m.flow in ordered]
                         busy_ordered += self._paused_flows()
                         now = self.plan_time()
@@ -138,7 +142,9 @@ class Dispatcher:
                     self._inflight[message.id] = message
                     await pool.put(message.id, self._job(message))
                 if not claimed:
-                    await self._wait_for_work(can_claim=free > 0 and not self.stopping)
+                    if self.draining and not self._inflight:
+                        self._drained.set()  # nothing due that can be claimed, nothing under way
+                    await self._wait_for_work(can_claim=free > 0)
 
     def _paused_flows(self) -> list[str]:
         now = self.clock.monotonic()
@@ -146,15 +152,14 @@ class Dispatcher:
         config = self.engine.config
         return [flow.name for flow in config.flows if paused and config.set_of(flow) in paused]
 
-    def stop_claiming(self) -> None:
-        """Claim nothing more (the stop has begun); deliveries in flight go on."""
-        self.stopping = True
+    def drain(self) -> None:
+        """The stop has begun: deliver what is due now (and what comes due meanwhile), then report drained."""
+        self.draining = True
+        self._wake.set()
 
-    async def wait_idle(self) -> None:
-        """Return once no delivery is in flight (used by the drain on stop)."""
-        while self._inflight:
-            self._settled = anyio.Event()
-            await self._settled.wait()
+    async def wait_drained(self) -> None:
+        """Return once draining found nothing due to claim and nothing in flight."""
+        await self._drained.wait()
 
     async def _wait_for_work(self, *, can_claim: bool) -> None:
         """Sleep until a post, a finished delivery or a re-drive (`_wake`), or until a queued message that
@@ -203,7 +208,6 @@ class Dispatcher:
                 self._inflight.pop(message.id, None)
             finally:
                 self._wake.set()
-                self._settled.set()
 
         return deliver
 
@@ -231,6 +235,7 @@ class Dispatcher:
             self._pauses.pop(credentials, None)
         if decided == "delivered":
             await self._finish(message, result, "delivered")
+            self.delivered_draining += self.draining
             return
         if decided == "pause":  # our credentials or the token server: not the message's fault
             failures = self._pauses.get(credentials, (0, 0.0))[0] + 1

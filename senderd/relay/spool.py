@@ -266,6 +266,11 @@ class Spool:
         return await anyio.to_thread.run_sync(function, limiter=self._thread)
 
     @property
+    def is_open(self) -> bool:
+        """Whether the database is open (between `open` and `close`)."""
+        return self._db is not None
+
+    @property
     def db(self) -> sqlite3.Connection:
         """The open connection."""
         if self._db is None:
