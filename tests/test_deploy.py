@@ -24,8 +24,7 @@ import yaml
 
 from tests.deploy_names import (
     ALERTS,
-    CONFIRMATION_METRICS,
-    PUBLIC_METRICS,
+    DOCUMENTED_METRICS,
     ROOT,
     load_alert_rules,
     load_dashboard,
@@ -67,7 +66,15 @@ REQUIRED_ALERTS = {
     "SenderdClientCertificateExpiresSoon": "warning",
     "SenderdClientCertificateExpiresVerySoon": "critical",
     "SenderdScheduleLagHigh": None,
+    "SenderdNoValidToken": "critical",
+    "SenderdTargetDown": "critical",
+    "SenderdRelayDeadLetters": None,
+    "SenderdRelayOldestMessageWaiting": None,
+    "SenderdSpoolNearlyFull": None,
+    "SenderdOnceRunFailed": None,
+    "SenderdOnceRunMissing": None,
 }
+RUNBOOK = ROOT / "docs" / "runbook.md"
 
 
 def alerts() -> dict[str, dict[str, Any]]:
@@ -103,9 +110,51 @@ def test_alerts_have_severity_annotations_and_a_for_duration() -> None:
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in {"warning", "critical"}, name
         assert REQUIRED_ALERTS.get(name) in {None, rule["labels"]["severity"]}, name
-        for key in ("summary", "description", "runbook"):
+        for key in ("summary", "description", "runbook", "runbook_url"):
             assert str(rule["annotations"].get(key, "")).strip(), f"{name}: no {key} annotation"
         assert re.fullmatch(r"\d+[smh]", str(rule.get("for", ""))), f"{name}: no `for` duration"
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of `markdown`: lower case, punctuation dropped, spaces to `-`."""
+    anchors = set()
+    for line in markdown.splitlines():
+        heading = re.match(r"#{1,6} (.+)", line)
+        if heading:
+            anchors.add(re.sub(r"[^\w\- ]", "", heading[1].strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_github_anchors_follow_githubs_rules() -> None:
+    assert github_anchors("# Title\n## Rotating a service key, or binding\ntext\n### SenderdFlowDown\n") == {
+        "title", "rotating-a-service-key-or-binding", "senderdflowdown",
+    }  # fmt: skip
+
+
+def test_every_alert_links_its_own_section_of_the_runbook() -> None:
+    source = re.search(r'image\.source="([^"]+)"', DOCKERFILE.read_text(encoding="utf-8"))
+    assert source, "the Dockerfile names the repository (org.opencontainers.image.source)"
+    base = f"{source[1]}/blob/main/docs/runbook.md#"
+    runbook = RUNBOOK.read_text(encoding="utf-8")
+    anchors = github_anchors(runbook)
+    for name, rule in alerts().items():
+        url = rule["annotations"]["runbook_url"]
+        assert url == base + name.lower(), f"{name}: runbook_url {url!r} is not {base + name.lower()!r}"
+        assert name.lower() in anchors, f"{name}: docs/runbook.md has no section '## {name}'"
+        section = runbook.split(f"## {name}\n", 1)[1].split("\n## ", 1)[0]
+        for part in ("**Means.**", "**Check", "Fix"):
+            assert part in section, f"{name}: its runbook section lacks {part}"
+    links = set(re.findall(r"\]\(#([^)]+)\)", runbook))
+    assert links - anchors == set(), "links to sections that do not exist"
+
+
+def test_once_run_missing_threshold_is_twice_the_cronjobs_schedule() -> None:
+    schedule = one("cronjob.yaml", "CronJob")["spec"]["schedule"]
+    every = re.fullmatch(r"\*/(\d+) \* \* \* \*", schedule)
+    assert every, f"the test understands '*/N * * * *' schedules only: {schedule!r}"
+    expr = " ".join(str(alerts()["SenderdOnceRunMissing"]["expr"]).split())
+    assert expr == f"time() - senderd_once_last_run_timestamp_seconds > 2 * {int(every[1]) * 60}"
+    assert f"2 * {int(every[1]) * 60}" in RUNBOOK.read_text(encoding="utf-8"), "the runbook names the threshold"
 
 
 def test_flow_down_compares_time_since_success_with_three_intervals() -> None:
@@ -128,7 +177,7 @@ def test_metric_names_strip_histogram_suffixes() -> None:
 
 def test_dashboard_uses_only_public_metric_names() -> None:
     names = metric_names_in_dashboard()
-    assert names - PUBLIC_METRICS - CONFIRMATION_METRICS == set()
+    assert names - DOCUMENTED_METRICS == set()
     needed = {
         "senderd_sends_total",
         "senderd_last_success_timestamp_seconds",
@@ -141,20 +190,39 @@ def test_dashboard_uses_only_public_metric_names() -> None:
         "senderd_skipped_ticks_total",
         "senderd_inflight_sends",
         "senderd_confirmations_total",
+        "senderd_spool_messages",
+        "senderd_spool_oldest_message_age_seconds",
+        "senderd_spool_bytes",
+        "senderd_spool_capacity_bytes",
+        "senderd_spool_capacity_messages",
+        "senderd_relay_requests_total",
+        "senderd_relay_deliveries_total",
+        "senderd_forward_requests_total",
+        "senderd_forward_duration_seconds",
     }
     assert needed - names == set(), "panels missing from the dashboard"
 
 
 def test_alerts_use_only_public_metric_names() -> None:
     names = metric_names_in_alerts()
-    assert names - PUBLIC_METRICS == set()
+    assert names - DOCUMENTED_METRICS == set()
     assert {
         "senderd_last_success_timestamp_seconds",
         "senderd_flow_interval_seconds",
         "senderd_client_certificate_expiry_timestamp_seconds",
+        "senderd_credentials_ready",
+        "senderd_spool_messages",
+        "senderd_spool_oldest_message_age_seconds",
+        "senderd_spool_bytes",
+        "senderd_spool_capacity_bytes",
+        "senderd_spool_capacity_messages",
+        "senderd_once_last_run_success",
+        "senderd_once_last_run_timestamp_seconds",
     } <= names
     prose = " ".join(str(text) for rule in load_alert_rules() for text in rule.get("annotations", {}).values())
-    assert metric_names(prose) - PUBLIC_METRICS == set(), "annotations name metrics that do not exist"
+    assert metric_names(prose) - DOCUMENTED_METRICS == set(), "annotations name metrics that do not exist"
+    runbook = RUNBOOK.read_text(encoding="utf-8")
+    assert metric_names(runbook) - DOCUMENTED_METRICS == set(), "the runbook names metrics that do not exist"
 
 
 # --- Grafana dashboard ---------------------------------------------------------------------------------
@@ -167,27 +235,45 @@ def test_dashboard_structure() -> None:
     assert dashboard["schemaVersion"] == 39
     assert dashboard["uid"] and dashboard["title"]
     variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert list(variables) == ["datasource", "namespace", "job", "instance", "flow", "credentials"]
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    flow = variables["flow"]
-    assert flow["type"] == "query"
-    assert flow["datasource"] == DATASOURCE
-    assert flow["definition"] == flow["query"]["query"] == "label_values(senderd_sends_total, flow)"
-    assert flow["multi"] is True
-    assert flow["includeAll"] is True
-    assert flow["allValue"] == ".*"
+    queries = {
+        "namespace": "label_values(senderd_build_info, namespace)",
+        "job": 'label_values(senderd_build_info{namespace=~"$namespace"}, job)',
+        "instance": 'label_values(senderd_build_info{namespace=~"$namespace", job=~"$job"}, instance)',
+        "flow": f"label_values(senderd_sends_total{{{TARGET_MATCHERS}}}, flow)",
+        "credentials": f"label_values(senderd_token_fetches_total{{{TARGET_MATCHERS}}}, credentials)",
+    }
+    for name, query in queries.items():
+        variable = variables[name]
+        assert variable["type"] == "query", name
+        assert variable["datasource"] == DATASOURCE, name
+        assert variable["definition"] == variable["query"]["query"] == query, name
+        assert variable["multi"] is True, name
+        assert variable["includeAll"] is True, name
+        assert variable["allValue"] == ".*", name  # also matches series without the label (no namespace)
 
     panels = dashboard["panels"]
     ids = [panel["id"] for panel in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
+    rows = [panel["title"] for panel in panels if panel["type"] == "row"]
+    assert rows == [
+        "Flows", "Credentials and tokens", "Scheduling and instances", "Relay and spool", "Forwarding",
+        "Delivery confirmations",
+    ]  # fmt: skip
     occupied: set[tuple[int, int]] = set()
     for panel in panels:
         title = panel["title"]
-        assert panel["datasource"] == DATASOURCE, title
-        assert panel["targets"], title
-        ref_ids = [target["refId"] for target in panel["targets"]]
+        if panel["type"] == "row":
+            assert panel["collapsed"] is False and panel["panels"] == [], title  # its panels follow it
+            assert panel["gridPos"] == {"h": 1, "w": 24, "x": 0, "y": panel["gridPos"]["y"]}, title
+        else:
+            assert panel["datasource"] == DATASOURCE, title
+            assert panel["targets"], title
+        ref_ids = [target["refId"] for target in panel.get("targets", [])]
         assert len(ref_ids) == len(set(ref_ids)), title
-        for target in panel["targets"]:
+        for target in panel.get("targets", []):
             assert target["datasource"] == DATASOURCE, title
         grid = panel["gridPos"]
         assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, title
@@ -208,16 +294,40 @@ FLOW_METRICS = {
     "senderd_flow_interval_seconds",
     "senderd_confirmations_total",
     "senderd_confirmation_duration_seconds",
+    "senderd_relay_deliveries_total",
 }
+CREDENTIALS_METRICS = {
+    "senderd_auth_failures_total",
+    "senderd_token_fetches_total",
+    "senderd_token_fetch_duration_seconds",
+    "senderd_token_expiry_timestamp_seconds",
+    "senderd_client_certificate_expiry_timestamp_seconds",
+    "senderd_credentials_rotations_total",
+}
+TARGET_MATCHERS = 'namespace=~"$namespace", job=~"$job", instance=~"$instance"'
 
 
-def test_dashboard_queries_of_flow_metrics_follow_the_flow_variable() -> None:
+def dashboard_selectors() -> list[tuple[str, str, str]]:
+    """(panel title, metric family, its label matchers) for every senderd selector of every panel query."""
     selectors = re.compile(r"(senderd_[a-z_]+)(\{[^}]*\})?")
-    for panel in load_dashboard()["panels"]:
-        for target in panel["targets"]:
-            for match in selectors.finditer(target["expr"]):
-                if metric_names(match[1]) & FLOW_METRICS:
-                    assert 'flow=~"$flow"' in (match[2] or ""), f"{panel['title']}: {match[0]}"
+    return [
+        (panel["title"], name, match[2] or "")
+        for panel in load_dashboard()["panels"]
+        for target in panel.get("targets", [])
+        for match in selectors.finditer(target["expr"])
+        for name in metric_names(match[1])
+    ]
+
+
+def test_dashboard_queries_follow_the_target_flow_and_credentials_variables() -> None:
+    selectors = dashboard_selectors()
+    assert len(selectors) > 40
+    for title, name, matchers in selectors:
+        assert matchers.startswith("{" + TARGET_MATCHERS), f"{title}: {name}{matchers}"
+        if name in FLOW_METRICS:
+            assert 'flow=~"$flow"' in matchers, f"{title}: {name}{matchers}"
+        if name in CREDENTIALS_METRICS:
+            assert 'credentials=~"$credentials"' in matchers, f"{title}: {name}{matchers}"
 
 
 def test_dashboard_promql_parses(tmp_path: Path) -> None:
@@ -225,11 +335,11 @@ def test_dashboard_promql_parses(tmp_path: Path) -> None:
     promtool = require_tool("promtool")
     substitutions = {
         "$__rate_interval": "2m", "$__interval": "1m", "$__range": "6h", "${flow}": ".*", "$flow": ".*",
-        "$credentials": ".*",
+        "$credentials": ".*", "$namespace": ".*", "$job": ".*", "$instance": ".*",
     }  # fmt: skip
     rules = []
     for panel in load_dashboard()["panels"]:
-        for target in panel["targets"]:
+        for target in panel.get("targets", []):
             expr = target["expr"]
             for variable, value in substitutions.items():
                 expr = expr.replace(variable, value)
