@@ -64,10 +64,18 @@ FORWARD_METRICS: frozenset[str] = frozenset(
 """Public, with a `[forward]` section (the requests' series once a call was forwarded)."""
 PUSHED_METRICS: frozenset[str] = frozenset({"senderd_once_last_run_timestamp_seconds", "senderd_once_last_run_success"})
 """The run verdict `senderd once --push-gateway` pushes (never on a daemon's /metrics)."""
+PROBE_METRICS: frozenset[str] = frozenset({"senderd_probe_sends_total"})
+"""Public, once `/probe` has sent a flow."""
 READINESS_METRICS: frozenset[str] = frozenset({"senderd_credentials_ready"})
 """Public: whether each credentials set holds a usable token (issue 16's readiness split exports it)."""
 DOCUMENTED_METRICS: frozenset[str] = (
-    PUBLIC_METRICS | CONFIRMATION_METRICS | RELAY_METRICS | FORWARD_METRICS | PUSHED_METRICS | READINESS_METRICS
+    PUBLIC_METRICS
+    | CONFIRMATION_METRICS
+    | RELAY_METRICS
+    | FORWARD_METRICS
+    | PROBE_METRICS
+    | PUSHED_METRICS
+    | READINESS_METRICS
 )
 """Every senderd metric family (without the histogram suffixes) that dashboards and alerts may use."""
 

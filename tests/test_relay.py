@@ -157,8 +157,8 @@ async def test_token_env_demands_the_bearer_token(tmp_path: Path, monkeypatch: p
 
 
 async def test_spool_full_is_503_with_retry_after(tmp_path: Path) -> None:
-    relay = {"max_spool_messages": 2, "max_spool_bytes": 1000, "max_deliveries": 1000}
-    async with relay_daemon(tmp_path, **relay) as (_, daemon, url, _x):
+    limits = relay_daemon(tmp_path, max_spool_messages=2, max_spool_bytes=1000, max_deliveries=1000)
+    async with limits as (_, daemon, url, _x):
         assert (await post(f"{url}/v1/flows/down/messages", b"<first/>"))[0] == 202
         assert (await post(f"{url}/v1/flows/down/messages", b"<second/>"))[0] == 202
         status, answer, headers = await post(f"{url}/v1/flows/down/messages")
