@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from senderd.config import config_from_dict
 from tests.deploy_names import (
     ALERTS,
     DOCUMENTED_METRICS,
@@ -35,7 +36,9 @@ from tests.deploy_names import (
 from tests.tools import require_tool
 
 ALERTS_TEST = ROOT / "deploy" / "prometheus" / "alerts_test.yaml"
+PROBE_SCRAPE = ROOT / "deploy" / "prometheus" / "probe-scrape.yml"
 K8S = ROOT / "deploy" / "kubernetes"
+UPTIME = K8S / "uptime-probe"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 VERSION: str = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
@@ -403,6 +406,7 @@ def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
 def test_manifests_validate_strictly(kubernetes_version: str | None) -> None:
     validate = require_tool("kubernetes-validate")
     files = [name for name in kustomization_resources() if name != "podmonitor.yaml"] + ["secret.example.yaml"]
+    files += [f"uptime-probe/{name}" for name in uptime_resources()]
     version = ["-k", kubernetes_version] if kubernetes_version else []
     output = run(validate, "--strict", *version, *(K8S / name for name in files))
     documents = sum(len(k8s_documents(name)) for name in files)
@@ -519,6 +523,106 @@ def test_configmap_config_matches_the_mounts() -> None:
     for flow in config["flows"]:
         assert flow["name"] and flow["path"].startswith("/http/")
         assert ("every" in flow) != ("cron" in flow)
+
+
+# --- Uptime probe: the Deployment, its NetworkPolicy, and Prometheus' multi-target scrape of /probe ------
+
+
+def uptime_resources() -> list[str]:
+    resources: list[str] = k8s_documents("uptime-probe/kustomization.yaml")[0]["resources"]
+    return resources
+
+
+def uptime(kind: str) -> dict[str, Any]:
+    return one(f"uptime-probe/{kind.lower()}.yaml", kind)
+
+
+def probe_jobs() -> dict[str, dict[str, Any]]:
+    config = yaml.safe_load(PROBE_SCRAPE.read_text(encoding="utf-8"))
+    assert set(config) == {"scrape_configs"}, "only scrape jobs, to merge into a prometheus.yml"
+    return {job["job_name"]: job for job in config["scrape_configs"]}
+
+
+def uptime_config() -> Any:
+    return config_from_dict(tomllib.loads(uptime("ConfigMap")["data"]["senderd.toml"]), source="uptime-probe")
+
+
+def test_uptime_kustomization_lists_every_manifest_in_its_namespace() -> None:
+    kustomization = k8s_documents("uptime-probe/kustomization.yaml")[0]
+    assert sorted(uptime_resources()) == sorted(p.name for p in UPTIME.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert kustomization["namespace"] == uptime("Namespace")["metadata"]["name"]
+    assert "create secret generic senderd-service-key" in (UPTIME / "kustomization.yaml").read_text(encoding="utf-8")
+
+
+def test_probe_scrape_config_passes_promtool_check() -> None:
+    promtool = require_tool("promtool")
+    output = run(promtool, "check", "config", PROBE_SCRAPE)
+    assert "SUCCESS" in output and "valid prometheus config" in output
+
+
+def test_probe_scrape_is_the_multi_target_pattern_over_the_flows_marked_probe() -> None:
+    jobs = probe_jobs()
+    service = uptime("Service")
+    address = f"{service['metadata']['name']}.{uptime('Namespace')['metadata']['name']}.svc:9464"
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"}]
+    metrics = jobs["senderd-uptime-probe"]
+    assert metrics["metrics_path"] == "/metrics"
+    assert metrics["static_configs"] == [{"targets": [address]}]
+    probe = jobs["senderd-probe"]
+    assert probe["metrics_path"] == "/probe"
+    assert probe["relabel_configs"] == [
+        {"source_labels": ["__address__"], "target_label": "__param_flow"},
+        {"source_labels": ["__param_flow"], "target_label": "instance"},
+        {"source_labels": ["__param_flow"], "target_label": "flow"},
+        {"target_label": "__address__", "replacement": address},
+    ]
+    flows = uptime_config().flows
+    probed = [flow for flow in flows if flow.probe]
+    assert probed and len(probed) < len(flows), "probe flows, and a scheduled one that is not probed"
+    assert probe["static_configs"] == [{"targets": [flow.name for flow in probed]}]
+    timeout = int(probe["scrape_timeout"].removesuffix("s"))
+    assert all(flow.timeout < timeout for flow in probed), "a probe must end within the scrape's timeout"
+    assert f'job="{probe["job_name"]}"' in alerts()["SenderdProbeFailing"]["expr"]
+
+
+def test_uptime_probe_gates_readiness_on_the_token_and_is_hardened() -> None:
+    deployment = uptime("Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001
+    (senderd,) = spec["containers"]
+    assert senderd["image"] == IMAGE
+    assert senderd["args"][:3] == ["run", "-c", CONFIG_PATH]
+    assert senderd["ports"] == [{"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]
+    assert senderd["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert senderd["readinessProbe"]["httpGet"] == {"path": "/readyz/token", "port": "metrics"}
+    context = senderd["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert set(senderd["resources"]["limits"]) >= {"cpu", "memory"}
+    sources = {volume["name"]: volume for volume in spec["volumes"]}["senderd-etc"]["projected"]["sources"]
+    assert {"configMap": {"name": uptime("ConfigMap")["metadata"]["name"],
+                          "items": [{"key": "senderd.toml", "path": "senderd.toml"}]}} in sources  # fmt: skip
+    service = uptime("Service")
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    config = uptime_config()
+    assert config.server.listen == "0.0.0.0:9464"
+    assert config.relay is None and config.forward is None, "a probe takes no messages"
+
+
+def test_uptime_network_policy_admits_only_prometheus_to_the_metrics_port() -> None:
+    policy = uptime("NetworkPolicy")["spec"]
+    pod_labels = uptime("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    assert policy["ingress"] == [
+        {
+            "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+            "ports": [{"port": "metrics", "protocol": "TCP"}],
+        }
+    ]
 
 
 # --- Dockerfile -----------------------------------------------------------------------------------------
