@@ -160,6 +160,17 @@ def test_once_run_missing_threshold_is_twice_the_cronjobs_schedule() -> None:
     assert f"2 * {int(every[1]) * 60}" in RUNBOOK.read_text(encoding="utf-8"), "the runbook names the threshold"
 
 
+def test_readme_lists_every_alert_and_documents_every_metric() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Alerts and dashboard\n", 1)[1].split("\n### ", 1)[0]
+    listed = set(re.findall(r"^\| `(Senderd\w+)`", section, re.MULTILINE))
+    listed |= {name.replace("Soon", "VerySoon") for name in listed if name.endswith("ExpiresSoon")}  # `…VerySoon`
+    assert listed == set(alerts()), f"README alerts table: {sorted(listed ^ set(alerts()))}"
+    assert "docs/runbook.md" in section
+    undocumented = {name for name in DOCUMENTED_METRICS if f"`{name}" not in readme}
+    assert undocumented == set(), f"not in README: {sorted(undocumented)}"
+
+
 def test_flow_down_compares_time_since_success_with_three_intervals() -> None:
     expr = alerts()["SenderdFlowDown"]["expr"]
     assert "time() - (senderd_last_success_timestamp_seconds" in expr
