@@ -78,15 +78,17 @@ async def test_prometheus_probes_each_flow_marked_probe_with_the_shipped_scrape_
             async with await anyio.open_process(command) as process, aiohttp.ClientSession() as http:
                 try:
                     probes: list[dict[str, Any]] = []
+                    interval: list[dict[str, Any]] = []
                     with anyio.fail_after(45):
-                        while len(probes) < 2:  # another process: poll its API until both flows were probed
+                        # another process: poll its API until both flows were probed and /metrics scraped
+                        while len(probes) < 2 or not interval:
                             await anyio.sleep(0.5)
                             try:
                                 probes = await query(http, api, 'probe_success{job="senderd-probe"}')
+                                interval = await query(http, api, "senderd_flow_interval_seconds")
                             except aiohttp.ClientError:
                                 continue
                     up = await query(http, api, "up")
-                    interval = await query(http, api, "senderd_flow_interval_seconds")
                     async with http.get(f"{api}/rules") as answer:
                         groups = (await answer.json())["data"]["groups"]
                 finally:
