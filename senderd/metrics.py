@@ -8,8 +8,8 @@ scrape, so `rate()` and alerts work before the first failure.
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
@@ -78,22 +78,43 @@ TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CONFIRMATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
+class SpoolReadings(Protocol):
+    """What the spool gauges read from the spool at scrape time (a `relay.spool.Spool` is one)."""
+
+    @property
+    def counts(self) -> Mapping[SpoolState, int]:
+        """Messages by state."""
+
+    @property
+    def bytes(self) -> int:
+        """Body bytes of the messages held against `max_bytes` (queued, in flight and dead)."""
+
+    @property
+    def max_bytes(self) -> int:
+        """`relay.max_spool_bytes`."""
+
+    @property
+    def max_messages(self) -> int:
+        """`relay.max_spool_messages` (queued, in flight and dead count against it)."""
+
+
 class _SpoolCollector(Collector):
-    """`senderd_spool_messages{state}` and `senderd_spool_oldest_message_age_seconds`, read at scrape time."""
+    """`senderd_spool_messages{state}`, `senderd_spool_oldest_message_age_seconds`, the spool's fill and
+    capacity, read at scrape time."""
 
     def __init__(
         self,
-        counts: Callable[[], dict[SpoolState, int]],
+        spool: SpoolReadings,
         oldest_age: Callable[[], float],
         unconfigured: Callable[[], int] | None = None,
     ) -> None:
-        self.counts = counts
+        self.spool = spool
         self.oldest_age = oldest_age
         self.unconfigured = unconfigured
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         messages = GaugeMetricFamily("senderd_spool_messages", "Messages in the spool by state.", labels=["state"])
-        counts = self.counts()
+        counts = self.spool.counts
         for state in SPOOL_STATES:
             messages.add_metric([state], counts.get(state, 0))
         yield messages
@@ -101,6 +122,20 @@ class _SpoolCollector(Collector):
             "senderd_spool_oldest_message_age_seconds",
             "Age of the oldest message not yet delivered (0 when none waits).",
             value=self.oldest_age(),
+        )
+        yield GaugeMetricFamily(
+            "senderd_spool_bytes",
+            "Body bytes of the queued, in-flight and dead messages (what relay.max_spool_bytes bounds).",
+            value=self.spool.bytes,
+        )
+        yield GaugeMetricFamily(
+            "senderd_spool_capacity_bytes", "relay.max_spool_bytes: beyond it new messages are refused (503).",
+            value=self.spool.max_bytes,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "senderd_spool_capacity_messages",
+            "relay.max_spool_messages: queued, in-flight and dead messages beyond it are refused (503).",
+            value=self.spool.max_messages,
         )
         if self.unconfigured is not None:
             yield GaugeMetricFamily(
@@ -328,11 +363,12 @@ class Metrics:
 
     def watch_relay(
         self,
-        counts: Callable[[], dict[SpoolState, int]],
+        spool: SpoolReadings,
         oldest_age: Callable[[], float],
         unconfigured: Callable[[], int] | None = None,
     ) -> None:
-        """Register the relay's metrics; the spool gauges are read at scrape time from the two callables."""
+        """Register the relay's metrics; the spool gauges are read at scrape time from `spool` and the
+        callables."""
         r = self.registry
         self.relay_requests = Counter(
             "senderd_relay_requests", "Relay API requests by HTTP status.", ["code"], registry=r
@@ -340,7 +376,7 @@ class Metrics:
         self.relay_deliveries = Counter(
             "senderd_relay_deliveries", "Relay delivery rounds by result.", ["flow", "result"], registry=r
         )
-        r.register(_SpoolCollector(counts, oldest_age, unconfigured))
+        r.register(_SpoolCollector(spool, oldest_age, unconfigured))
 
     def relay_request(self, status: int) -> None:
         """Count one answer of the relay API."""

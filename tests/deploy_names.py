@@ -37,14 +37,49 @@ PUBLIC_METRICS: frozenset[str] = frozenset(
         "senderd_flow_interval_seconds",
         "senderd_config_last_reload_successful",
         "senderd_credentials_ready",
+        "senderd_credentials_rotations_total",
+        "senderd_internal_errors_total",
     }
 )
+"""The metric families every running daemon exports from its first scrape."""
 CONFIRMATION_METRICS: frozenset[str] = frozenset(
     {"senderd_confirmations_total", "senderd_confirmation_duration_seconds"}
 )
 """Public too, and exposed as soon as a flow has `confirm = "mpl"` (their series are that flow's)."""
-ONCE_METRICS: frozenset[str] = frozenset({"senderd_once_last_run_timestamp_seconds", "senderd_once_last_run_success"})
-"""Public too, pushed by `senderd once` only (never on a daemon's /metrics): the CronJob's run verdict."""
+RELAY_METRICS: frozenset[str] = frozenset(
+    {
+        "senderd_relay_requests_total",
+        "senderd_relay_deliveries_total",
+        "senderd_spool_messages",
+        "senderd_spool_oldest_message_age_seconds",
+        "senderd_spool_bytes",
+        "senderd_spool_capacity_bytes",
+        "senderd_spool_capacity_messages",
+        "senderd_spool_unconfigured_flow_messages",
+    }
+)
+"""Public, with a `[relay]` section (the counters' series once the relay has answered and delivered)."""
+FORWARD_METRICS: frozenset[str] = frozenset(
+    {"senderd_forward_requests_total", "senderd_forward_duration_seconds", "senderd_forward_inflight_requests"}
+)
+"""Public, with a `[forward]` section (the requests' series once a call was forwarded)."""
+PUSHED_METRICS: frozenset[str] = frozenset({"senderd_once_last_run_timestamp_seconds", "senderd_once_last_run_success"})
+"""The run verdict `senderd once --push-gateway` pushes (never on a daemon's /metrics)."""
+PROBE_METRICS: frozenset[str] = frozenset({"senderd_probe_sends_total"})
+"""Public, once `/probe` has sent a flow."""
+READINESS_METRICS: frozenset[str] = frozenset({"senderd_credentials_ready"})
+"""Public: whether each credentials set holds a usable token (issue 16's readiness split exports it)."""
+DOCUMENTED_METRICS: frozenset[str] = (
+    PUBLIC_METRICS
+    | CONFIRMATION_METRICS
+    | RELAY_METRICS
+    | FORWARD_METRICS
+    | PROBE_METRICS
+    | PUSHED_METRICS
+    | READINESS_METRICS
+)
+ONCE_METRICS = PUSHED_METRICS
+"""The CronJob's run verdict, by the name the readiness/CronJob work used."""
 """Every senderd metric family (without the histogram suffixes) that dashboards and alerts may use."""
 
 _NAME = re.compile(r"(?<![A-Za-z0-9_:])senderd_[a-z_]+")

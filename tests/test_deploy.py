@@ -22,11 +22,10 @@ from typing import Any
 import pytest
 import yaml
 
+from senderd.config import config_from_dict
 from tests.deploy_names import (
     ALERTS,
-    CONFIRMATION_METRICS,
-    ONCE_METRICS,
-    PUBLIC_METRICS,
+    DOCUMENTED_METRICS,
     ROOT,
     load_alert_rules,
     load_dashboard,
@@ -37,7 +36,9 @@ from tests.deploy_names import (
 from tests.tools import require_tool
 
 ALERTS_TEST = ROOT / "deploy" / "prometheus" / "alerts_test.yaml"
+PROBE_SCRAPE = ROOT / "deploy" / "prometheus" / "probe-scrape.yml"
 K8S = ROOT / "deploy" / "kubernetes"
+UPTIME = K8S / "uptime-probe"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 VERSION: str = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
@@ -68,7 +69,15 @@ REQUIRED_ALERTS = {
     "SenderdClientCertificateExpiresSoon": "warning",
     "SenderdClientCertificateExpiresVerySoon": "critical",
     "SenderdScheduleLagHigh": None,
+    "SenderdNoValidToken": "critical",
+    "SenderdTargetDown": "critical",
+    "SenderdRelayDeadLetters": None,
+    "SenderdRelayOldestMessageWaiting": None,
+    "SenderdSpoolNearlyFull": None,
+    "SenderdOnceRunFailed": None,
+    "SenderdOnceRunMissing": None,
 }
+RUNBOOK = ROOT / "docs" / "runbook.md"
 
 
 def alerts() -> dict[str, dict[str, Any]]:
@@ -104,9 +113,62 @@ def test_alerts_have_severity_annotations_and_a_for_duration() -> None:
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in {"warning", "critical"}, name
         assert REQUIRED_ALERTS.get(name) in {None, rule["labels"]["severity"]}, name
-        for key in ("summary", "description", "runbook"):
+        for key in ("summary", "description", "runbook", "runbook_url"):
             assert str(rule["annotations"].get(key, "")).strip(), f"{name}: no {key} annotation"
         assert re.fullmatch(r"\d+[smh]", str(rule.get("for", ""))), f"{name}: no `for` duration"
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of `markdown`: lower case, punctuation dropped, spaces to `-`."""
+    anchors = set()
+    for line in markdown.splitlines():
+        heading = re.match(r"#{1,6} (.+)", line)
+        if heading:
+            anchors.add(re.sub(r"[^\w\- ]", "", heading[1].strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_github_anchors_follow_githubs_rules() -> None:
+    assert github_anchors("# Title\n## Rotating a service key, or binding\ntext\n### SenderdFlowDown\n") == {
+        "title", "rotating-a-service-key-or-binding", "senderdflowdown",
+    }  # fmt: skip
+
+
+def test_every_alert_links_its_own_section_of_the_runbook() -> None:
+    source = re.search(r'image\.source="([^"]+)"', DOCKERFILE.read_text(encoding="utf-8"))
+    assert source, "the Dockerfile names the repository (org.opencontainers.image.source)"
+    base = f"{source[1]}/blob/main/docs/runbook.md#"
+    runbook = RUNBOOK.read_text(encoding="utf-8")
+    anchors = github_anchors(runbook)
+    for name, rule in alerts().items():
+        url = rule["annotations"]["runbook_url"]
+        assert url == base + name.lower(), f"{name}: runbook_url {url!r} is not {base + name.lower()!r}"
+        assert name.lower() in anchors, f"{name}: docs/runbook.md has no section '## {name}'"
+        section = runbook.split(f"## {name}\n", 1)[1].split("\n## ", 1)[0]
+        for part in ("**Means.**", "**Check", "Fix"):
+            assert part in section, f"{name}: its runbook section lacks {part}"
+    links = set(re.findall(r"\]\(#([^)]+)\)", runbook))
+    assert links - anchors == set(), "links to sections that do not exist"
+
+
+def test_once_run_missing_threshold_is_twice_the_cronjobs_schedule() -> None:
+    schedule = one("cronjob.yaml", "CronJob")["spec"]["schedule"]
+    every = re.fullmatch(r"\*/(\d+) \* \* \* \*", schedule)
+    assert every, f"the test understands '*/N * * * *' schedules only: {schedule!r}"
+    expr = " ".join(str(alerts()["SenderdOnceRunMissing"]["expr"]).split())
+    assert expr == f"time() - senderd_once_last_run_timestamp_seconds > 2 * {int(every[1]) * 60}"
+    assert f"2 * {int(every[1]) * 60}" in RUNBOOK.read_text(encoding="utf-8"), "the runbook names the threshold"
+
+
+def test_readme_lists_every_alert_and_documents_every_metric() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Alerts and dashboard\n", 1)[1].split("\n### ", 1)[0]
+    listed = set(re.findall(r"^\| `(Senderd\w+)`", section, re.MULTILINE))
+    listed |= {name.replace("Soon", "VerySoon") for name in listed if name.endswith("ExpiresSoon")}  # `…VerySoon`
+    assert listed == set(alerts()), f"README alerts table: {sorted(listed ^ set(alerts()))}"
+    assert "docs/runbook.md" in section
+    undocumented = {name for name in DOCUMENTED_METRICS if f"`{name}" not in readme}
+    assert undocumented == set(), f"not in README: {sorted(undocumented)}"
 
 
 def test_flow_down_compares_time_since_success_with_three_intervals() -> None:
@@ -129,7 +191,7 @@ def test_metric_names_strip_histogram_suffixes() -> None:
 
 def test_dashboard_uses_only_public_metric_names() -> None:
     names = metric_names_in_dashboard()
-    assert names - PUBLIC_METRICS - CONFIRMATION_METRICS == set()
+    assert names - DOCUMENTED_METRICS == set()
     needed = {
         "senderd_sends_total",
         "senderd_last_success_timestamp_seconds",
@@ -142,20 +204,39 @@ def test_dashboard_uses_only_public_metric_names() -> None:
         "senderd_skipped_ticks_total",
         "senderd_inflight_sends",
         "senderd_confirmations_total",
+        "senderd_spool_messages",
+        "senderd_spool_oldest_message_age_seconds",
+        "senderd_spool_bytes",
+        "senderd_spool_capacity_bytes",
+        "senderd_spool_capacity_messages",
+        "senderd_relay_requests_total",
+        "senderd_relay_deliveries_total",
+        "senderd_forward_requests_total",
+        "senderd_forward_duration_seconds",
     }
     assert needed - names == set(), "panels missing from the dashboard"
 
 
 def test_alerts_use_only_public_metric_names() -> None:
     names = metric_names_in_alerts()
-    assert names - PUBLIC_METRICS - ONCE_METRICS == set()
+    assert names - DOCUMENTED_METRICS == set()
     assert {
         "senderd_last_success_timestamp_seconds",
         "senderd_flow_interval_seconds",
         "senderd_client_certificate_expiry_timestamp_seconds",
+        "senderd_credentials_ready",
+        "senderd_spool_messages",
+        "senderd_spool_oldest_message_age_seconds",
+        "senderd_spool_bytes",
+        "senderd_spool_capacity_bytes",
+        "senderd_spool_capacity_messages",
+        "senderd_once_last_run_success",
+        "senderd_once_last_run_timestamp_seconds",
     } <= names
     prose = " ".join(str(text) for rule in load_alert_rules() for text in rule.get("annotations", {}).values())
-    assert metric_names(prose) - PUBLIC_METRICS - ONCE_METRICS == set(), "annotations name metrics that do not exist"
+    assert metric_names(prose) - DOCUMENTED_METRICS == set(), "annotations name metrics that do not exist"
+    runbook = RUNBOOK.read_text(encoding="utf-8")
+    assert metric_names(runbook) - DOCUMENTED_METRICS == set(), "the runbook names metrics that do not exist"
 
 
 # --- Grafana dashboard ---------------------------------------------------------------------------------
@@ -168,27 +249,45 @@ def test_dashboard_structure() -> None:
     assert dashboard["schemaVersion"] == 39
     assert dashboard["uid"] and dashboard["title"]
     variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert list(variables) == ["datasource", "namespace", "job", "instance", "flow", "credentials"]
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    flow = variables["flow"]
-    assert flow["type"] == "query"
-    assert flow["datasource"] == DATASOURCE
-    assert flow["definition"] == flow["query"]["query"] == "label_values(senderd_sends_total, flow)"
-    assert flow["multi"] is True
-    assert flow["includeAll"] is True
-    assert flow["allValue"] == ".*"
+    queries = {
+        "namespace": "label_values(senderd_build_info, namespace)",
+        "job": 'label_values(senderd_build_info{namespace=~"$namespace"}, job)',
+        "instance": 'label_values(senderd_build_info{namespace=~"$namespace", job=~"$job"}, instance)',
+        "flow": f"label_values(senderd_sends_total{{{TARGET_MATCHERS}}}, flow)",
+        "credentials": f"label_values(senderd_token_fetches_total{{{TARGET_MATCHERS}}}, credentials)",
+    }
+    for name, query in queries.items():
+        variable = variables[name]
+        assert variable["type"] == "query", name
+        assert variable["datasource"] == DATASOURCE, name
+        assert variable["definition"] == variable["query"]["query"] == query, name
+        assert variable["multi"] is True, name
+        assert variable["includeAll"] is True, name
+        assert variable["allValue"] == ".*", name  # also matches series without the label (no namespace)
 
     panels = dashboard["panels"]
     ids = [panel["id"] for panel in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
+    rows = [panel["title"] for panel in panels if panel["type"] == "row"]
+    assert rows == [
+        "Flows", "Credentials and tokens", "Scheduling and instances", "Relay and spool", "Forwarding",
+        "Delivery confirmations",
+    ]  # fmt: skip
     occupied: set[tuple[int, int]] = set()
     for panel in panels:
         title = panel["title"]
-        assert panel["datasource"] == DATASOURCE, title
-        assert panel["targets"], title
-        ref_ids = [target["refId"] for target in panel["targets"]]
+        if panel["type"] == "row":
+            assert panel["collapsed"] is False and panel["panels"] == [], title  # its panels follow it
+            assert panel["gridPos"] == {"h": 1, "w": 24, "x": 0, "y": panel["gridPos"]["y"]}, title
+        else:
+            assert panel["datasource"] == DATASOURCE, title
+            assert panel["targets"], title
+        ref_ids = [target["refId"] for target in panel.get("targets", [])]
         assert len(ref_ids) == len(set(ref_ids)), title
-        for target in panel["targets"]:
+        for target in panel.get("targets", []):
             assert target["datasource"] == DATASOURCE, title
         grid = panel["gridPos"]
         assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, title
@@ -209,16 +308,40 @@ FLOW_METRICS = {
     "senderd_flow_interval_seconds",
     "senderd_confirmations_total",
     "senderd_confirmation_duration_seconds",
+    "senderd_relay_deliveries_total",
 }
+CREDENTIALS_METRICS = {
+    "senderd_auth_failures_total",
+    "senderd_token_fetches_total",
+    "senderd_token_fetch_duration_seconds",
+    "senderd_token_expiry_timestamp_seconds",
+    "senderd_client_certificate_expiry_timestamp_seconds",
+    "senderd_credentials_rotations_total",
+}
+TARGET_MATCHERS = 'namespace=~"$namespace", job=~"$job", instance=~"$instance"'
 
 
-def test_dashboard_queries_of_flow_metrics_follow_the_flow_variable() -> None:
+def dashboard_selectors() -> list[tuple[str, str, str]]:
+    """(panel title, metric family, its label matchers) for every senderd selector of every panel query."""
     selectors = re.compile(r"(senderd_[a-z_]+)(\{[^}]*\})?")
-    for panel in load_dashboard()["panels"]:
-        for target in panel["targets"]:
-            for match in selectors.finditer(target["expr"]):
-                if metric_names(match[1]) & FLOW_METRICS:
-                    assert 'flow=~"$flow"' in (match[2] or ""), f"{panel['title']}: {match[0]}"
+    return [
+        (panel["title"], name, match[2] or "")
+        for panel in load_dashboard()["panels"]
+        for target in panel.get("targets", [])
+        for match in selectors.finditer(target["expr"])
+        for name in metric_names(match[1])
+    ]
+
+
+def test_dashboard_queries_follow_the_target_flow_and_credentials_variables() -> None:
+    selectors = dashboard_selectors()
+    assert len(selectors) > 40
+    for title, name, matchers in selectors:
+        assert matchers.startswith("{" + TARGET_MATCHERS), f"{title}: {name}{matchers}"
+        if name in FLOW_METRICS:
+            assert 'flow=~"$flow"' in matchers, f"{title}: {name}{matchers}"
+        if name in CREDENTIALS_METRICS:
+            assert 'credentials=~"$credentials"' in matchers, f"{title}: {name}{matchers}"
 
 
 def test_dashboard_promql_parses(tmp_path: Path) -> None:
@@ -226,11 +349,11 @@ def test_dashboard_promql_parses(tmp_path: Path) -> None:
     promtool = require_tool("promtool")
     substitutions = {
         "$__rate_interval": "2m", "$__interval": "1m", "$__range": "6h", "${flow}": ".*", "$flow": ".*",
-        "$credentials": ".*",
+        "$credentials": ".*", "$namespace": ".*", "$job": ".*", "$instance": ".*",
     }  # fmt: skip
     rules = []
     for panel in load_dashboard()["panels"]:
-        for target in panel["targets"]:
+        for target in panel.get("targets", []):
             expr = target["expr"]
             for variable, value in substitutions.items():
                 expr = expr.replace(variable, value)
@@ -302,6 +425,7 @@ def test_manifests_validate_strictly(kubernetes_version: str | None) -> None:
     validate = require_tool("kubernetes-validate")
     files = [name for name in kustomization_resources() if name != "podmonitor.yaml"]
     files += ["secret.example.yaml", *ALTERNATIVES, *KYMA]
+    files += [f"uptime-probe/{name}" for name in uptime_resources()]
     version = ["-k", kubernetes_version] if kubernetes_version else []
     output = run(validate, "--strict", *version, *(K8S / name for name in files))
     documents = sum(len(k8s_documents(name)) for name in files)
@@ -531,6 +655,106 @@ def test_configmap_config_matches_the_mounts() -> None:
     for flow in config["flows"]:
         assert flow["name"] and flow["path"].startswith("/http/")
         assert ("every" in flow) != ("cron" in flow)
+
+
+# --- Uptime probe: the Deployment, its NetworkPolicy, and Prometheus' multi-target scrape of /probe ------
+
+
+def uptime_resources() -> list[str]:
+    resources: list[str] = k8s_documents("uptime-probe/kustomization.yaml")[0]["resources"]
+    return resources
+
+
+def uptime(kind: str) -> dict[str, Any]:
+    return one(f"uptime-probe/{kind.lower()}.yaml", kind)
+
+
+def probe_jobs() -> dict[str, dict[str, Any]]:
+    config = yaml.safe_load(PROBE_SCRAPE.read_text(encoding="utf-8"))
+    assert set(config) == {"scrape_configs"}, "only scrape jobs, to merge into a prometheus.yml"
+    return {job["job_name"]: job for job in config["scrape_configs"]}
+
+
+def uptime_config() -> Any:
+    return config_from_dict(tomllib.loads(uptime("ConfigMap")["data"]["senderd.toml"]), source="uptime-probe")
+
+
+def test_uptime_kustomization_lists_every_manifest_in_its_namespace() -> None:
+    kustomization = k8s_documents("uptime-probe/kustomization.yaml")[0]
+    assert sorted(uptime_resources()) == sorted(p.name for p in UPTIME.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert kustomization["namespace"] == uptime("Namespace")["metadata"]["name"]
+    assert "create secret generic senderd-service-key" in (UPTIME / "kustomization.yaml").read_text(encoding="utf-8")
+
+
+def test_probe_scrape_config_passes_promtool_check() -> None:
+    promtool = require_tool("promtool")
+    output = run(promtool, "check", "config", PROBE_SCRAPE)
+    assert "SUCCESS" in output and "valid prometheus config" in output
+
+
+def test_probe_scrape_is_the_multi_target_pattern_over_the_flows_marked_probe() -> None:
+    jobs = probe_jobs()
+    service = uptime("Service")
+    address = f"{service['metadata']['name']}.{uptime('Namespace')['metadata']['name']}.svc:9464"
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"}]
+    metrics = jobs["senderd-uptime-probe"]
+    assert metrics["metrics_path"] == "/metrics"
+    assert metrics["static_configs"] == [{"targets": [address]}]
+    probe = jobs["senderd-probe"]
+    assert probe["metrics_path"] == "/probe"
+    assert probe["relabel_configs"] == [
+        {"source_labels": ["__address__"], "target_label": "__param_flow"},
+        {"source_labels": ["__param_flow"], "target_label": "instance"},
+        {"source_labels": ["__param_flow"], "target_label": "flow"},
+        {"target_label": "__address__", "replacement": address},
+    ]
+    flows = uptime_config().flows
+    probed = [flow for flow in flows if flow.probe]
+    assert probed and len(probed) < len(flows), "probe flows, and a scheduled one that is not probed"
+    assert probe["static_configs"] == [{"targets": [flow.name for flow in probed]}]
+    timeout = int(probe["scrape_timeout"].removesuffix("s"))
+    assert all(flow.timeout < timeout for flow in probed), "a probe must end within the scrape's timeout"
+    assert f'job="{probe["job_name"]}"' in alerts()["SenderdProbeFailing"]["expr"]
+
+
+def test_uptime_probe_gates_readiness_on_the_token_and_is_hardened() -> None:
+    deployment = uptime("Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001
+    (senderd,) = spec["containers"]
+    assert senderd["image"] == IMAGE
+    assert senderd["args"][:3] == ["run", "-c", CONFIG_PATH]
+    assert senderd["ports"] == [{"name": "metrics", "containerPort": 9464, "protocol": "TCP"}]
+    assert senderd["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert senderd["readinessProbe"]["httpGet"] == {"path": "/readyz/token", "port": "metrics"}
+    context = senderd["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert set(senderd["resources"]["limits"]) >= {"cpu", "memory"}
+    sources = {volume["name"]: volume for volume in spec["volumes"]}["senderd-etc"]["projected"]["sources"]
+    assert {"configMap": {"name": uptime("ConfigMap")["metadata"]["name"],
+                          "items": [{"key": "senderd.toml", "path": "senderd.toml"}]}} in sources  # fmt: skip
+    service = uptime("Service")
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    config = uptime_config()
+    assert config.server.listen == "0.0.0.0:9464"
+    assert config.relay is None and config.forward is None, "a probe takes no messages"
+
+
+def test_uptime_network_policy_admits_only_prometheus_to_the_metrics_port() -> None:
+    policy = uptime("NetworkPolicy")["spec"]
+    pod_labels = uptime("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    assert policy["ingress"] == [
+        {
+            "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+            "ports": [{"port": "metrics", "protocol": "TCP"}],
+        }
+    ]
 
 
 # --- Dockerfile -----------------------------------------------------------------------------------------

@@ -157,13 +157,21 @@ async def test_token_env_demands_the_bearer_token(tmp_path: Path, monkeypatch: p
 
 
 async def test_spool_full_is_503_with_retry_after(tmp_path: Path) -> None:
-    async with relay_daemon(tmp_path, max_spool_messages=2, max_deliveries=1000) as (_, _d, url, _x):
-        assert (await post(f"{url}/v1/flows/down/messages"))[0] == 202
-        assert (await post(f"{url}/v1/flows/down/messages"))[0] == 202
+    limits = relay_daemon(tmp_path, max_spool_messages=2, max_spool_bytes=1000, max_deliveries=1000)
+    async with limits as (_, daemon, url, _x):
+        assert (await post(f"{url}/v1/flows/down/messages", b"<first/>"))[0] == 202
+        assert (await post(f"{url}/v1/flows/down/messages", b"<second/>"))[0] == 202
         status, answer, headers = await post(f"{url}/v1/flows/down/messages")
+        assert daemon.engine is not None
+        registry = daemon.engine.metrics.registry
+        fill = {
+            name: registry.get_sample_value(f"senderd_spool_{name}")
+            for name in ("bytes", "capacity_bytes", "capacity_messages")
+        }
     assert status == 503
     assert headers["Retry-After"] == "10"
     assert "spool full" in answer["error"]
+    assert fill == {"bytes": 8 + 9, "capacity_bytes": 1000, "capacity_messages": 2}  # what SenderdSpoolNearlyFull reads
 
 
 async def test_dead_letters_are_kept_and_can_be_redriven(tmp_path: Path) -> None:

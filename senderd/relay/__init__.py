@@ -29,9 +29,7 @@ class Relay:
         self.api = RelayApi(config, engine.holder, spool, engine.metrics)
         self.dispatcher = Dispatcher(config, engine, spool)
         self.clock = engine.clock
-        engine.metrics.watch_relay(
-            lambda: spool.counts, self.dispatcher.oldest_age, lambda: self.dispatcher.unconfigured
-        )
+        engine.metrics.watch_relay(spool, self.dispatcher.oldest_age, lambda: self.dispatcher.unconfigured)
 
     @classmethod
     @asynccontextmanager
