@@ -84,6 +84,8 @@ class Podman:
     def find(cls) -> Podman:
         """Podman and runc found, and containers.conf set as they need here; else fail (CI) or skip."""
         podman, runc = require_tool("podman"), require_tool("runc")
+        if os.geteuid() != 0:  # rootless podman maps uid 10001 elsewhere, and debootstrap needs root
+            _missing("the container tests run podman as root (as .ci/run does)")
         try:
             conf = tomllib.loads(CONTAINERS_CONF.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -148,6 +150,7 @@ def base_tarball(directory: Path = CACHE) -> Path:
 def make_base(podman: Podman, base: str | None = None) -> str:
     """The stand-in for `base` (the Dockerfile's default) in podman's store, imported from `base_tarball()`
     unless it is there already from the same recipe; returns its name."""
+    require_tool("debootstrap")  # needed on a machine's first run; CI machines are always fresh
     name = stand_in_name(base or dockerfile_base())
     label = podman.output("image", "inspect", "--format", f'{{{{ index .Labels "{RECIPE_LABEL}" }}}}', name)
     if label is not None and label.strip() == RECIPE:

@@ -20,7 +20,23 @@ import pytest
 
 from senderd.emulator.runtime import FlowSpec
 from senderd.emulator.stack import EmulatorStack
-from tests.container import APP_UID, Built, Container, Podman, build_image, make_base, run_once, running
+from tests.container import (
+    APP_UID,
+    CONTAINERS_CONF,
+    CONTAINERS_CONF_TEXT,
+    PACKAGES,
+    ROOT,
+    SUITE,
+    Built,
+    Container,
+    Podman,
+    build_image,
+    dockerfile_base,
+    make_base,
+    run_once,
+    running,
+    stand_in_name,
+)
 from tests.tools import free_port
 
 # The first test pays for the module's build: debootstrap (once per machine), then the image build.
@@ -133,6 +149,18 @@ async def spool_volume(podman: Podman) -> AsyncIterator[str]:
     finally:
         with anyio.CancelScope(shield=True):
             await podman.run_async("volume", "rm", "--force", name)
+
+
+def test_the_recipe_in_readme_and_ci_is_the_helpers() -> None:
+    """README's recipe by hand and .ci/run's containers.conf say what tests/container.py does."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    name = stand_in_name(dockerfile_base())
+    assert name == "localhost/senderd-stand-in/python:3.11-slim"
+    assert f"debootstrap --variant=minbase --include={','.join(PACKAGES)} {SUITE} rootfs" in readme
+    assert f"podman import - {name}" in readme and f"--build-arg PYTHON_IMAGE={name}" in readme
+    conf = CONTAINERS_CONF_TEXT.replace("\n", "\\n")
+    assert f"printf '{conf}' >/etc/containers/containers.conf" in readme
+    assert f"printf '{conf}' >{CONTAINERS_CONF}" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
 async def test_daemon_runs_read_only_as_uid_10001_and_answers_healthz(
