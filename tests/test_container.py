@@ -227,6 +227,7 @@ async def test_relay_spool_on_a_volume_survives_a_container_restart(
             delivered = await wait_for_message(f"{relay}/v1/messages/{message_id}", {"delivered"})
             assert await second.stop() == 0
     assert delivered["id"] == message_id
+    assert delivered["attempts"] > waiting["attempts"]  # the same row, its first container's tries counted
     received = [message for message in stack.runtime.stats.messages if message.address == "/orders"]
     assert received, "the message never reached the flow"
     assert received[-1].body == b"<Order id='7'/>"
