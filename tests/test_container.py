@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import tomllib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -195,6 +196,17 @@ async def test_once_against_the_emulator_on_the_host_network_exits_0(
     assert "timestamp" in out and "success" in out, out
     assert [message.address for message in stack.runtime.stats.messages] == ["/gettimestamp"]
     assert stack.token_server.stats.requests >= 1
+
+
+async def test_image_holds_the_locked_dependencies_and_the_wheel(podman: Podman, image: Built) -> None:
+    """What `pip install -c requirements.lock` put in the image: the lock's pins exactly, and the wheel."""
+    code, out, err = await run_once(podman, image.image, "--entrypoint", "pip", command=["freeze", "--no-cache-dir"])
+    assert code == 0, err
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    wheel = f"senderd @ file:///dist/senderd-{version}-py3-none-any.whl"  # built from the wheel, not sources
+    lock = (ROOT / "requirements.lock").read_text(encoding="utf-8")
+    locked = {line for line in lock.splitlines() if line and not line.startswith("#")}
+    assert set(out.splitlines()) == locked | {wheel}, out
 
 
 async def test_relay_spool_on_a_volume_survives_a_container_restart(
