@@ -138,7 +138,7 @@ class Daemon:
             log.info(
                 "relay_listening",
                 url=relay.url,
-                spool=str(relay.spool.path),
+                spool=relay.spool.where,
                 queued=relay.spool.counts["queued"],
                 dead=relay.spool.counts["dead"],
             )

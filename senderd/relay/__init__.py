@@ -1,5 +1,6 @@
-"""The sidecar relay: the ingest API (`api`), the durable spool (`spool`) and the dispatcher that delivers
-what was spooled (`dispatcher`), started and stopped together by `Relay`."""
+"""The relay: the ingest API (`api`), the durable store (`store`: the SQLite `spool` or the shared PostgreSQL
+`pgstore`) and the dispatcher that delivers what was stored (`dispatcher`), started and stopped together by
+`Relay`."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ from senderd.engine import Engine
 from senderd.relay.api import RelayApi
 from senderd.relay.dispatcher import Dispatcher
 from senderd.relay.retention import prune_forever
-from senderd.relay.spool import Spool
+from senderd.relay.store import RelayStore, make_store
 
 
 class Relay:
     """The spool, the API listening on `relay.listen`, and the dispatcher, over one engine."""
 
-    def __init__(self, config: RelayConfig, engine: Engine, spool: Spool) -> None:
+    def __init__(self, config: RelayConfig, engine: Engine, spool: RelayStore) -> None:
         self.config = config
         self.spool = spool
         self.api = RelayApi(config, engine.holder, spool, engine.metrics)
@@ -33,14 +34,8 @@ class Relay:
     @classmethod
     @asynccontextmanager
     async def open(cls, config: RelayConfig, engine: Engine) -> AsyncIterator[Relay]:
-        """Open the spool and listen; both are closed on exit. Raises ConfigError (spool, address)."""
-        spool = Spool(
-            config.spool_dir,
-            max_messages=config.max_spool_messages,
-            max_bytes=config.max_spool_bytes,
-            clock=engine.clock,
-            max_delay=config.redelivery_max,
-        )
+        """Open the store and listen; both are closed on exit. Raises ConfigError (store, address)."""
+        spool = make_store(config, engine.clock)
         await spool.open()
         try:
             relay = cls(config, engine, spool)

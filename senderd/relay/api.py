@@ -19,7 +19,7 @@ from senderd.config import ConfigHolder, RelayConfig, parse_listen
 from senderd.errors import IdempotencyConflict, SpoolError, SpoolFull
 from senderd.logs import get_logger
 from senderd.metrics import Metrics
-from senderd.relay.spool import Spool
+from senderd.relay.store import RelayStore
 from senderd.site import Site, bearer_authorised
 
 log = get_logger("relay")
@@ -32,7 +32,7 @@ _MEDIA_TYPE = re.compile(r"^[\x20-\x7e\t]{1,255}$")
 class RelayApi:
     """The ingest and status API over one spool."""
 
-    def __init__(self, config: RelayConfig, holder: ConfigHolder, spool: Spool, metrics: Metrics) -> None:
+    def __init__(self, config: RelayConfig, holder: ConfigHolder, spool: RelayStore, metrics: Metrics) -> None:
         self.config = config
         self.holder = holder
         self.spool = spool
@@ -86,7 +86,7 @@ class RelayApi:
             response = _error(413, f"message larger than relay.max_message_bytes ({self.config.max_message_bytes})")
         except web.HTTPException as exc:
             response = _error(exc.status, exc.reason)
-        except sqlite3.Error as exc:  # the spool's disk failed under a status query
+        except (sqlite3.Error, SpoolError) as exc:  # the spool's disk failed, or the database is down
             log.error("spool_read_failed", error=str(exc))
             response = _error(503, "spool unavailable: retry later", headers={"Retry-After": "5"})
         except Exception:  # a bug: that request's answer, never the daemon's end

@@ -19,12 +19,13 @@ import anyio
 
 from senderd.config import RelayConfig
 from senderd.engine import Engine
-from senderd.errors import ConfigError
+from senderd.errors import ConfigError, SpoolError
 from senderd.logs import get_logger
 from senderd.metrics import DeliveryResult
 from senderd.metrics import SpoolState as State
 from senderd.pool import WorkerPool
-from senderd.relay.spool import Message, Spool
+from senderd.relay.spool import Message
+from senderd.relay.store import RelayStore
 from senderd.relay.verdict import verdict
 from senderd.result import SendResult
 from senderd.retry import backoff
@@ -38,7 +39,7 @@ _RESULTS: dict[State, DeliveryResult] = {"delivered": "delivered", "queued": "re
 class Dispatcher:
     """Claims due messages from the spool and delivers them."""
 
-    def __init__(self, config: RelayConfig, engine: Engine, spool: Spool) -> None:
+    def __init__(self, config: RelayConfig, engine: Engine, spool: RelayStore) -> None:
         self.config = config
         self.engine = engine
         self.spool = spool
@@ -131,7 +132,7 @@ class Dispatcher:
                             exclude_ids=[*self._inflight, *self._unrecorded], again_ids=again,
                             only_flows=[flow.name for flow in self.engine.config.flows],
                         )  # fmt: skip
-                except sqlite3.Error as exc:  # the spool's disk is failing: say so, try again shortly
+                except (sqlite3.Error, SpoolError) as exc:  # a failing disk, a database down: try again shortly
                     log.error("spool_read_failed", error=str(exc))
                 for message in claimed:
                     self._unrecorded.pop(message.id, None)
@@ -161,7 +162,7 @@ class Dispatcher:
         is not due yet becomes due; never less than a moment, so that nothing spins."""
         delay = 1.0
         if can_claim:
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(sqlite3.Error, SpoolError):
                 now = self.plan_time()
                 next_due = await self.spool.next_due_at(after=now)
                 if next_due is not None:

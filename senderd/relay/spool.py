@@ -248,6 +248,16 @@ class Spool:
         return await anyio.to_thread.run_sync(function, limiter=self._thread)
 
     @property
+    def where(self) -> str:
+        """The database file."""
+        return str(self.path)
+
+    @property
+    def problem(self) -> None:
+        """A local file has no outage to report (a full or failing disk answers 503 per message)."""
+        return None
+
+    @property
     def db(self) -> sqlite3.Connection:
         """The open connection."""
         if self._db is None:

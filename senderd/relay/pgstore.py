@@ -1,0 +1,493 @@
+"""The relay's store on PostgreSQL, shared by every replica of a gateway.
+
+- **Acknowledged means committed**: every `add` is one autocommitted INSERT with `synchronous_commit` at
+  least `on` (raised from `off` per session), so a 202 follows a commit that is on disk (and on the
+  synchronous standbys the server names). Concurrent posts share WAL flushes through PostgreSQL's own
+  group commit.
+- **Idempotency keys** are unique per flow across all replicas: a unique index, `ON CONFLICT DO NOTHING`.
+- **Claims are leases**: `due` takes messages with `FOR UPDATE SKIP LOCKED` (replicas never wait for each
+  other, never take the same row), marks them `in_flight` with this replica's owner id and a lease until
+  `now() + lease` in the database's clock (replicas' clocks may differ). A replica renews its leases every
+  third of `lease`; one that dies (kill -9, a node lost) stops renewing and its messages are claimed by the
+  others once the lease has run out: at least once, duplicates only for messages in flight at the death.
+- **Ordered flows**: only a flow's head (the oldest queued or in-flight message) can be claimed, so while
+  one replica holds it no replica delivers the message behind it.
+- **Database down**: every operation raises `StoreUnavailable` (the API answers 503, the dispatcher waits);
+  the pool reconnects on its own and `problem` (shown by `/readyz`) says why meanwhile.
+- **Schema**: versioned in `senderd_schema`; migrations run at start under an advisory lock (replicas
+  starting together migrate once); a database whose schema is newer than this senderd is refused.
+
+The DSN is a secret: it is never logged, never in an error, never in a repr (`where` names host, port and
+database only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import anyio
+import psycopg
+from anyio.abc import TaskStatus
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import AsyncConnectionPool
+
+from senderd.clock import Clock, SystemClock
+from senderd.errors import ConfigError, SpoolFull, StoreUnavailable
+from senderd.logs import get_logger
+from senderd.metrics import SPOOL_STATES
+from senderd.metrics import SpoolState as State
+from senderd.relay.spool import Message
+
+log = get_logger("pgstore")
+
+SCHEMA_VERSION = 1
+"""The schema this senderd writes; migration N brings a database from version N-1 to N."""
+MIGRATIONS: dict[int, str] = {
+    1: """
+CREATE TABLE senderd_messages (
+    seq bigserial PRIMARY KEY,
+    id text NOT NULL UNIQUE,
+    flow text NOT NULL,
+    idempotency_key text,
+    content_type text,
+    body bytea NOT NULL,
+    state text NOT NULL CHECK (state IN ('queued', 'in_flight', 'delivered', 'dead')),
+    attempts integer NOT NULL DEFAULT 0,
+    last_error text,
+    correlation_id text,
+    status integer,
+    created_at double precision NOT NULL,
+    updated_at double precision NOT NULL,
+    next_attempt_at double precision NOT NULL DEFAULT 0,
+    lease_owner text,
+    lease_until timestamptz
+);
+CREATE UNIQUE INDEX senderd_messages_idempotency ON senderd_messages (flow, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX senderd_messages_queued ON senderd_messages (seq) WHERE state = 'queued';
+CREATE INDEX senderd_messages_leased ON senderd_messages (lease_until) WHERE state = 'in_flight';
+CREATE INDEX senderd_messages_live ON senderd_messages (flow, seq) WHERE state IN ('queued', 'in_flight');
+CREATE INDEX senderd_messages_delivered ON senderd_messages (updated_at) WHERE state = 'delivered';
+CREATE TABLE senderd_ticks (
+    flow text NOT NULL,
+    tick bigint NOT NULL,
+    owner text NOT NULL,
+    claimed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (flow, tick)
+);
+""",
+}
+_MIGRATION_LOCK = 0x73656E6464  # pg_advisory_xact_lock key: one replica migrates, the others wait
+_COLUMNS = (
+    "id, flow, state, attempts, created_at, updated_at, content_type, body, last_error, correlation_id, "
+    "status, idempotency_key, seq"
+)
+_NO_BODY = _COLUMNS.replace("body", "NULL::bytea")
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.InternalError, TimeoutError)
+"""What an unreachable, restarting or failing-over database raises (PoolTimeout is an OperationalError)."""
+_CLAIM = f"""
+WITH picked AS (
+    SELECT seq FROM senderd_messages
+    WHERE ((state = 'queued' AND next_attempt_at <= %(now)s)
+           OR (state = 'in_flight' AND lease_until < clock_timestamp()))
+      AND NOT (flow = ANY(%(blocked)s::text[]))
+      AND (NOT (flow = ANY(%(ordered)s::text[])) OR seq IN (
+          SELECT min(seq) FROM senderd_messages
+          WHERE state IN ('queued', 'in_flight') AND flow = ANY(%(ordered)s::text[]) GROUP BY flow))
+    ORDER BY seq LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE senderd_messages AS m
+SET state = 'in_flight', lease_owner = %(owner)s, updated_at = %(now)s,
+    lease_until = clock_timestamp() + %(lease)s * interval '1 second'
+FROM picked WHERE m.seq = picked.seq
+RETURNING {", ".join("m." + c.strip() for c in _COLUMNS.split(","))}
+"""  # noqa: S608 - constant column list, values are parameters
+
+
+def _message(row: Sequence[Any]) -> Message:
+    return Message(
+        id=row[0],
+        flow=row[1],
+        state=row[2],
+        attempts=row[3],
+        created_at=row[4],
+        updated_at=row[5],
+        content_type=row[6],
+        body=bytes(row[7]) if row[7] is not None else b"",
+        last_error=row[8],
+        correlation_id=row[9],
+        status=row[10],
+        idempotency_key=row[11],
+    )
+
+
+def describe_dsn(dsn: str) -> str:
+    """`postgresql://host:port/dbname` for the log: no user, no password, no options."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "postgresql://<unparsable DSN>"
+    host = str(parts.get("host") or parts.get("hostaddr") or "localhost")
+    return f"postgresql://{host}:{parts.get('port') or 5432}/{parts.get('dbname') or ''}"
+
+
+class PgStore:
+    """The relay's messages in PostgreSQL; `open` it in an async context, run `run_writer` beside it."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        lease: float = 30.0,
+        pool_size: int = 10,
+        max_messages: int = 100_000,
+        max_bytes: int = 1 << 30,
+        clock: Clock | None = None,
+        timeout: float = 10.0,
+        owner: str | None = None,
+    ) -> None:
+        self._dsn = dsn
+        self._secrets = [dsn, *(str(v) for k, v in _conninfo(dsn).items() if k == "password" and v)]
+        self.lease = lease
+        self.pool_size = pool_size
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.clock = clock or SystemClock()
+        self.timeout = timeout
+        self.owner = owner or uuid.uuid4().hex
+        """This replica's name on its leases and tick claims (new at every start)."""
+        self.counts: dict[State, int] = dict.fromkeys(SPOOL_STATES, 0)
+        self.bytes = 0
+        self.on_change: Callable[[], None] | None = None
+        self._pool: AsyncConnectionPool | None = None
+        self._problem: str | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"PgStore({self.where!r}, owner={self.owner!r})"
+
+    @property
+    def where(self) -> str:
+        """Host, port and database (no credentials)."""
+        return describe_dsn(self._dsn)
+
+    @property
+    def problem(self) -> str | None:
+        """Why the database cannot be used now (None when the last operation succeeded)."""
+        return self._problem
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, create or migrate the schema, load the counters; ConfigError if that fails."""
+        pool = AsyncConnectionPool(
+            self._dsn,
+            min_size=1,
+            max_size=self.pool_size,
+            open=False,
+            timeout=self.timeout,
+            kwargs={"autocommit": True, "application_name": "senderd"},
+            configure=_configure,
+            check=AsyncConnectionPool.check_connection,
+            reconnect_timeout=math.inf,  # the database comes back: never give up on it
+            name="senderd-relay",
+        )
+        try:
+            await pool.open(wait=True, timeout=self.timeout)
+            self._pool = pool
+            await self.migrate()
+            await self.refresh_counts()
+        except (psycopg.Error, StoreUnavailable) as exc:
+            await pool.close()
+            self._pool = None
+            raise ConfigError(f"relay.dsn_env: cannot use the database at {self.where}: {self._clean(exc)}") from None
+
+    async def close(self) -> None:
+        """Give back this replica's leases (others take them at once) and close the connections."""
+        self._closed = True
+        if self._pool is None:
+            return
+        with contextlib.suppress(StoreUnavailable):
+            async with self._connection() as conn:
+                await conn.execute(
+                    "UPDATE senderd_messages SET state = 'queued', lease_owner = NULL, lease_until = NULL "
+                    "WHERE state = 'in_flight' AND lease_owner = %s",
+                    (self.owner,),
+                )
+        pool, self._pool = self._pool, None
+        await pool.close()
+
+    async def migrate(self) -> None:
+        """Bring the schema to `SCHEMA_VERSION`; ConfigError if the database's schema is newer."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS senderd_schema "
+                "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            cursor = await conn.execute("SELECT COALESCE(MAX(version), 0) FROM senderd_schema")
+            row = await cursor.fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"relay: the database at {self.where} has senderd schema version {version}, newer than this "
+                    f"senderd's ({SCHEMA_VERSION}): run the newer senderd, or point relay.dsn_env elsewhere"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                await conn.execute(MIGRATIONS[step])
+                await conn.execute("INSERT INTO senderd_schema (version) VALUES (%s)", (step,))
+                log.info("store_migrated", where=self.where, version=step)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; an unreachable database becomes StoreUnavailable (and `problem`)."""
+        if self._pool is None:
+            raise StoreUnavailable("relay store is not open")
+        try:
+            with anyio.fail_after(self.timeout):
+                async with self._pool.connection(timeout=self.timeout) as conn:
+                    yield conn
+        except _UNAVAILABLE as exc:
+            self._problem = f"database unreachable at {self.where}: {self._clean(exc)}"
+            raise StoreUnavailable(f"relay store unavailable ({self._clean(exc)})") from None
+        self._problem = None
+
+    def _clean(self, exc: BaseException) -> str:
+        """The error's first line, with anything from the DSN that could be secret removed."""
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text or type(exc).__name__
+
+    async def run_writer(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Renew this replica's leases every third of `lease` and refresh the counters, until cancelled."""
+        task_status.started()
+        period = max(0.05, self.lease / 3)
+        last_prune = -math.inf
+        while True:
+            await anyio.sleep(period)
+            try:
+                await self.renew_leases()
+                await self.refresh_counts()
+                if self.clock.monotonic() - last_prune >= 60:
+                    last_prune = self.clock.monotonic()
+                    async with self._connection() as conn:  # tick claims older than a day decide nothing
+                        await conn.execute("DELETE FROM senderd_ticks WHERE claimed_at < now() - interval '1 day'")
+            except StoreUnavailable as exc:
+                log.warning("store_unavailable", where=self.where, error=str(exc))
+
+    async def renew_leases(self) -> int:
+        """Extend the leases this replica holds; how many."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "UPDATE senderd_messages SET lease_until = clock_timestamp() + %s * interval '1 second' "
+                "WHERE state = 'in_flight' AND lease_owner = %s",
+                (self.lease, self.owner),
+            )
+            return cursor.rowcount
+
+    async def refresh_counts(self) -> None:
+        """Messages and bytes per state, all replicas together."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "SELECT state, COUNT(*), COALESCE(SUM(octet_length(body)), 0) FROM senderd_messages GROUP BY state"
+            )
+            rows = await cursor.fetchall()
+        counts: dict[State, int] = dict.fromkeys(SPOOL_STATES, 0)
+        size = 0
+        for state, count, state_bytes in rows:
+            counts[state] = int(count)
+            if state != "delivered":
+                size += int(state_bytes)
+        self.counts, self.bytes = counts, size
+
+    # --- adding ----------------------------------------------------------------------------------------
+
+    async def add(
+        self, flow: str, body: bytes, content_type: str | None, idempotency_key: str | None = None
+    ) -> tuple[str, bool]:
+        """Commit a message; (id, created). The first id for a known (flow, idempotency key)."""
+        if self._closed:
+            raise StoreUnavailable("relay store closed: senderd is stopping")
+        live = self.counts["queued"] + self.counts["in_flight"] + self.counts["dead"]
+        if live >= self.max_messages or self.bytes + len(body) > self.max_bytes:
+            raise SpoolFull("spool full")
+        now = self.clock.time()
+        message_id = uuid.uuid4().hex
+        async with self._connection() as conn:
+            for _ in range(3):  # a conflicting insert that rolled back leaves neither row: try again
+                cursor = await conn.execute(
+                    "INSERT INTO senderd_messages (id, flow, idempotency_key, content_type, body, state, created_at, "
+                    "updated_at) VALUES (%s, %s, %s, %s, %s, 'queued', %s, %s) "
+                    "ON CONFLICT (flow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
+                    (message_id, flow, idempotency_key, content_type, body, now, now),
+                )
+                if await cursor.fetchone() is not None:
+                    break
+                cursor = await conn.execute(
+                    "SELECT id FROM senderd_messages WHERE flow = %s AND idempotency_key = %s", (flow, idempotency_key)
+                )
+                row = await cursor.fetchone()
+                if row is not None:
+                    return str(row[0]), False
+            else:
+                raise StoreUnavailable("relay store: the idempotency key is being written by another request")
+        self.counts["queued"] += 1
+        self.bytes += len(body)
+        if self.on_change is not None:
+            self.on_change()
+        return message_id, True
+
+    # --- reading and moving ----------------------------------------------------------------------------
+
+    async def get(self, message_id: str) -> Message | None:
+        """The message with this id, without its body."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                f"SELECT {_NO_BODY} FROM senderd_messages WHERE id = %s",  # noqa: S608 - constant columns
+                (message_id,),
+            )
+            row = await cursor.fetchone()
+        return _message(row) if row is not None else None
+
+    async def due(
+        self, now: float, limit: int, exclude_flows: Sequence[str] = (), ordered_flows: Sequence[str] = ()
+    ) -> list[Message]:
+        """Claim up to `limit` due messages (and any whose lease ran out), oldest first, leased to us."""
+        params = {
+            "now": now,
+            "blocked": list(exclude_flows),
+            "ordered": [f for f in ordered_flows if f not in exclude_flows],
+            "limit": limit,
+            "owner": self.owner,
+            "lease": self.lease,
+        }
+        async with self._connection() as conn:
+            cursor = await conn.execute(_CLAIM, params)
+            rows = sorted(await cursor.fetchall(), key=lambda row: int(row[12]))
+        return [_message(row) for row in rows]
+
+    async def finish(
+        self,
+        message: Message,
+        state: State,
+        *,
+        error: str | None = None,
+        correlation_id: str | None = None,
+        status: int | None = None,
+        retry_at: float = 0.0,
+    ) -> None:
+        """Record the end of a delivery attempt, if the lease is still ours. While the database is down this
+        keeps trying for one lease; after that another replica may deliver the message again."""
+        deadline = self.clock.monotonic() + self.lease
+        delay = 0.1
+        while True:
+            try:
+                async with self._connection() as conn:
+                    await conn.execute(
+                        "UPDATE senderd_messages SET state = %s, attempts = attempts + 1, last_error = %s, "
+                        "correlation_id = %s, status = %s, updated_at = %s, next_attempt_at = %s, "
+                        "lease_owner = NULL, lease_until = NULL "
+                        "WHERE id = %s AND state = 'in_flight' AND lease_owner = %s",
+                        (state, error, correlation_id, status, self.clock.time(), retry_at, message.id, self.owner),
+                    )
+                break
+            except StoreUnavailable as exc:
+                if self.clock.monotonic() + delay > deadline:
+                    log.error("delivery_not_recorded", id=message.id, flow=message.flow, state=state, error=str(exc))
+                    return
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if self.on_change is not None:
+            self.on_change()
+
+    async def requeue(self, message: Message) -> None:
+        """Give a claimed message back now (a stop interrupted it), without counting an attempt."""
+        with contextlib.suppress(StoreUnavailable):  # otherwise the lease runs out: the same, later
+            async with self._connection() as conn:
+                await conn.execute(
+                    "UPDATE senderd_messages SET state = 'queued', lease_owner = NULL, lease_until = NULL, "
+                    "updated_at = %s WHERE id = %s AND state = 'in_flight' AND lease_owner = %s",
+                    (self.clock.time(), message.id, self.owner),
+                )
+
+    async def dead(self, limit: int = 1000) -> list[Message]:
+        """Dead messages, oldest first (without bodies)."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                f"SELECT {_NO_BODY} FROM senderd_messages WHERE state = 'dead' ORDER BY seq LIMIT %s",  # noqa: S608
+                (limit,),
+            )
+            rows = await cursor.fetchall()
+        return [_message(row) for row in rows]
+
+    async def redrive(self, message_id: str) -> bool:
+        """Queue a dead message again; False if there is no dead message with that id."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "UPDATE senderd_messages SET state = 'queued', next_attempt_at = 0, updated_at = %s "
+                "WHERE id = %s AND state = 'dead'",
+                (self.clock.time(), message_id),
+            )
+            changed = cursor.rowcount > 0
+        if changed and self.on_change is not None:
+            self.on_change()
+        return changed
+
+    async def prune(self, older_than: float) -> int:
+        """Delete delivered messages last touched before `older_than` (Unix time)."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM senderd_messages WHERE state = 'delivered' AND updated_at < %s", (older_than,)
+            )
+            return cursor.rowcount
+
+    async def oldest_queued_at(self) -> float | None:
+        """Creation time of the oldest message not yet delivered or dead (any replica's)."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "SELECT MIN(created_at) FROM senderd_messages WHERE state IN ('queued', 'in_flight')"
+            )
+            row = await cursor.fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    async def next_due_at(self, after: float) -> float | None:
+        """When the next queued message that is not due yet becomes due."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "SELECT MIN(next_attempt_at) FROM senderd_messages WHERE state = 'queued' AND next_attempt_at > %s",
+                (after,),
+            )
+            row = await cursor.fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    # --- scheduled flows across replicas ---------------------------------------------------------------
+
+    async def claim_tick(self, flow: str, tick: int) -> bool:
+        """Claim the tick `tick` of scheduled flow `flow` for this replica; False if another has it."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO senderd_ticks (flow, tick, owner) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                (flow, tick, self.owner),
+            )
+            return cursor.rowcount > 0
+
+
+def _conninfo(dsn: str) -> dict[str, Any]:
+    try:
+        return conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return {}
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Per new connection: commits wait for the disk (a server or role set to `off` is overridden)."""
+    cursor = await conn.execute("SHOW synchronous_commit")
+    row = await cursor.fetchone()
+    if row is not None and row[0] == "off":
+        await conn.execute("SET synchronous_commit TO on")

@@ -1,0 +1,201 @@
+"""The PostgreSQL store against a real server: schema versions, idempotency across replicas, claims that
+never overlap, leases that run out, ordered flows, the database going away and coming back, and a DSN
+that never shows."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import pytest
+
+from senderd.errors import ConfigError, StoreUnavailable
+from senderd.relay.pgstore import SCHEMA_VERSION, PgStore
+from senderd.relay.spool import Spool
+from senderd.relay.store import RelayStore
+from tests.pgserver import PostgresServer, postgres_server
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[PostgresServer]:
+    with postgres_server() as running:
+        yield running
+
+
+@pytest.fixture
+def dsn(server: PostgresServer) -> str:
+    """A fresh database on the shared server, for one test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    server.psql(f"CREATE DATABASE {name}")
+    return server.dsn.replace("dbname=senderd", f"dbname={name}")
+
+
+@pytest.fixture
+async def stores(dsn: str) -> AsyncIterator[list[PgStore]]:
+    """Two replicas' stores on one database (short leases)."""
+    opened = [PgStore(dsn, lease=0.6, timeout=3), PgStore(dsn, lease=0.6, timeout=3)]
+    for store in opened:
+        await store.open()
+    yield opened
+    for store in opened:
+        await store.close()
+
+
+def test_both_stores_satisfy_the_relay_store_interface() -> None:
+    def accepts(_store: RelayStore) -> None:
+        pass
+
+    accepts(PgStore("host=127.0.0.1"))  # mypy checks the protocol; this checks the call works
+    assert {"where", "problem", "due", "finish"} <= set(dir(PgStore)) & set(dir(Spool))
+
+
+async def test_the_schema_is_versioned_and_a_newer_one_is_refused(server: PostgresServer, dsn: str) -> None:
+    store = PgStore(dsn)
+    await store.open()
+    await store.close()
+    again = PgStore(dsn)  # a second start migrates nothing
+    await again.open()
+    await again.close()
+    name = dsn.split("dbname=")[1].split()[0]
+    newer = PgStore(dsn)
+    await newer.open()
+    async with newer._connection() as conn:
+        cursor = await conn.execute("SELECT array_agg(version ORDER BY version) FROM senderd_schema")
+        row = await cursor.fetchone()
+        assert row is not None and row[0] == list(range(1, SCHEMA_VERSION + 1))
+        await conn.execute("INSERT INTO senderd_schema (version) VALUES (%s)", (SCHEMA_VERSION + 1,))
+    await newer.close()
+    with pytest.raises(ConfigError) as refused:
+        await PgStore(dsn).open()
+    assert str(refused.value) == (
+        f"relay: the database at postgresql://127.0.0.1:{server.port}/{name} has senderd schema version "
+        f"{SCHEMA_VERSION + 1}, newer than this senderd's ({SCHEMA_VERSION}): run the newer senderd, or point "
+        "relay.dsn_env elsewhere"
+    )
+
+
+async def test_an_idempotency_key_is_unique_across_replicas(stores: list[PgStore]) -> None:
+    a, b = stores
+    results: list[tuple[str, bool]] = []
+
+    async def post(store: PgStore) -> None:
+        results.append(await store.add("orders", b"<o/>", "application/xml", "key-1"))
+
+    async with anyio.create_task_group() as group:
+        for n in range(10):
+            group.start_soon(post, (a, b)[n % 2])
+    assert len({message_id for message_id, _ in results}) == 1
+    assert sorted(created for _, created in results) == [False] * 9 + [True]
+    assert (await b.add("other-flow", b"x", "text/plain", "key-1"))[1]  # per flow
+    message = await a.get(results[0][0])
+    assert message is not None and message.state == "queued" and message.idempotency_key == "key-1"
+
+
+async def test_replicas_claiming_together_never_take_the_same_message(stores: list[PgStore]) -> None:
+    a, b = stores
+    for n in range(200):
+        await a.add(f"flow-{n % 7}", b"x", "text/plain")
+    taken: dict[str, list[str]] = {"a": [], "b": []}
+
+    async def claim(name: str, store: PgStore) -> None:
+        while True:
+            batch = await store.due(2e9, 7)
+            if not batch:
+                return
+            taken[name] += [m.id for m in batch]
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(claim, "a", a)
+        group.start_soon(claim, "b", b)
+    assert len(taken["a"]) + len(taken["b"]) == 200
+    assert not set(taken["a"]) & set(taken["b"])
+    assert taken["a"] and taken["b"]  # both got work
+
+
+async def test_a_dead_replicas_messages_go_to_another_once_its_lease_runs_out(stores: list[PgStore]) -> None:
+    a, b = stores
+    ids = [(await a.add("f", b"x", "text/plain"))[0] for _ in range(3)]
+    claimed = await a.due(2e9, 10)
+    assert [m.id for m in claimed] == ids
+    assert await b.due(2e9, 10) == []  # leased to a
+    await a.renew_leases()
+    await anyio.sleep(0.3)
+    assert await b.due(2e9, 10) == []  # renewed: still a's
+    await anyio.sleep(0.5)  # a "died": no renewal for longer than the lease
+    taken = await b.due(2e9, 10)
+    assert [m.id for m in taken] == ids
+    await a.finish(claimed[0], "delivered")  # too late: the lease is b's now, a's word does not count
+    message = await b.get(ids[0])
+    assert message is not None and message.state == "in_flight"
+    await b.finish(taken[0], "delivered")
+    message = await b.get(ids[0])
+    assert message is not None and message.state == "delivered" and message.attempts == 1
+
+
+async def test_an_ordered_flow_is_delivered_by_one_replica_at_a_time(stores: list[PgStore]) -> None:
+    a, b = stores
+    ids = [(await a.add("ordered", str(n).encode(), "text/plain"))[0] for n in range(3)]
+    await a.add("free", b"x", "text/plain")
+    first = await a.due(2e9, 1, ordered_flows=["ordered"])
+    assert [m.id for m in first] == [ids[0]]
+    others = await b.due(2e9, 10, ordered_flows=["ordered"])
+    assert [m.flow for m in others] == ["free"]  # the head is a's: nothing behind it moves
+    await a.finish(first[0], "delivered")
+    second = await b.due(2e9, 10, ordered_flows=["ordered"])
+    assert [m.id for m in second] == [ids[1]]
+
+
+async def test_a_tick_is_claimed_by_one_replica(stores: list[PgStore]) -> None:
+    a, b = stores
+    wins: list[bool] = []
+
+    async def claim(store: PgStore) -> None:
+        wins.append(await store.claim_tick("heartbeat", 1234))
+
+    async with anyio.create_task_group() as group:
+        for n in range(6):
+            group.start_soon(claim, (a, b)[n % 2])
+    assert sorted(wins) == [False] * 5 + [True]
+    assert await a.claim_tick("heartbeat", 1235)
+    assert await b.claim_tick("other", 1234)
+
+
+async def test_the_database_down_refuses_then_recovers_without_a_restart() -> None:
+    with postgres_server() as server:
+        store = PgStore(server.dsn, timeout=2)
+        await store.open()
+        try:
+            first, _ = await store.add("f", b"before", "text/plain")
+            server.stop("immediate")  # a crash: nothing acknowledged may be lost
+            with pytest.raises(StoreUnavailable):
+                await store.add("f", b"during", "text/plain")
+            assert store.problem is not None and store.problem.startswith("database unreachable at postgresql://")
+            server.start()
+            with anyio.fail_after(20):
+                while True:
+                    try:
+                        second, _ = await store.add("f", b"after", "text/plain")
+                        break
+                    except StoreUnavailable:
+                        await anyio.sleep(0.2)
+            assert store.problem is None
+            claimed = await store.due(2e9, 10)
+            assert sorted(m.id for m in claimed) == sorted([first, second])
+            assert {m.body for m in claimed} == {b"before", b"after"}
+        finally:
+            await store.close()
+
+
+async def test_the_dsn_never_shows_in_errors_or_reprs() -> None:
+    dsn = "host=127.0.0.1 port=1 dbname=x user=u password=hunter2-secret connect_timeout=1"
+    store = PgStore(dsn, timeout=1)
+    assert "hunter2" not in repr(store) and store.where == "postgresql://127.0.0.1:1/x"
+    with pytest.raises(ConfigError) as failed:
+        await store.open()
+    assert "hunter2" not in str(failed.value)
+    assert str(failed.value).startswith("relay.dsn_env: cannot use the database at postgresql://127.0.0.1:1/x: ")
+    uri = PgStore("postgresql://u:hunter2-secret@db.example:6432/relay")
+    assert uri.where == "postgresql://db.example:6432/relay" and "hunter2" not in repr(uri)
