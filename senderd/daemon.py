@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from senderd import cluster
 from senderd.auth.rotation import CredentialWatcher
 from senderd.clock import Clock, SystemClock
 from senderd.config import Config, FlowConfig, load_config
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 log = get_logger("daemon")
 StartHook = Callable[[Engine, TaskGroup], Awaitable[None]]
 ConfigLoader = Callable[[], Config]
-RESTART_SECTIONS = ("server", "relay", "pool", "runtime", "token", "forward")
+RESTART_SECTIONS = ("server", "relay", "pool", "runtime", "token", "forward", "cluster")
 """Config sections a reload cannot apply to a running daemon (logged as needing a restart)."""
 
 
@@ -73,6 +74,7 @@ class Daemon:
         self._reload_lock = anyio.Lock()
         self._pools: PoolSet | None = None
         self._drained = anyio.Event()
+        self._shard: tuple[int, int] | None = None
 
     @classmethod
     def create(
@@ -127,6 +129,7 @@ class Daemon:
         config = self.config
         asyncio.get_running_loop().set_exception_handler(LoopErrors())
         raise_open_files_limit()
+        self._shard = config.cluster.shard_of()  # a bad shard index is a ConfigError before anything runs
         engine = await resources.enter_async_context(Engine.open(config, metrics=self.metrics, clock=self.clock))
         self.engine = engine
         for flow in config.flows:
@@ -149,7 +152,7 @@ class Daemon:
             log.info("forward_listening", url=forwarder.url, credentials=forwarder.set.name, allow=config.forward.allow)
         if config.server.enabled:
             server = self.server = ObservabilityServer(
-                engine, config.server.listen, probe=self._probe, token=config.server.token()
+                engine, config.server.listen, ready=self._ready, probe=self._probe, token=config.server.token()
             )
             await server.start()
             resources.push_async_callback(server.stop)
@@ -185,9 +188,12 @@ class Daemon:
 
         await work.start(workers)
 
+        gate = cluster.gate_for(self.relay.spool if self.relay is not None else None, self.clock, self.metrics)
+
         def make_job(flow: FlowConfig, scheduled_at: float) -> Job:
             async def job() -> None:
-                await engine.send(flow, scheduled_at=scheduled_at)
+                if gate is None or await gate.admit(flow, scheduled_at):  # one replica fires each tick
+                    await engine.send(flow, scheduled_at=scheduled_at)
 
             return job
 
@@ -195,11 +201,19 @@ class Daemon:
             return pools.offer(engine.config.set_of(flow), flow.name, job)
 
         self.scheduler = Scheduler(offer, make_job, clock=self.clock, on_skip=self.metrics.tick_skipped)
-        await work.start(self.scheduler.run, engine.config.flows)
+        await work.start(self.scheduler.run, cluster.mine(engine.config.flows, self._shard))
         if self.relay is not None:
             await work.start(self.relay.run)
         log.info("started", flows=len(self.config.flows), workers=self.config.pool.workers)
         self.started.set()
+
+    def _ready(self) -> tuple[bool, str]:
+        """`/readyz`: the relay's store reachable (a shared database may be down), then the tokens."""
+        problem = self.relay.spool.problem if self.relay is not None else None
+        if problem is not None:
+            return False, f"relay store: {problem}"
+        assert self.server is not None
+        return self.server.token_ready()
 
     async def _probe(self, flow: FlowConfig, deadline: float | None) -> SendResult | Verdict:
         """A `/probe` send through the pool, under its overlap rule and its bound on sends at once."""
@@ -254,7 +268,7 @@ class Daemon:
         engine.holder.swap(new)
         for flow in new.flows:
             self.metrics.declare_flow(flow.name, flow.every, confirms=flow.confirm == "mpl")
-        restarted = scheduler.update(new.flows)
+        restarted = scheduler.update(cluster.mine(new.flows, self._shard))
         self.metrics.config_reload_ok.set(1)
         log.info(
             "config_reloaded",

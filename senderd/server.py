@@ -44,7 +44,7 @@ class ObservabilityServer:
     ) -> None:
         self.engine = engine
         self.token = token
-        self._ready = ready or self._token_ready
+        self._ready = ready or self.token_ready
         self._run_probe = probe or self._probe_directly
         self._probing: set[str] = set()
         self.site = Site(self.app(), *parse_listen(listen), config_key="server.listen")
@@ -71,7 +71,8 @@ class ObservabilityServer:
         """Stop listening."""
         await self.site.stop()
 
-    def _token_ready(self) -> tuple[bool, str]:
+    def token_ready(self) -> tuple[bool, str]:
+        """Ready when every credentials set has a usable token (the default readiness)."""
         for name, credential_set in self.engine.sets.items():
             ready, reason = credential_set.ready()
             if not ready:

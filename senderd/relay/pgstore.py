@@ -149,6 +149,7 @@ class PgStore:
         max_bytes: int = 1 << 30,
         clock: Clock | None = None,
         timeout: float = 10.0,
+        acquire_timeout: float = 2.0,
         owner: str | None = None,
     ) -> None:
         self._dsn = dsn
@@ -159,6 +160,8 @@ class PgStore:
         self.max_bytes = max_bytes
         self.clock = clock or SystemClock()
         self.timeout = timeout
+        self.acquire_timeout = min(acquire_timeout, timeout)
+        """How long an operation waits for a connection: with the database down, a post hears 503 soon."""
         self.owner = owner or uuid.uuid4().hex
         """This replica's name on its leases and tick claims (new at every start)."""
         self.counts: dict[State, int] = dict.fromkeys(SPOOL_STATES, 0)
@@ -250,7 +253,7 @@ class PgStore:
             raise StoreUnavailable("relay store is not open")
         try:
             with anyio.fail_after(self.timeout):
-                async with self._pool.connection(timeout=self.timeout) as conn:
+                async with self._pool.connection(timeout=self.acquire_timeout) as conn:
                     yield conn
         except _UNAVAILABLE as exc:
             self._problem = f"database unreachable at {self.where}: {self._clean(exc)}"
