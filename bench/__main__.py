@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from bench import footprint, forward, newman, relay, schedule, throughput, tokens
+from bench import footprint, forward, newman, relay, relay_pg, schedule, throughput, tokens
 from bench.common import Mode, Section, machine, say, write_json
 from bench.peers import INSTALL, find_tool, tool_version
 
@@ -36,6 +36,7 @@ MEASUREMENTS: dict[str, tuple[str, Measure]] = {
     "newman": ("newman", newman.measure),
     "relay": ("relay", relay.measure),
     "forward": ("forward", forward.measure),
+    "relay_pg": ("relay_pg", relay_pg.measure),
 }
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
