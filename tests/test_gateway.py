@@ -81,6 +81,11 @@ async def eventually(check: Callable[[], bool], timeout: float) -> None:
             await anyio.sleep(0.1)
 
 
+def settled(server: PostgresServer) -> bool:
+    """Nothing left to deliver on any replica: no message queued or in flight (no late duplicate can come)."""
+    return server.psql("SELECT count(*) FROM senderd_messages WHERE state IN ('queued', 'in_flight')").strip() == "0"
+
+
 def delivered_ids(stack: EmulatorStack, address: str = "/orders") -> list[str]:
     return [m.headers["sap_applicationid"] for m in stack.runtime.stats.messages if m.address == address]
 
@@ -124,7 +129,7 @@ async def test_three_replicas_one_killed_lose_nothing_acknowledged(tmp_path: Pat
                     posters.start_soon(poster, worker)
             assert killed.is_set()
             await eventually(lambda: acked <= set(delivered_ids(stack)), 120)
-            await anyio.sleep(1)  # a late duplicate would show now
+            await eventually(lambda: settled(server), 30)  # the dead replica's leases ran out and were redone
             delivered = delivered_ids(stack)
             duplicates = len(delivered) - len(set(delivered))
             print(
@@ -174,17 +179,22 @@ async def test_a_database_restart_loses_nothing_and_needs_no_restart(tmp_path: P
         async with anyio.create_task_group() as posters:
             for worker in range(4):
                 posters.start_soon(poster, worker * 1_000_000)
-            await anyio.sleep(2)
+            await eventually(lambda: len(acked) >= 100, 30)
             before = len(acked)
             server.stop("immediate")  # a crash of the database: only committed transactions survive
-            await anyio.sleep(3)
-            async with aiohttp.ClientSession() as session, session.get(f"{server_url}/readyz") as response:
-                ready_during.append((response.status, await response.json()))
-            await anyio.sleep(2)
+            async with aiohttp.ClientSession() as session:
+                for _ in range(100):  # /readyz says why within a few seconds (one failed operation)
+                    async with session.get(f"{server_url}/readyz") as response:
+                        if response.status == 503:
+                            ready_during.append((response.status, await response.json()))
+                            break
+                    await anyio.sleep(0.1)
+            await eventually(lambda: statuses[503] >= 4, 30)  # posts refused while it is down
             server.start()
             await eventually(lambda: len(acked) >= before + 200, 30)  # ingest came back by itself
             done.set()
         await eventually(lambda: acked <= set(delivered_ids(stack)), 60)
+        await eventually(lambda: settled(server), 30)
         async with aiohttp.ClientSession() as session, session.get(f"{server_url}/readyz") as response:
             ready_after = response.status
     print(f"\ndatabase restart: {len(acked)} acked, answers {dict(statuses)}, readyz during {ready_during}")

@@ -176,7 +176,7 @@ class Dispatcher:
             try:
                 with anyio.CancelScope(shield=True):
                     await record()
-            except sqlite3.Error:
+            except (sqlite3.Error, SpoolError):
                 return
             del self._unrecorded[message_id]
 
@@ -273,7 +273,7 @@ class Dispatcher:
         try:
             with anyio.CancelScope(shield=True):
                 await record()
-        except sqlite3.Error as exc:  # a full disk: written again later; the message is not claimed meanwhile
+        except (sqlite3.Error, SpoolError) as exc:  # a full disk, a database down: written again later
             log.error("spool_write_failed", id=message.id, error=str(exc), retry="each dispatcher round")
             self._unrecorded[message.id] = (record, retry_at if state == "queued" else math.inf)
         outcome: DeliveryResult = _RESULTS[state] if counted else "paused"

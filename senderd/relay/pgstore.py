@@ -4,7 +4,8 @@
   least `on` (raised from `off` per session), so a 202 follows a commit that is on disk (and on the
   synchronous standbys the server names). Concurrent posts share WAL flushes through PostgreSQL's own
   group commit.
-- **Idempotency keys** are unique per flow across all replicas: a unique index, `ON CONFLICT DO NOTHING`.
+- **Idempotency keys** are unique per flow across all replicas: a unique index, `ON CONFLICT DO NOTHING`;
+  the body's SHA-256 is kept, so a key reused with a different body is refused (`IdempotencyConflict`).
 - **Claims are leases**: `due` takes messages with `FOR UPDATE SKIP LOCKED` (replicas never wait for each
   other, never take the same row), marks them `in_flight` with this replica's owner id and a lease until
   `now() + lease` in the database's clock (replicas' clocks may differ). A replica renews its leases every
@@ -12,8 +13,11 @@
   others once the lease has run out: at least once, duplicates only for messages in flight at the death.
 - **Ordered flows**: only a flow's head (the oldest queued or in-flight message) can be claimed, so while
   one replica holds it no replica delivers the message behind it.
-- **Database down**: every operation raises `StoreUnavailable` (the API answers 503, the dispatcher waits);
-  the pool reconnects on its own and `problem` (shown by `/readyz`) says why meanwhile.
+- **Database down** (or its disk full): every operation raises `StoreUnavailable` (the API answers 503,
+  the dispatcher waits and writes the ends of deliveries again later); the pool reconnects on its own and
+  `problem` (shown by `/readyz`) says why meanwhile.
+- **Redelivery plans** are "not before" times from the dispatcher's monotonic plan clock; at open, plans
+  further ahead than `max_delay` are pulled in (a replica's clock stepped since must not hold them back).
 - **Schema**: versioned in `senderd_schema`; migrations run at start under an advisory lock (replicas
   starting together migrate once); a database whose schema is newer than this senderd is refused.
 
@@ -24,6 +28,7 @@ database only).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -36,8 +41,8 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from senderd.clock import Clock, SystemClock
-from senderd.errors import ConfigError, SpoolFull, StoreUnavailable
-from senderd.logs import get_logger
+from senderd.errors import ConfigError, IdempotencyConflict, SpoolFull, StoreUnavailable
+from senderd.logs import get_logger, redact_text
 from senderd.metrics import SPOOL_STATES
 from senderd.metrics import SpoolState as State
 from senderd.relay.spool import Message
@@ -55,6 +60,7 @@ CREATE TABLE senderd_messages (
     idempotency_key text,
     content_type text,
     body bytea NOT NULL,
+    body_sha256 text NOT NULL,
     state text NOT NULL CHECK (state IN ('queued', 'in_flight', 'delivered', 'dead')),
     attempts integer NOT NULL DEFAULT 0,
     last_error text,
@@ -90,16 +96,25 @@ _NO_BODY = _COLUMNS.replace("body", "NULL::bytea")
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InternalError, TimeoutError)
 """What an unreachable, restarting or failing-over database raises (PoolTimeout is an OperationalError)."""
 _CLAIM = f"""
-WITH picked AS (
+WITH again AS (
+    SELECT seq FROM senderd_messages
+    WHERE id = ANY(%(again)s::text[])
+      AND (state = 'queued' OR (state = 'in_flight' AND lease_owner = %(owner)s))
+    FOR UPDATE SKIP LOCKED
+), fresh AS (
     SELECT seq FROM senderd_messages
     WHERE ((state = 'queued' AND next_attempt_at <= %(now)s)
            OR (state = 'in_flight' AND lease_until < clock_timestamp()))
       AND NOT (flow = ANY(%(blocked)s::text[]))
+      AND (%(only)s::text[] IS NULL OR flow = ANY(%(only)s::text[]))
+      AND NOT (id = ANY(%(skipped)s::text[]))
       AND (NOT (flow = ANY(%(ordered)s::text[])) OR seq IN (
           SELECT min(seq) FROM senderd_messages
           WHERE state IN ('queued', 'in_flight') AND flow = ANY(%(ordered)s::text[]) GROUP BY flow))
-    ORDER BY seq LIMIT %(limit)s
+    ORDER BY seq LIMIT greatest(0, %(limit)s - (SELECT count(*) FROM again))
     FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT seq FROM again UNION SELECT seq FROM fresh
 )
 UPDATE senderd_messages AS m
 SET state = 'in_flight', lease_owner = %(owner)s, updated_at = %(now)s,
@@ -148,6 +163,7 @@ class PgStore:
         max_messages: int = 100_000,
         max_bytes: int = 1 << 30,
         clock: Clock | None = None,
+        max_delay: float | None = None,
         timeout: float = 10.0,
         acquire_timeout: float = 2.0,
         owner: str | None = None,
@@ -159,6 +175,7 @@ class PgStore:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.clock = clock or SystemClock()
+        self.max_delay = max_delay
         self.timeout = timeout
         self.acquire_timeout = min(acquire_timeout, timeout)
         """How long an operation waits for a connection: with the database down, a post hears 503 soon."""
@@ -204,6 +221,7 @@ class PgStore:
             await pool.open(wait=True, timeout=self.timeout)
             self._pool = pool
             await self.migrate()
+            await self.bound_plans()
             await self.refresh_counts()
         except (psycopg.Error, StoreUnavailable) as exc:
             await pool.close()
@@ -245,6 +263,18 @@ class PgStore:
                 await conn.execute(MIGRATIONS[step])
                 await conn.execute("INSERT INTO senderd_schema (version) VALUES (%s)", (step,))
                 log.info("store_migrated", where=self.where, version=step)
+
+    async def bound_plans(self) -> int:
+        """Pull redeliveries planned further ahead than `max_delay` in to that bound; how many."""
+        if self.max_delay is None:
+            return 0
+        bound = self.clock.time() + self.max_delay
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "UPDATE senderd_messages SET next_attempt_at = %s WHERE state = 'queued' AND next_attempt_at > %s",
+                (bound, bound),
+            )
+            return cursor.rowcount
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -314,7 +344,8 @@ class PgStore:
     async def add(
         self, flow: str, body: bytes, content_type: str | None, idempotency_key: str | None = None
     ) -> tuple[str, bool]:
-        """Commit a message; (id, created). The first id for a known (flow, idempotency key)."""
+        """Commit a message; (id, created). The first id for a known (flow, idempotency key) with the same
+        body; IdempotencyConflict for one with a different body."""
         if self._closed:
             raise StoreUnavailable("relay store closed: senderd is stopping")
         live = self.counts["queued"] + self.counts["in_flight"] + self.counts["dead"]
@@ -322,22 +353,31 @@ class PgStore:
             raise SpoolFull("spool full")
         now = self.clock.time()
         message_id = uuid.uuid4().hex
+        digest = hashlib.sha256(body).hexdigest()
         async with self._connection() as conn:
             for _ in range(3):  # a conflicting insert that rolled back leaves neither row: try again
                 cursor = await conn.execute(
-                    "INSERT INTO senderd_messages (id, flow, idempotency_key, content_type, body, state, created_at, "
-                    "updated_at) VALUES (%s, %s, %s, %s, %s, 'queued', %s, %s) "
+                    "INSERT INTO senderd_messages (id, flow, idempotency_key, content_type, body, body_sha256, state, "
+                    "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'queued', %s, %s) "
                     "ON CONFLICT (flow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
-                    (message_id, flow, idempotency_key, content_type, body, now, now),
+                    (message_id, flow, idempotency_key, content_type, body, digest, now, now),
                 )
                 if await cursor.fetchone() is not None:
                     break
                 cursor = await conn.execute(
-                    "SELECT id FROM senderd_messages WHERE flow = %s AND idempotency_key = %s", (flow, idempotency_key)
+                    "SELECT id, body_sha256 FROM senderd_messages WHERE flow = %s AND idempotency_key = %s",
+                    (flow, idempotency_key),
                 )
                 row = await cursor.fetchone()
-                if row is not None:
-                    return str(row[0]), False
+                if row is None:
+                    continue
+                if row[1] != digest:
+                    raise IdempotencyConflict(
+                        f"Idempotency-Key {idempotency_key!r} was used for a different body (message {row[0]}): "
+                        "a new message needs a new key",
+                        message_id=str(row[0]),
+                    )
+                return str(row[0]), False
             else:
                 raise StoreUnavailable("relay store: the idempotency key is being written by another request")
         self.counts["queued"] += 1
@@ -359,13 +399,27 @@ class PgStore:
         return _message(row) if row is not None else None
 
     async def due(
-        self, now: float, limit: int, exclude_flows: Sequence[str] = (), ordered_flows: Sequence[str] = ()
+        self,
+        now: float,
+        limit: int,
+        exclude_flows: Sequence[str] = (),
+        ordered_flows: Sequence[str] = (),
+        exclude_ids: Sequence[str] = (),
+        again_ids: Sequence[str] = (),
+        only_flows: Sequence[str] | None = None,
     ) -> list[Message]:
-        """Claim up to `limit` due messages (and any whose lease ran out), oldest first, leased to us."""
+        """Claim up to `limit` due messages (and any whose lease ran out), oldest first, leased to us.
+
+        `exclude_ids` are being handled here already; `again_ids` (whose last end could not be written,
+        still leased to us) are claimed first; only flows in `only_flows` (when given) are claimed: the
+        messages of a flow not configured now stay queued. An ordered flow offers only its head."""
         params = {
             "now": now,
             "blocked": list(exclude_flows),
             "ordered": [f for f in ordered_flows if f not in exclude_flows],
+            "only": list(only_flows) if only_flows is not None else None,
+            "skipped": list(exclude_ids),
+            "again": list(again_ids)[:limit],
             "limit": limit,
             "owner": self.owner,
             "lease": self.lease,
@@ -384,28 +438,32 @@ class PgStore:
         correlation_id: str | None = None,
         status: int | None = None,
         retry_at: float = 0.0,
+        counted: bool = True,
     ) -> None:
-        """Record the end of a delivery attempt, if the lease is still ours. While the database is down this
-        keeps trying for one lease; after that another replica may deliver the message again."""
-        deadline = self.clock.monotonic() + self.lease
-        delay = 0.1
-        while True:
-            try:
-                async with self._connection() as conn:
-                    await conn.execute(
-                        "UPDATE senderd_messages SET state = %s, attempts = attempts + 1, last_error = %s, "
-                        "correlation_id = %s, status = %s, updated_at = %s, next_attempt_at = %s, "
-                        "lease_owner = NULL, lease_until = NULL "
-                        "WHERE id = %s AND state = 'in_flight' AND lease_owner = %s",
-                        (state, error, correlation_id, status, self.clock.time(), retry_at, message.id, self.owner),
-                    )
-                break
-            except StoreUnavailable as exc:
-                if self.clock.monotonic() + delay > deadline:
-                    log.error("delivery_not_recorded", id=message.id, flow=message.flow, state=state, error=str(exc))
-                    return
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        """Record the end of a delivery attempt, if the lease is still ours; a round not `counted` (a pause)
+        leaves `attempts` as it was. A delivered message's body is dropped. Raises StoreUnavailable while
+        the database is down: the dispatcher writes it again later (meanwhile this replica's lease is
+        renewed; if it runs out first, another replica may deliver the message again)."""
+        stored_error = redact_text(error) if error else error
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE senderd_messages SET state = %s, attempts = attempts + %s, last_error = %s, "
+                "correlation_id = %s, status = %s, updated_at = %s, next_attempt_at = %s, "
+                "lease_owner = NULL, lease_until = NULL, body = CASE WHEN %s THEN ''::bytea ELSE body END "
+                "WHERE id = %s AND state = 'in_flight' AND lease_owner = %s",
+                (
+                    state,
+                    int(counted),
+                    stored_error,
+                    correlation_id,
+                    status,
+                    self.clock.time(),
+                    retry_at,
+                    state == "delivered",
+                    message.id,
+                    self.owner,
+                ),
+            )
         if self.on_change is not None:
             self.on_change()
 
@@ -418,6 +476,23 @@ class PgStore:
                     "updated_at = %s WHERE id = %s AND state = 'in_flight' AND lease_owner = %s",
                     (self.clock.time(), message.id, self.owner),
                 )
+
+    async def requeue_all(self, messages: Sequence[Message]) -> int:
+        """Give claimed messages back now (a stop interrupted them), without counting an attempt; how many
+        went back (none while the database is down: their leases run out instead)."""
+        if not messages or self._pool is None:
+            return 0
+        try:
+            async with self._connection() as conn:
+                cursor = await conn.execute(
+                    "UPDATE senderd_messages SET state = 'queued', lease_owner = NULL, lease_until = NULL, "
+                    "updated_at = %s WHERE id = ANY(%s::text[]) AND state = 'in_flight' AND lease_owner = %s",
+                    (self.clock.time(), [m.id for m in messages], self.owner),
+                )
+                return cursor.rowcount
+        except StoreUnavailable as exc:
+            log.error("spool_requeue_failed", messages=len(messages), error=str(exc))
+            return 0
 
     async def dead(self, limit: int = 1000) -> list[Message]:
         """Dead messages, oldest first (without bodies)."""
@@ -442,13 +517,30 @@ class PgStore:
             self.on_change()
         return changed
 
-    async def prune(self, older_than: float) -> int:
-        """Delete delivered messages last touched before `older_than` (Unix time)."""
+    async def prune(self, older_than: float, dead_older_than: float | None = None) -> int:
+        """Delete delivered messages last touched before `older_than` (Unix time), and dead ones before
+        `dead_older_than` if given; returns how many (any replica may prune: the deletes are idempotent)."""
         async with self._connection() as conn:
             cursor = await conn.execute(
                 "DELETE FROM senderd_messages WHERE state = 'delivered' AND updated_at < %s", (older_than,)
             )
-            return cursor.rowcount
+            removed = cursor.rowcount
+            if dead_older_than is not None:
+                cursor = await conn.execute(
+                    "DELETE FROM senderd_messages WHERE state = 'dead' AND updated_at < %s", (dead_older_than,)
+                )
+                removed += cursor.rowcount
+        return removed
+
+    async def queued_outside(self, flows: Sequence[str]) -> int:
+        """Queued messages whose flow is not one of `flows` (any replica's)."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "SELECT COUNT(*) FROM senderd_messages WHERE state = 'queued' AND NOT (flow = ANY(%s::text[]))",
+                (list(flows),),
+            )
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
 
     async def oldest_queued_at(self) -> float | None:
         """Creation time of the oldest message not yet delivered or dead (any replica's)."""

@@ -57,9 +57,18 @@ class RelayStore(Protocol):
         ...
 
     async def due(
-        self, now: float, limit: int, exclude_flows: Sequence[str] = (), ordered_flows: Sequence[str] = ()
+        self,
+        now: float,
+        limit: int,
+        exclude_flows: Sequence[str] = (),
+        ordered_flows: Sequence[str] = (),
+        exclude_ids: Sequence[str] = (),
+        again_ids: Sequence[str] = (),
+        only_flows: Sequence[str] | None = None,
     ) -> list[Message]:
-        """Claim up to `limit` due messages for delivery, oldest first; an ordered flow offers its head only."""
+        """Claim up to `limit` due messages for delivery, oldest first; an ordered flow offers its head only.
+        `exclude_ids` are handled already, `again_ids` (ends not written yet) are claimed first, and only
+        `only_flows` (the flows configured now), when given, are claimed."""
         ...
 
     async def finish(
@@ -71,11 +80,17 @@ class RelayStore(Protocol):
         correlation_id: str | None = None,
         status: int | None = None,
         retry_at: float = 0.0,
+        counted: bool = True,
     ) -> None:
-        """Record the end of a delivery attempt."""
+        """Record the end of a delivery attempt (a round not `counted`, a pause, leaves `attempts`); raises
+        (sqlite3.Error, SpoolError) when it cannot be written now: the caller writes it again later."""
 
     async def requeue(self, message: Message) -> None:
         """Give back a claimed message without counting an attempt."""
+
+    async def requeue_all(self, messages: Sequence[Message]) -> int:
+        """Give back claimed messages (a stop interrupted them) without counting attempts; how many."""
+        ...
 
     async def dead(self, limit: int = 1000) -> list[Message]:
         """Dead messages, oldest first (without bodies)."""
@@ -85,8 +100,13 @@ class RelayStore(Protocol):
         """Queue a dead message again; False if there is none with that id."""
         ...
 
-    async def prune(self, older_than: float) -> int:
-        """Delete delivered messages last touched before `older_than` (Unix time)."""
+    async def prune(self, older_than: float, dead_older_than: float | None = None) -> int:
+        """Delete delivered messages last touched before `older_than` (Unix time), dead ones before
+        `dead_older_than` if given; how many."""
+        ...
+
+    async def queued_outside(self, flows: Sequence[str]) -> int:
+        """Queued messages whose flow is not one of `flows`."""
         ...
 
     async def oldest_queued_at(self) -> float | None:
@@ -110,7 +130,12 @@ def make_store(config: RelayConfig, clock: Clock) -> RelayStore:
             max_messages=config.max_spool_messages,
             max_bytes=config.max_spool_bytes,
             clock=clock,
+            max_delay=config.redelivery_max,
         )
     return Spool(
-        config.spool_dir, max_messages=config.max_spool_messages, max_bytes=config.max_spool_bytes, clock=clock
+        config.spool_dir,
+        max_messages=config.max_spool_messages,
+        max_bytes=config.max_spool_bytes,
+        clock=clock,
+        max_delay=config.redelivery_max,
     )
