@@ -577,11 +577,11 @@ class ClusterConfig(Section):
         if self.shard is not None:
             match = _SHARD.match(self.shard)
             if match is None or int(match[1]) >= int(match[2]):
-                raise ValueError(f'cluster.shard: use "I/N" with 0 <= I < N, e.g. "0/3", found {self.shard!r}')
+                raise ValueError(f'shard: use "I/N" with 0 <= I < N, e.g. "0/3", found {self.shard!r}')
             if self.shards is not None or self.shard_index_env is not None:
-                raise ValueError("cluster.shard: give either shard, or shards with shard_index_env, not both")
+                raise ValueError("shard: give either shard, or shards with shard_index_env, not both")
         elif (self.shards is None) != (self.shard_index_env is None):
-            raise ValueError("cluster.shards and cluster.shard_index_env go together")
+            raise ValueError("shards and shard_index_env go together: give both, or neither")
         return self
 
     def shard_of(self) -> tuple[int, int] | None:

@@ -63,10 +63,10 @@ def test_tick_numbers_agree_across_replicas_whatever_their_phase() -> None:
 @pytest.mark.parametrize(
     ("section", "error"),
     [
-        ({"shard": "3/3"}, 'cluster.shard: use "I/N" with 0 <= I < N, e.g. "0/3", found \'3/3\''),
-        ({"shard": "a/b"}, 'cluster.shard: use "I/N" with 0 <= I < N, e.g. "0/3", found \'a/b\''),
-        ({"shard": "0/2", "shards": 2}, "cluster.shard: give either shard, or shards with shard_index_env, not both"),
-        ({"shards": 2}, "cluster.shards and cluster.shard_index_env go together"),
+        ({"shard": "3/3"}, 'cluster: shard: use "I/N" with 0 <= I < N, e.g. "0/3", found \'3/3\''),
+        ({"shard": "a/b"}, 'cluster: shard: use "I/N" with 0 <= I < N, e.g. "0/3", found \'a/b\''),
+        ({"shard": "0/2", "shards": 2}, "cluster: shard: give either shard, or shards with shard_index_env, not both"),
+        ({"shards": 2}, "cluster: shards and shard_index_env go together: give both, or neither"),
     ],
 )
 def test_bad_cluster_sections_are_refused_with_their_reason(
@@ -77,7 +77,7 @@ def test_bad_cluster_sections_are_refused_with_their_reason(
     path.write_text(f"[cluster]\n{lines}\n")
     with pytest.raises(ConfigError) as refused:
         load_config(path)
-    assert error in str(refused.value)
+    assert str(refused.value) == f"{path}: {error}"
 
 
 def test_the_shard_index_comes_from_a_statefulset_pod_name(monkeypatch: pytest.MonkeyPatch) -> None:
