@@ -622,6 +622,10 @@ def test_dockerfile_builds_a_wheel_and_installs_only_that_as_a_non_root_user() -
         assert f"--from={builder.name}" in copy, f"sources copied into the final stage: {copy}"
     installs = [args for args in final.args("RUN") if "pip install" in args]
     assert installs and all(f"from={builder.name}" in args and args.endswith("/dist/*.whl") for args in installs)
+    with (ROOT / "pyproject.toml").open("rb") as file:
+        extra = tomllib.load(file)["project"]["optional-dependencies"]["postgresql"]
+    carried = {re.split(r"[<>=!~ ]", requirement, maxsplit=1)[0] for requirement in extra}
+    assert all(f"'{name}'" in installs[0] for name in carried), "the image carries the postgresql extra"
     assert all("-c /dist/requirements.lock" in args for args in installs), "dependencies from the lock"
     for args in final.args("RUN"):
         words = set(re.split(r"[\s;&|]+", args))
@@ -730,13 +734,20 @@ def test_wheel_builds_from_the_docker_context(tmp_path: Path) -> None:
 
 
 def test_lock_pins_exactly_the_runtime_dependencies() -> None:
-    """requirements.lock (scripts/lock) pins every runtime dependency pyproject names, each to one version."""
+    """requirements.lock (scripts/lock) pins every runtime dependency pyproject names, and the `postgresql`
+    extra the image carries (psycopg with its binary and pool parts), each to one version."""
     lines = [line for line in (ROOT / "requirements.lock").read_text().splitlines() if not line.startswith("#")]
     pins = dict(line.split("==") for line in lines)
     assert all(re.fullmatch(r"[0-9][0-9A-Za-z.+-]*", version) for version in pins.values()), pins
     normal = {re.sub(r"[-_.]+", "-", name).lower() for name in pins}
     with (ROOT / "pyproject.toml").open("rb") as file:
-        wanted = tomllib.load(file)["project"]["dependencies"]
+        project = tomllib.load(file)["project"]
+    wanted = [
+        *project["dependencies"],
+        *project["optional-dependencies"]["postgresql"],
+        "psycopg-binary",
+        "psycopg-pool",
+    ]
     for requirement in wanted:
         name = re.split(r"[\[<>=!~ ]", requirement, maxsplit=1)[0]
         assert re.sub(r"[-_.]+", "-", name).lower() in normal, f"{name} is not in requirements.lock (scripts/lock)"

@@ -15,6 +15,7 @@ from anyio.abc import TaskStatus
 
 from senderd.clock import Clock
 from senderd.config import RelayConfig
+from senderd.errors import ConfigError
 from senderd.metrics import SpoolState as State
 from senderd.relay.spool import Message, Spool
 
@@ -121,7 +122,12 @@ class RelayStore(Protocol):
 def make_store(config: RelayConfig, clock: Clock) -> RelayStore:
     """The store `relay.store` names (ConfigError if its DSN variable is unset)."""
     if config.store == "postgresql":
-        from senderd.relay.pgstore import PgStore  # psycopg only when PostgreSQL is configured
+        try:
+            from senderd.relay.pgstore import PgStore  # psycopg only when PostgreSQL is configured
+        except ImportError:
+            raise ConfigError(
+                'relay.store: "postgresql" needs psycopg: pip install "senderd[postgresql]" (the image has it)'
+            ) from None
 
         return PgStore(
             config.dsn(),
