@@ -99,6 +99,34 @@ async def test_an_idempotency_key_is_unique_across_replicas(stores: list[PgStore
     assert message is not None and message.state == "queued" and message.idempotency_key == "key-1"
 
 
+async def test_concurrent_posts_share_a_commit_and_a_key_within_one_batch_stays_one_message(
+    stores: list[PgStore],
+) -> None:
+    a, _ = stores
+    results: dict[int, tuple[str, bool] | BaseException] = {}
+
+    async def post(n: int) -> None:
+        key = "shared" if n % 5 == 0 else None
+        body = b"other body" if n == 45 else b"same body" if key else str(n).encode()
+        try:
+            results[n] = await a.add("orders", body, "text/plain", key)
+        except IdempotencyConflict as exc:
+            results[n] = exc
+
+    async with anyio.create_task_group() as group:
+        for n in range(60):
+            group.start_soon(post, n)
+    shared = [results[n] for n in range(0, 60, 5) if n != 45]
+    ids = {result[0] for result in shared if isinstance(result, tuple)}
+    assert len(ids) == 1 and sum(1 for r in shared if isinstance(r, tuple) and r[1]) == 1
+    conflict = results[45]
+    assert isinstance(conflict, IdempotencyConflict) and conflict.message_id in ids
+    assert sum(1 for r in results.values() if isinstance(r, tuple) and r[1]) == 60 - 12 + 1
+    assert a.commits < 60 / 2, a.commits  # posts waiting together went in one transaction
+    claimed = await a.due(2e9, 100)
+    assert len(claimed) == 49 and [m.body for m in claimed if m.idempotency_key is None][:2] == [b"1", b"2"]
+
+
 async def test_replicas_claiming_together_never_take_the_same_message(stores: list[PgStore]) -> None:
     a, b = stores
     for n in range(200):

@@ -1,9 +1,9 @@
 """The relay's store on PostgreSQL, shared by every replica of a gateway.
 
-- **Acknowledged means committed**: every `add` is one autocommitted INSERT with `synchronous_commit` at
-  least `on` (raised from `off` per session), so a 202 follows a commit that is on disk (and on the
-  synchronous standbys the server names). Concurrent posts share WAL flushes through PostgreSQL's own
-  group commit.
+- **Acknowledged means committed**: an `add` returns once its transaction committed with
+  `synchronous_commit` at least `on` (raised from `off` per session), so a 202 follows a commit that is
+  on disk (and on the synchronous standbys the server names). Group commit: the posts that arrive while
+  one batch commits go in the next, one INSERT for all.
 - **Idempotency keys** are unique per flow across all replicas: a unique index, `ON CONFLICT DO NOTHING`;
   the body's SHA-256 is kept, so a key reused with a different body is refused (`IdempotencyConflict`).
 - **Claims are leases**: `due` takes messages with `FOR UPDATE SKIP LOCKED` (replicas never wait for each
@@ -32,6 +32,7 @@ import hashlib
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -41,7 +42,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from senderd.clock import Clock, SystemClock
-from senderd.errors import ConfigError, IdempotencyConflict, SpoolFull, StoreUnavailable
+from senderd.errors import ConfigError, IdempotencyConflict, SpoolError, SpoolFull, StoreUnavailable
 from senderd.logs import get_logger, redact_text
 from senderd.metrics import SPOOL_STATES
 from senderd.metrics import SpoolState as State
@@ -124,6 +125,20 @@ RETURNING {", ".join("m." + c.strip() for c in _COLUMNS.split(","))}
 """  # noqa: S608 - constant column list, values are parameters
 
 
+@dataclass
+class _Pending:
+    """A post waiting for its batch's commit."""
+
+    flow: str
+    body: bytes
+    content_type: str | None
+    idempotency_key: str | None
+    digest: str
+    done: bool = False
+    result: tuple[str, bool] | None = None
+    error: BaseException | None = None
+
+
 def _message(row: Sequence[Any]) -> Message:
     return Message(
         id=row[0],
@@ -187,6 +202,10 @@ class PgStore:
         self._pool: AsyncConnectionPool | None = None
         self._problem: str | None = None
         self._closed = False
+        self._pending: list[_Pending] = []
+        self._commit_lock = anyio.Lock()
+        self.commits = 0
+        """Transactions that stored posts (fewer than the posts: group commit)."""
 
     def __repr__(self) -> str:
         return f"PgStore({self.where!r}, owner={self.owner!r})"
@@ -347,46 +366,101 @@ class PgStore:
         self, flow: str, body: bytes, content_type: str | None, idempotency_key: str | None = None
     ) -> tuple[str, bool]:
         """Commit a message; (id, created). The first id for a known (flow, idempotency key) with the same
-        body; IdempotencyConflict for one with a different body."""
+        body; IdempotencyConflict for one with a different body.
+
+        Group commit: posts that arrive while a batch commits wait for the lock, and the first to get it
+        commits everything waiting in one transaction (one round trip and one WAL flush for all)."""
         if self._closed:
             raise StoreUnavailable("relay store closed: senderd is stopping")
-        live = self.counts["queued"] + self.counts["in_flight"] + self.counts["dead"]
-        if live >= self.max_messages or self.bytes + len(body) > self.max_bytes:
-            raise SpoolFull("spool full")
-        now = self.clock.time()
-        message_id = uuid.uuid4().hex
-        digest = hashlib.sha256(body).hexdigest()
-        async with self._connection() as conn:
-            for _ in range(3):  # a conflicting insert that rolled back leaves neither row: try again
-                cursor = await conn.execute(
-                    "INSERT INTO senderd_messages (id, flow, idempotency_key, content_type, body, body_sha256, state, "
-                    "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'queued', %s, %s) "
-                    "ON CONFLICT (flow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
-                    (message_id, flow, idempotency_key, content_type, body, digest, now, now),
-                )
-                if await cursor.fetchone() is not None:
-                    break
-                cursor = await conn.execute(
-                    "SELECT id, body_sha256 FROM senderd_messages WHERE flow = %s AND idempotency_key = %s",
-                    (flow, idempotency_key),
-                )
-                row = await cursor.fetchone()
-                if row is None:
-                    continue
-                if row[1] != digest:
-                    raise IdempotencyConflict(
-                        f"Idempotency-Key {idempotency_key!r} was used for a different body (message {row[0]}): "
-                        "a new message needs a new key",
-                        message_id=str(row[0]),
-                    )
-                return str(row[0]), False
-            else:
-                raise StoreUnavailable("relay store: the idempotency key is being written by another request")
-        self.counts["queued"] += 1
-        self.bytes += len(body)
+        pending = _Pending(flow, body, content_type, idempotency_key, hashlib.sha256(body).hexdigest())
+        self._pending.append(pending)
+        async with self._commit_lock:
+            if not pending.done:
+                batch, self._pending = self._pending, []
+                with anyio.CancelScope(shield=True):  # the others in the batch wait on this commit
+                    await self._commit(batch)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        """Insert `batch` in one transaction; each gets its result or its error."""
+        try:
+            async with self._connection() as conn, conn.transaction():
+                added, added_bytes = await self._insert(conn, batch)
+        except Exception as exc:  # the database down, or a bug: this batch is refused (503), the next tries again
+            error = exc if isinstance(exc, SpoolError) else SpoolError("relay store could not store the message")
+            if not isinstance(exc, SpoolError):
+                log.exception("store_write_crashed", messages=len(batch))
+            for item in batch:
+                item.result, item.error = None, error
+        else:
+            self.commits += 1
+            self.counts["queued"] += added
+            self.bytes += added_bytes
+        finally:
+            for item in batch:
+                item.done = True
         if self.on_change is not None:
             self.on_change()
-        return message_id, True
+
+    async def _insert(self, conn: psycopg.AsyncConnection[Any], batch: list[_Pending]) -> tuple[int, int]:
+        """The batch's rows, in order; sets each item's result (or its SpoolFull / IdempotencyConflict)."""
+        now = self.clock.time()
+        live = self.counts["queued"] + self.counts["in_flight"] + self.counts["dead"]
+        size = self.bytes
+        fresh: list[_Pending] = []
+        for item in batch:
+            if live + len(fresh) >= self.max_messages or size + len(item.body) > self.max_bytes:
+                item.error = SpoolFull("spool full")
+                continue
+            item.result = (uuid.uuid4().hex, True)
+            size += len(item.body)
+            fresh.append(item)
+        if not fresh:
+            return 0, 0
+        columns: list[list[Any]] = [[], [], [], [], [], []]
+        for item in fresh:
+            assert item.result is not None
+            for column, value in zip(
+                columns,
+                (item.result[0], item.flow, item.idempotency_key, item.content_type, item.body, item.digest),
+                strict=True,
+            ):
+                column.append(value)
+        cursor = await conn.execute(
+            "INSERT INTO senderd_messages (id, flow, idempotency_key, content_type, body, body_sha256, state, "
+            "created_at, updated_at) SELECT i, f, k, c, b, d, 'queued', %s, %s FROM unnest(%s::text[], %s::text[], "
+            "%s::text[], %s::text[], %s::bytea[], %s::text[]) WITH ORDINALITY AS t(i, f, k, c, b, d, n) ORDER BY n "
+            "ON CONFLICT (flow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
+            (now, now, *columns),
+        )
+        inserted = {str(row[0]) for row in await cursor.fetchall()}
+        known = [item for item in fresh if item.result is not None and item.result[0] not in inserted]
+        if known:  # the key names a message already (an earlier post, or one before it in this batch)
+            cursor = await conn.execute(
+                "SELECT m.flow, m.idempotency_key, m.id, m.body_sha256 FROM senderd_messages m JOIN "
+                "unnest(%s::text[], %s::text[]) AS k(f, k) ON m.flow = k.f AND m.idempotency_key = k.k",
+                ([item.flow for item in known], [item.idempotency_key for item in known]),
+            )
+            found = {(row[0], row[1]): (str(row[2]), row[3]) for row in await cursor.fetchall()}
+            for item in known:
+                first = found.get((item.flow, item.idempotency_key))
+                if first is None:  # removed meanwhile (retention): the client's retry stores it afresh
+                    item.result, item.error = None, StoreUnavailable("relay store: the message changed: retry")
+                elif first[1] != item.digest:
+                    item.result, item.error = (
+                        None,
+                        IdempotencyConflict(
+                            f"Idempotency-Key {item.idempotency_key!r} was used for a different body (message "
+                            f"{first[0]}): a new message needs a new key",
+                            message_id=first[0],
+                        ),
+                    )
+                else:
+                    item.result = (first[0], False)
+        return len(inserted), sum(len(item.body) for item in fresh if item.result and item.result[1])
 
     # --- reading and moving ----------------------------------------------------------------------------
 
