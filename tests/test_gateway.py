@@ -62,11 +62,11 @@ async def replicas(stack: EmulatorStack, dsn: str, count: int) -> AsyncIterator[
     """`count` daemons on one database: each with its relay URL."""
     env = {"SENDERD_POSTGRES_DSN": dsn}
     async with contextlib.AsyncExitStack() as stack_of:
-        running = []
-        for _ in range(count):
-            daemon = await stack_of.enter_async_context(senderd_run("-c", str(stack.config_path), env=env))
-            url = (await daemon.wait_for("relay_listening", timeout=30))["url"]
-            running.append((daemon, url))
+        daemons = [  # started together: they migrate the new database under its advisory lock, once
+            await stack_of.enter_async_context(senderd_run("-c", str(stack.config_path), env=env))
+            for _ in range(count)
+        ]
+        running = [(daemon, (await daemon.wait_for("relay_listening", timeout=30))["url"]) for daemon in daemons]
         yield running
     for daemon, _ in running:
         assert dsn not in daemon.text + daemon.stderr  # the DSN is a secret
