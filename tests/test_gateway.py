@@ -63,8 +63,7 @@ async def replicas(stack: EmulatorStack, dsn: str, count: int) -> AsyncIterator[
     env = {"SENDERD_POSTGRES_DSN": dsn}
     async with contextlib.AsyncExitStack() as stack_of:
         daemons = [  # started together: they migrate the new database under its advisory lock, once
-            await stack_of.enter_async_context(senderd_run("-c", str(stack.config_path), env=env))
-            for _ in range(count)
+            await stack_of.enter_async_context(senderd_run("-c", str(stack.config_path), env=env)) for _ in range(count)
         ]
         running = [(daemon, (await daemon.wait_for("relay_listening", timeout=30))["url"]) for daemon in daemons]
         yield running
