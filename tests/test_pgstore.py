@@ -382,3 +382,18 @@ async def test_a_full_store_refuses_and_plans_are_bounded_at_open(where: tuple[s
     async with opened(where, clock, fresh=False, max_delay=300) as store:  # redelivery_max: 5 minutes
         due_at = await store.next_due_at(clock.time())
     assert due_at == pytest.approx(clock.time() + 300)
+
+
+@STORES
+async def test_a_dead_message_is_listed_and_redriven_once(where: tuple[str, Path, str]) -> None:
+    clock = FakeClock()
+    async with opened(where, clock) as store:
+        message_id, _ = await store.add("orders", b"x", "text/plain")
+        (claimed,) = await store.due(clock.time(), 10)
+        await store.finish(claimed, "dead", error="HTTP 400", status=400)
+        listed = [m.id for m in await store.dead()]
+        first, again = await store.redrive(message_id), await store.redrive(message_id)
+        redriven = await store.due(clock.time(), 10)
+    assert listed == [message_id]
+    assert (first, again) == (True, False)  # only a dead message is re-driven
+    assert [m.id for m in redriven] == [message_id] and redriven[0].body == b"x" and redriven[0].status == 400
