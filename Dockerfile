@@ -32,8 +32,9 @@ RUN groupadd --system --gid 10001 senderd \
        --shell /usr/sbin/nologin senderd \
     && install -d -o 10001 -g 10001 -m 0750 /var/lib/senderd /var/lib/senderd/spool \
     && install -d -m 0755 /etc/senderd
+# The wheel and psycopg (the `postgresql` extra: gateway mode's shared store), versions from the lock.
 RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
-    pip install --no-cache-dir -c /dist/requirements.lock /dist/*.whl
+    pip install --no-cache-dir -c /dist/requirements.lock 'psycopg[binary,pool]' /dist/*.whl
 WORKDIR /var/lib/senderd
 # 9464: /metrics, /healthz, /readyz, /probe; 8787: the relay (sidecar ingest API)
 EXPOSE 9464 8787

@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from bench import footprint, forward, newman, relay, relay_memory, schedule, throughput, tokens
+from bench import footprint, forward, newman, relay, relay_memory, relay_pg, schedule, throughput, tokens
 from bench.common import Mode, Section, machine, say, write_json
 from bench.peers import INSTALL, find_tool, tool_version
 
@@ -37,6 +37,7 @@ MEASUREMENTS: dict[str, tuple[str, Measure]] = {
     "relay": ("relay", relay.measure),
     "relay_memory": ("relay_memory", relay_memory.measure),
     "forward": ("forward", forward.measure),
+    "relay_pg": ("relay_pg", relay_pg.measure),
 }
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"

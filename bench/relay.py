@@ -327,6 +327,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="5,000 messages instead of 20,000")
     parser.add_argument("--count", type=int, help="messages to post (timed)")
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="clients posting at once")
+    parser.add_argument(
+        "--store", choices=("sqlite", "postgresql"), default="sqlite", help="the relay's store (relay_pg.* figures)"
+    )
     parser.add_argument("--loadgen", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=300, help=argparse.SUPPRESS)
     parser.add_argument("--rate", type=float, help=argparse.SUPPRESS)
@@ -342,6 +345,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="senderd-bench-relay-") as scratch:
             return await measure(Mode(quick=args.quick), Path(scratch), count=args.count, concurrency=args.concurrency)
 
+    if args.store == "postgresql":
+        from bench import relay_pg
+
+        async def on_postgresql() -> Section:
+            with tempfile.TemporaryDirectory(prefix="senderd-bench-relay-pg-") as scratch:
+                return await relay_pg.measure(Mode(quick=args.quick), Path(scratch))
+
+        print(json.dumps({"relay_pg": anyio.run(on_postgresql)}, indent=2))
+        return
     section = anyio.run(alone)
     rps, p99 = section["accept_rps"], section.get("open_loop_p99_ack_ms")
     verdict = "met" if rps >= TARGET_RPS and p99 is not None and p99 <= TARGET_OPEN_LOOP_P99_MS else "MISSED"

@@ -527,6 +527,15 @@ class RelayConfig(Section):
     max_buffered_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     """Body bytes held in memory at once across all posts; a post that cannot get its share within
     `read_timeout` is answered 503 (nothing acknowledged)."""
+    store: Literal["sqlite", "postgresql"] = "sqlite"
+    """Where messages are kept: `sqlite` in `spool_dir` (one daemon), or `postgresql` (shared by replicas)."""
+    dsn_env: str | None = None
+    """Environment variable holding the PostgreSQL connection string (a secret: never logged)."""
+    lease: PositiveDuration = 30.0
+    """With `postgresql`: how long a replica's claim on a message lasts unless renewed; a replica that dies
+    loses its messages to the others after this long."""
+    pool_size: int = Field(default=10, ge=1, le=1000)
+    """With `postgresql`: connections this replica keeps to the database."""
 
     @field_validator("listen")
     @classmethod
@@ -534,7 +543,14 @@ class RelayConfig(Section):
         return check_listen(value)
 
     @model_validator(mode="after")
-    def _token_beyond_localhost(self) -> RelayConfig:
+    def _store_and_exposure(self) -> RelayConfig:
+        if self.store == "postgresql" and self.dsn_env is None:
+            raise ValueError(
+                'dsn_env: store = "postgresql" needs the environment variable holding the DSN, '
+                'e.g. dsn_env = "SENDERD_POSTGRES_DSN"'
+            )
+        if self.dsn_env is not None and self.store != "postgresql":
+            raise ValueError('dsn_env: only with store = "postgresql"')
         if open_without_token(self.listen, self.token_env):
             raise ValueError(
                 f"listen = {self.listen!r} is reachable beyond localhost without a token: set relay.token_env "
@@ -545,6 +561,56 @@ class RelayConfig(Section):
     def token(self) -> str | None:
         """The bearer token the app must present, from `token_env`."""
         return env_secret(self.token_env, "relay.token_env")
+
+    def dsn(self) -> str:
+        """The PostgreSQL connection string, from `dsn_env` (registered for redaction)."""
+        value = env_secret(self.dsn_env, "relay.dsn_env")
+        if value is None:
+            raise ConfigError('relay.dsn_env: store = "postgresql" needs it')
+        return value
+
+
+_SHARD = re.compile(r"^(\d+)/(\d+)$")
+
+
+class ClusterConfig(Section):
+    """`[cluster]`: how replicas split scheduled flows without a database (with `relay.store =
+    "postgresql"` a claim per tick in the database decides instead, and this is not needed)."""
+
+    shard: str | None = None
+    """`"I/N"`: this replica fires the scheduled flows whose stable name hash modulo N is I (0-based)."""
+    shards: int | None = Field(default=None, ge=1, le=10_000)
+    """N, when I comes from `shard_index_env` (a StatefulSet's pod ordinal)."""
+    shard_index_env: str | None = None
+    """Environment variable holding I, or a pod name ending in `-I` (`HOSTNAME` in a StatefulSet)."""
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ClusterConfig:
+        if self.shard is not None:
+            match = _SHARD.match(self.shard)
+            if match is None or int(match[1]) >= int(match[2]):
+                raise ValueError(f'shard: use "I/N" with 0 <= I < N, e.g. "0/3", found {self.shard!r}')
+            if self.shards is not None or self.shard_index_env is not None:
+                raise ValueError("shard: give either shard, or shards with shard_index_env, not both")
+        elif (self.shards is None) != (self.shard_index_env is None):
+            raise ValueError("shards and shard_index_env go together: give both, or neither")
+        return self
+
+    def shard_of(self) -> tuple[int, int] | None:
+        """(I, N) for this replica, or None when scheduled flows are not sharded; reads the environment."""
+        if self.shard is not None:
+            index, count = self.shard.split("/")
+            return int(index), int(count)
+        if self.shards is None or self.shard_index_env is None:
+            return None
+        value = os.environ.get(self.shard_index_env, "")
+        ordinal = value.rpartition("-")[2]
+        if not ordinal.isdigit() or int(ordinal) >= self.shards:
+            raise ConfigError(
+                f"cluster.shard_index_env: {self.shard_index_env}={value!r} is not a shard index below "
+                f"cluster.shards ({self.shards}) nor a pod name ending in one"
+            )
+        return int(ordinal), self.shards
 
 
 FORWARD_MAX_BODY = 128 * 1024 * 1024
@@ -617,6 +683,7 @@ class Config(BaseModel):
     flows: list[FlowConfig] = []
     relay: RelayConfig | None = None
     forward: ForwardConfig | None = None
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:

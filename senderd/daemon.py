@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from senderd import cluster
 from senderd.auth.rotation import CredentialWatcher
 from senderd.clock import Clock, SystemClock
 from senderd.config import Config, FlowConfig, load_config
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 log = get_logger("daemon")
 StartHook = Callable[[Engine, TaskGroup], Awaitable[None]]
 ConfigLoader = Callable[[], Config]
-RESTART_SECTIONS = ("server", "relay", "pool", "runtime", "token", "forward")
+RESTART_SECTIONS = ("server", "relay", "pool", "runtime", "token", "forward", "cluster")
 """Config sections a reload cannot apply to a running daemon (logged as needing a restart)."""
 
 
@@ -73,6 +74,7 @@ class Daemon:
         self._reload_lock = anyio.Lock()
         self._pools: PoolSet | None = None
         self._drained = anyio.Event()
+        self._shard: tuple[int, int] | None = None
 
     @classmethod
     def create(
@@ -127,6 +129,7 @@ class Daemon:
         config = self.config
         asyncio.get_running_loop().set_exception_handler(LoopErrors())
         raise_open_files_limit()
+        self._shard = config.cluster.shard_of()  # a bad shard index is a ConfigError before anything runs
         engine = await resources.enter_async_context(Engine.open(config, metrics=self.metrics, clock=self.clock))
         self.engine = engine
         for flow in config.flows:
@@ -138,7 +141,7 @@ class Daemon:
             log.info(
                 "relay_listening",
                 url=relay.url,
-                spool=str(relay.spool.path),
+                spool=relay.spool.where,
                 queued=relay.spool.counts["queued"],
                 dead=relay.spool.counts["dead"],
             )
@@ -187,9 +190,12 @@ class Daemon:
 
         await work.start(workers)
 
+        gate = cluster.gate_for(self.relay.spool if self.relay is not None else None, self.clock, self.metrics)
+
         def make_job(flow: FlowConfig, scheduled_at: float) -> Job:
             async def job() -> None:
-                await engine.send(flow, scheduled_at=scheduled_at)
+                if gate is None or await gate.admit(flow, scheduled_at):  # one replica fires each tick
+                    await engine.send(flow, scheduled_at=scheduled_at)
 
             return job
 
@@ -197,7 +203,7 @@ class Daemon:
             return pools.offer(engine.config.set_of(flow), flow.name, job)
 
         self.scheduler = Scheduler(offer, make_job, clock=self.clock, on_skip=self.metrics.tick_skipped)
-        await work.start(self.scheduler.run, engine.config.flows)
+        await work.start(self.scheduler.run, cluster.mine(engine.config.flows, self._shard))
         if self.relay is not None:
             await work.start(self.relay.run)
         log.info("started", flows=len(self.config.flows), workers=self.config.pool.workers)
@@ -275,7 +281,7 @@ class Daemon:
         engine.holder.swap(new)
         for flow in new.flows:
             self.metrics.declare_flow(flow.name, flow.every, confirms=flow.confirm == "mpl")
-        restarted = scheduler.update(new.flows)
+        restarted = scheduler.update(cluster.mine(new.flows, self._shard))
         self.metrics.config_reload_ok.set(1)
         log.info(
             "config_reloaded",

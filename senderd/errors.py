@@ -57,5 +57,9 @@ class IdempotencyConflict(SpoolError):
         self.message_id = message_id
 
 
+class StoreUnavailable(SpoolError):
+    """The relay's store (the PostgreSQL database) cannot be reached now; nothing was acknowledged."""
+
+
 class PushError(SenderdError):
     """The Pushgateway did not take the metrics."""

@@ -59,7 +59,7 @@ TRANSIENT_TOKEN_FAILURES: frozenset[str] = frozenset({"timeout", "unreachable", 
 """Token failures that the token server itself may end by the next attempt."""
 RuntimeFailureReason = Literal["unauthorized", "forbidden"]
 RUNTIME_FAILURE_REASONS: tuple[RuntimeFailureReason, ...] = get_args(RuntimeFailureReason)
-SkipReason = Literal["overlap", "queue_full", "late"]
+SkipReason = Literal["overlap", "queue_full", "late", "claimed_elsewhere"]
 """Why a scheduled tick did not run: `senderd_skipped_ticks_total{reason}`."""
 SKIP_REASONS: tuple[SkipReason, ...] = get_args(SkipReason)
 DeliveryResult = Literal["delivered", "retry", "paused", "dead"]

@@ -62,6 +62,20 @@ from senderd.errors import ConfigError
             "flows[0]: body_file '/no/such/file' is missing or unreadable (No such file or directory): check the path",
         ),
         (
+            "[relay]\nstore = 'postgresql'\n",
+            'relay: dsn_env: store = "postgresql" needs the environment variable holding the DSN, '
+            'e.g. dsn_env = "SENDERD_POSTGRES_DSN"',
+        ),
+        ("[relay]\ndsn_env = 'PG'\n", 'relay: dsn_env: only with store = "postgresql"'),
+        (
+            "[relay]\nstore = 'mysql'\n",
+            "relay.store: Input should be 'sqlite' or 'postgresql'",
+        ),
+        (
+            "[cluster]\nshard = '3/3'\n",
+            'cluster: shard: use "I/N" with 0 <= I < N, e.g. "0/3", found \'3/3\'',
+        ),
+        (
             "[[flows]]\nname = 'a'\npath = '/a'\nexpect_body = '('\n",
             "flows[0].expect_body: not a valid regular expression (missing ), unterminated subpattern at position 0)",
         ),

@@ -757,6 +757,131 @@ def test_uptime_network_policy_admits_only_prometheus_to_the_metrics_port() -> N
     ]
 
 
+# --- Kubernetes: gateway mode ----------------------------------------------------------------------------
+
+GATEWAY = K8S / "gateway"
+GATEWAY_EXAMPLES = ("secret.example.yaml", "statefulset-sharded.example.yaml")
+
+
+def gateway_documents(name: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all((GATEWAY / name).read_text(encoding="utf-8")) if doc]
+
+
+def gateway_one(kind: str) -> dict[str, Any]:
+    docs = [doc for path in sorted(GATEWAY.glob("*.yaml")) for doc in gateway_documents(path.name)]
+    found = [doc for doc in docs if doc["kind"] == kind]
+    assert len(found) == 1, f"gateway: expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def gateway_config() -> dict[str, Any]:
+    config: dict[str, Any] = tomllib.loads(gateway_one("ConfigMap")["data"]["senderd.toml"])
+    return config
+
+
+def test_gateway_kustomization_lists_every_manifest_but_the_examples() -> None:
+    kustomization = gateway_documents("kustomization.yaml")[0]
+    on_disk = {path.name for path in GATEWAY.glob("*.yaml")} - {"kustomization.yaml", *GATEWAY_EXAMPLES}
+    assert sorted(kustomization["resources"]) == sorted(on_disk)
+
+
+@pytest.mark.parametrize("kubernetes_version", [None, OLDEST_KUBERNETES])
+def test_gateway_manifests_validate_strictly(kubernetes_version: str | None) -> None:
+    validate = require_tool("kubernetes-validate")
+    files = [*gateway_documents("kustomization.yaml")[0]["resources"], *GATEWAY_EXAMPLES]
+    version = ["-k", kubernetes_version] if kubernetes_version else []
+    output = run(validate, "--strict", *version, *(GATEWAY / name for name in files))
+    documents = sum(len(gateway_documents(name)) for name in files)
+    assert output.count(" passed for resource ") == documents, output
+    assert "WARN" not in output and "ERROR" not in output, output
+
+
+def test_gateway_replicas_share_a_database_and_require_the_relay_token() -> None:
+    deployment = gateway_one("Deployment")
+    assert deployment["spec"]["replicas"] >= 2
+    pod = deployment["spec"]["template"]
+    senderd = senderd_container(pod["spec"])
+    assert senderd["image"] == IMAGE and senderd["args"][:3] == ["run", "-c", CONFIG_PATH]
+    config = gateway_config()
+    relay = config["relay"]
+    assert relay["store"] == "postgresql" and relay["listen"] == "0.0.0.0:8787"
+    env = {item["name"]: item for item in senderd["env"]}
+    secret = gateway_documents("secret.example.yaml")[0]
+    for variable in (relay["dsn_env"], relay["token_env"]):  # both from the Secret, never in the manifest
+        reference = env[variable]["valueFrom"]["secretKeyRef"]
+        assert reference["name"] == secret["metadata"]["name"]
+        assert reference["key"] in secret["stringData"]
+        assert "value" not in env[variable]
+    assert not any(volume.get("emptyDir") and volume["name"] == "spool" for volume in pod["spec"]["volumes"])
+    ports = {port["name"]: port["containerPort"] for port in senderd["ports"]}
+    assert ports == {"relay": 8787, "metrics": 9464}
+    assert senderd["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    labels = pod["metadata"]["labels"]
+
+    service = gateway_one("Service")
+    assert service["metadata"]["name"] == "senderd-gateway"
+    assert service["spec"]["ports"] == [{"name": "relay", "port": 8787, "targetPort": "relay", "protocol": "TCP"}]
+    assert service["spec"]["selector"].items() <= labels.items()
+    budget = gateway_one("PodDisruptionBudget")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert budget["spec"].get("maxUnavailable") == 1
+    autoscaler = gateway_one("HorizontalPodAutoscaler")
+    assert autoscaler["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert autoscaler["spec"]["minReplicas"] >= 2
+    policy = gateway_one("NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    allowed_in = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+    allowed_out = {port["port"] for rule in policy["spec"]["egress"] for port in rule["ports"]}
+    assert allowed_in == {8787, 9464} and {53, 5432, 443} <= allowed_out
+
+
+def test_gateway_workloads_are_hardened() -> None:
+    for pod in (
+        gateway_one("Deployment")["spec"]["template"]["spec"],
+        gateway_one("StatefulSet")["spec"]["template"]["spec"],
+    ):
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in containers(pod):
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_the_gateway_config_loads_and_without_its_token_is_refused_at_start(tmp_path: Path) -> None:
+    from senderd.config import config_from_dict
+
+    config = gateway_config()
+    loaded = config_from_dict(config, source="gateway", base=tmp_path)
+    assert loaded.relay is not None and loaded.relay.store == "postgresql"
+    del config["relay"]["token_env"]
+    path = tmp_path / "open.toml"
+    path.write_text(toml_text(config), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "senderd", "run", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"senderd: error: {path}: relay: listen = '0.0.0.0:8787' is reachable beyond localhost without a token: "
+        "set relay.token_env (the app then sends 'Authorization: Bearer ...'), or listen on 127.0.0.1"
+    ]
+
+
+def toml_text(config: dict[str, Any]) -> str:
+    """The gateway's config (tables of strings, numbers and arrays of tables) written back as TOML."""
+    lines: list[str] = []
+    for section, value in config.items():
+        tables = value if isinstance(value, list) else [value]
+        for table in tables:
+            lines.append(f"[[{section}]]" if isinstance(value, list) else f"[{section}]")
+            lines += [f"{key} = {json.dumps(item)}" for key, item in table.items()]
+    return "\n".join(lines) + "\n"
+
+
 # --- Dockerfile -----------------------------------------------------------------------------------------
 
 
@@ -843,6 +968,10 @@ def test_dockerfile_builds_a_wheel_and_installs_only_that_as_a_non_root_user() -
         assert f"--from={builder.name}" in copy, f"sources copied into the final stage: {copy}"
     installs = [args for args in final.args("RUN") if "pip install" in args]
     assert installs and all(f"from={builder.name}" in args and args.endswith("/dist/*.whl") for args in installs)
+    with (ROOT / "pyproject.toml").open("rb") as file:
+        extra = tomllib.load(file)["project"]["optional-dependencies"]["postgresql"]
+    carried = {re.split(r"[<>=!~ ]", requirement, maxsplit=1)[0] for requirement in extra}
+    assert all(f"'{name}'" in installs[0] for name in carried), "the image carries the postgresql extra"
     assert all("-c /dist/requirements.lock" in args for args in installs), "dependencies from the lock"
     for args in final.args("RUN"):
         words = set(re.split(r"[\s;&|]+", args))
@@ -951,13 +1080,20 @@ def test_wheel_builds_from_the_docker_context(tmp_path: Path) -> None:
 
 
 def test_lock_pins_exactly_the_runtime_dependencies() -> None:
-    """requirements.lock (scripts/lock) pins every runtime dependency pyproject names, each to one version."""
+    """requirements.lock (scripts/lock) pins every runtime dependency pyproject names, and the `postgresql`
+    extra the image carries (psycopg with its binary and pool parts), each to one version."""
     lines = [line for line in (ROOT / "requirements.lock").read_text().splitlines() if not line.startswith("#")]
     pins = dict(line.split("==") for line in lines)
     assert all(re.fullmatch(r"[0-9][0-9A-Za-z.+-]*", version) for version in pins.values()), pins
     normal = {re.sub(r"[-_.]+", "-", name).lower() for name in pins}
     with (ROOT / "pyproject.toml").open("rb") as file:
-        wanted = tomllib.load(file)["project"]["dependencies"]
+        project = tomllib.load(file)["project"]
+    wanted = [
+        *project["dependencies"],
+        *project["optional-dependencies"]["postgresql"],
+        "psycopg-binary",
+        "psycopg-pool",
+    ]
     for requirement in wanted:
         name = re.split(r"[\[<>=!~ ]", requirement, maxsplit=1)[0]
         assert re.sub(r"[-_.]+", "-", name).lower() in normal, f"{name} is not in requirements.lock (scripts/lock)"

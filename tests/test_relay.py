@@ -351,7 +351,7 @@ async def test_last_error_is_redacted_where_it_is_stored_and_served(tmp_path: Pa
         await deliveries.wait_for(1)
         _, message = await get(f"{url}/v1/messages/{answer['id']}")
         _, dead = await get(f"{url}/v1/dead")
-        assert daemon.relay is not None
+        assert daemon.relay is not None and isinstance(daemon.relay.spool, Spool)
         stored = daemon.relay.spool.db.execute("SELECT last_error FROM messages").fetchone()[0]
     for text in (message["last_error"], dead["messages"][0]["last_error"], stored):
         assert "HttpResponseException" in text

@@ -48,6 +48,8 @@ _INSTALL_HINTS = {
     "podman": "apt-get install podman runc uidmap",
     "runc": "apt-get install runc",
     "debootstrap": "apt-get install debootstrap",
+    "initdb": "apt-get install postgresql",
+    "pgbench": "apt-get install postgresql",
 }
 
 

@@ -1,5 +1,6 @@
-"""The sidecar relay: the ingest API (`api`), the durable spool (`spool`) and the dispatcher that delivers
-what was spooled (`dispatcher`), started and stopped together by `Relay`."""
+"""The relay: the ingest API (`api`), the durable store (`store`: the SQLite `spool` or the shared PostgreSQL
+`pgstore`) and the dispatcher that delivers what was stored (`dispatcher`), started and stopped together by
+`Relay`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from senderd.logs import get_logger
 from senderd.relay.api import RelayApi
 from senderd.relay.dispatcher import Dispatcher
 from senderd.relay.retention import prune_forever
-from senderd.relay.spool import Spool
+from senderd.relay.store import RelayStore, make_store
 
 log = get_logger("relay")
 
@@ -23,7 +24,7 @@ log = get_logger("relay")
 class Relay:
     """The spool, the API listening on `relay.listen`, and the dispatcher, over one engine."""
 
-    def __init__(self, config: RelayConfig, engine: Engine, spool: Spool) -> None:
+    def __init__(self, config: RelayConfig, engine: Engine, spool: RelayStore) -> None:
         self.config = config
         self.spool = spool
         self.api = RelayApi(config, engine.holder, spool, engine.metrics)
@@ -34,14 +35,8 @@ class Relay:
     @classmethod
     @asynccontextmanager
     async def open(cls, config: RelayConfig, engine: Engine) -> AsyncIterator[Relay]:
-        """Open the spool and listen; both are closed on exit. Raises ConfigError (spool, address)."""
-        spool = Spool(
-            config.spool_dir,
-            max_messages=config.max_spool_messages,
-            max_bytes=config.max_spool_bytes,
-            clock=engine.clock,
-            max_delay=config.redelivery_max,
-        )
+        """Open the store and listen; both are closed on exit. Raises ConfigError (store, address)."""
+        spool = make_store(config, engine.clock)
         await spool.open()
         try:
             relay = cls(config, engine, spool)
@@ -79,7 +74,7 @@ class Relay:
             messages=left,
             dead=counts["dead"],
             delivered_while_stopping=self.dispatcher.delivered_draining,
-            spool=str(self.spool.path),
+            spool=self.spool.where,
         )
 
     def stop_accepting(self) -> None:
@@ -93,7 +88,10 @@ class Relay:
         if self.api.stopping:
             return False, "stopping"
         if not self.spool.is_open:
-            return False, f"spool {self.spool.path} is not open"
+            return False, f"spool {self.spool.where} is not open"
+        problem = self.spool.problem
+        if problem is not None:  # a shared database that is down
+            return False, f"relay store: {problem}"
         if not self.api.site.listening:
             return False, f"not listening on {self.config.listen}"
         return True, "ok"

@@ -11,6 +11,7 @@ import errno
 import re
 import sqlite3
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 from aiohttp import web
@@ -21,7 +22,7 @@ from senderd.errors import IdempotencyConflict, SpoolError, SpoolFull
 from senderd.logs import get_logger
 from senderd.metrics import Metrics
 from senderd.relay.incoming import INLINE_BODY_BYTES, PIECE_BYTES, BodyTooLarge, IncomingBody, receive
-from senderd.relay.spool import Spool
+from senderd.relay.store import RelayStore
 from senderd.site import Site, bearer_authorised
 
 log = get_logger("relay")
@@ -34,7 +35,7 @@ _MEDIA_TYPE = re.compile(r"^[\x20-\x7e\t]{1,255}$")
 class RelayApi:
     """The ingest and status API over one spool."""
 
-    def __init__(self, config: RelayConfig, holder: ConfigHolder, spool: Spool, metrics: Metrics) -> None:
+    def __init__(self, config: RelayConfig, holder: ConfigHolder, spool: RelayStore, metrics: Metrics) -> None:
         self.config = config
         self.holder = holder
         self.spool = spool
@@ -88,7 +89,7 @@ class RelayApi:
             response = _error(413, f"message larger than relay.max_message_bytes ({self.config.max_message_bytes})")
         except web.HTTPException as exc:
             response = _error(exc.status, exc.reason)
-        except sqlite3.Error as exc:  # the spool's disk failed under a status query
+        except (sqlite3.Error, SpoolError) as exc:  # the spool's disk failed, or the database is down
             log.error("spool_read_failed", error=str(exc))
             response = _error(503, "spool unavailable: retry later", headers={"Retry-After": "5"})
         except Exception:  # a bug: that request's answer, never the daemon's end
@@ -118,8 +119,12 @@ class RelayApi:
         key = request.headers.get("Idempotency-Key")
         if key is not None and not _IDEMPOTENCY_KEY.match(key):
             return _error(400, "Idempotency-Key must be 1-255 visible ASCII characters")
-        inline = request.content_length is not None and request.content_length <= INLINE_BODY_BYTES
-        share = request.content_length if inline and request.content_length is not None else 2 * PIECE_BYTES
+        staging = self.spool.staging_dir
+        declared = request.content_length
+        inline = staging is None or (declared is not None and declared <= INLINE_BODY_BYTES)
+        share = 2 * PIECE_BYTES  # a streamed body holds a piece being gathered and one being written
+        if inline:
+            share = declared if declared is not None else self.config.max_message_bytes
         if not await self.budget.acquire(share, self.config.read_timeout):
             return _error(
                 503,
@@ -127,9 +132,9 @@ class RelayApi:
                 headers={"Retry-After": "1"},
             )
         try:
-            if inline:
+            if staging is None or inline:
                 return await self._spool_inline(request, name, content_type, key)
-            return await self._spool_streamed(request, name, content_type, key)
+            return await self._spool_streamed(request, staging, name, content_type, key)
         finally:
             self.budget.release(share)
 
@@ -143,14 +148,14 @@ class RelayApi:
         return await self._store(name, body, content_type, key)
 
     async def _spool_streamed(
-        self, request: web.Request, name: str, content_type: str, key: str | None
+        self, request: web.Request, staging: Path, name: str, content_type: str, key: str | None
     ) -> web.Response:
         """A large body, or one of unknown length: streamed to a staging file, then copied into the spool."""
         staged: IncomingBody | None = None
         limit = self.config.max_message_bytes
         try:
             with anyio.move_on_after(self.config.read_timeout):
-                staged = await receive(request.content, self.spool.directory.directory, limit)
+                staged = await receive(request.content, staging, limit)
         except BodyTooLarge:
             return _error(
                 413, f"message larger than relay.max_message_bytes ({limit})", headers={"Connection": "close"}

@@ -22,12 +22,13 @@ import anyio
 
 from senderd.config import RelayConfig
 from senderd.engine import Engine
-from senderd.errors import ConfigError
+from senderd.errors import ConfigError, SpoolError
 from senderd.logs import get_logger
 from senderd.metrics import DeliveryResult
 from senderd.metrics import SpoolState as State
 from senderd.pool import WorkerPool
-from senderd.relay.spool import Message, Spool
+from senderd.relay.spool import Message
+from senderd.relay.store import RelayStore
 from senderd.relay.verdict import verdict
 from senderd.result import SendResult
 from senderd.retry import backoff
@@ -41,7 +42,7 @@ _RESULTS: dict[State, DeliveryResult] = {"delivered": "delivered", "queued": "re
 class Dispatcher:
     """Claims due messages from the spool and delivers them."""
 
-    def __init__(self, config: RelayConfig, engine: Engine, spool: Spool) -> None:
+    def __init__(self, config: RelayConfig, engine: Engine, spool: RelayStore) -> None:
         self.config = config
         self.engine = engine
         self.spool = spool
@@ -135,7 +136,7 @@ class Dispatcher:
                             exclude_ids=[*self._inflight, *self._unrecorded], again_ids=again,
                             only_flows=[flow.name for flow in self.engine.config.flows],
                         )  # fmt: skip
-                except sqlite3.Error as exc:  # the spool's disk is failing: say so, try again shortly
+                except (sqlite3.Error, SpoolError) as exc:  # a failing disk, a database down: try again shortly
                     log.error("spool_read_failed", error=str(exc))
                 for message in claimed:
                     self._unrecorded.pop(message.id, None)
@@ -166,7 +167,7 @@ class Dispatcher:
         is not due yet becomes due; never less than a moment, so that nothing spins."""
         delay = 1.0
         if can_claim:
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(sqlite3.Error, SpoolError):
                 now = self.plan_time()
                 next_due = await self.spool.next_due_at(after=now)
                 if next_due is not None:
@@ -180,7 +181,7 @@ class Dispatcher:
             try:
                 with anyio.CancelScope(shield=True):
                     await record()
-            except sqlite3.Error:
+            except (sqlite3.Error, SpoolError):
                 return
             del self._unrecorded[message_id]
 
@@ -278,7 +279,7 @@ class Dispatcher:
         try:
             with anyio.CancelScope(shield=True):
                 await record()
-        except sqlite3.Error as exc:  # a full disk: written again later; the message is not claimed meanwhile
+        except (sqlite3.Error, SpoolError) as exc:  # a full disk, a database down: written again later
             log.error("spool_write_failed", id=message.id, error=str(exc), retry="each dispatcher round")
             self._unrecorded[message.id] = (record, retry_at if state == "queued" else math.inf)
         outcome: DeliveryResult = _RESULTS[state] if counted else "paused"

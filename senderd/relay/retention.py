@@ -10,8 +10,9 @@ import anyio
 
 from senderd.clock import Clock
 from senderd.config import RelayConfig
+from senderd.errors import SpoolError
 from senderd.logs import get_logger
-from senderd.relay.spool import Spool
+from senderd.relay.store import RelayStore
 
 log = get_logger("relay")
 MAX_INTERVAL = 60.0
@@ -19,7 +20,7 @@ MAX_INTERVAL = 60.0
 
 async def prune_forever(
     config: RelayConfig,
-    spool: Spool,
+    spool: RelayStore,
     clock: Clock,
     *,
     on_pruned: Callable[[int], None] | None = None,
@@ -34,7 +35,7 @@ async def prune_forever(
         dead_before = now - config.dead_retention if config.dead_retention is not None else None
         try:
             removed = await spool.prune(now - config.retention, dead_before)
-        except sqlite3.Error as exc:  # a full disk, say: the next round tries again
+        except (sqlite3.Error, SpoolError) as exc:  # a full disk, a database down: the next round tries again
             log.error("spool_prune_failed", error=str(exc))
             continue
         if removed:

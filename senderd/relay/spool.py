@@ -271,6 +271,21 @@ class Spool:
         return self._db is not None
 
     @property
+    def where(self) -> str:
+        """The database file."""
+        return str(self.path)
+
+    @property
+    def problem(self) -> None:
+        """A local file has no outage to report (a full or failing disk answers 503 per message)."""
+        return None
+
+    @property
+    def staging_dir(self) -> Path:
+        """The spool directory: large posts are staged in its `incoming/`."""
+        return self.directory.directory
+
+    @property
     def db(self) -> sqlite3.Connection:
         """The open connection."""
         if self._db is None:
