@@ -199,7 +199,8 @@ async def test_a_database_restart_loses_nothing_and_needs_no_restart(tmp_path: P
     print(f"\ndatabase restart: {len(acked)} acked, answers {dict(statuses)}, readyz during {ready_during}")
     assert statuses[503] > 0  # refused while down, never acknowledged
     status, body = ready_during[0]
-    assert status == 503 and str(body["reason"]).startswith("relay store: database unreachable at postgresql://")
+    assert status == 503 and str(body["reason"]).startswith("relay: relay store: database unreachable at postgresql://")
+    assert body["checks"]["relay"]["ready"] is False
     assert ready_after == 200
 
 
