@@ -202,7 +202,7 @@ async def test_a_database_restart_loses_nothing_and_needs_no_restart(tmp_path: P
     assert status == 503 and str(body["reason"]).startswith("relay: relay store: database unreachable at postgresql://")
     assert body["checks"] == {
         "daemon": {"ready": True, "reason": "ok"},
-        "relay": {"ready": False, "reason": body["reason"][7:]},
+        "relay": {"ready": False, "reason": str(body["reason"]).removeprefix("relay: ")},
     }
     assert ready_after == 200
 
