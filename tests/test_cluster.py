@@ -180,5 +180,6 @@ async def test_two_replicas_fire_each_tick_of_100_flows_once(server: PostgresSer
     first, last = math.ceil(started + 1.5), math.floor(clock.time()) - 2
     for flow in flows:
         ticks = {tick for _, name, tick in sends if name == flow.name}
-        missing = [t for t in range(first, last) if t not in ticks]
+        # the tick a replica claimed as it was killed may be lost: "no gap beyond one tick" (issue 15)
+        missing = [t for t in range(first, last) if t not in ticks and abs(t - killed_at) > 1]
         assert not missing, (flow.name, missing, killed_at)

@@ -178,7 +178,7 @@ async def test_a_database_restart_loses_nothing_and_needs_no_restart(tmp_path: P
         async with anyio.create_task_group() as posters:
             for worker in range(4):
                 posters.start_soon(poster, worker * 1_000_000)
-            await eventually(lambda: len(acked) >= 100, 30)
+            await eventually(lambda: len(acked) >= 100, 60)
             before = len(acked)
             server.stop("immediate")  # a crash of the database: only committed transactions survive
             async with aiohttp.ClientSession() as session:
