@@ -26,6 +26,11 @@ from typing import Any, Literal, TextIO
 import structlog
 from structlog.typing import Processor
 
+try:  # an optional extra (`senderd[fast]`): a sixth of the encoder's cost, the same lines
+    import orjson
+except ImportError:  # pragma: no cover - the stdlib encoder writes the same text
+    orjson = None  # type: ignore[assignment]
+
 REDACTED = "[REDACTED]"
 LogFormat = Literal["json", "console", "auto"]
 LEVELS = logging.getLevelNamesMapping()
@@ -241,11 +246,21 @@ class _Timestamp:
         return event
 
 
-_ENCODER = json.JSONEncoder(default=repr)
-"""One encoder for every line (json.dumps builds one per call)."""
+_ENCODER = json.JSONEncoder(default=repr, separators=(",", ":"))
+"""One encoder for every line (json.dumps builds one per call), compact as orjson writes."""
+_ORJSON_OPTIONS = 0 if orjson is None else orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+"""Dataclasses and datetimes go to `default=repr`, as with the stdlib encoder."""
 
 
 def _render_json(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> str:
+    if orjson is not None:
+        try:
+            line = orjson.dumps(event, default=repr, option=_ORJSON_OPTIONS)
+        except (orjson.JSONEncodeError, TypeError):  # a non-str key, an int beyond 64 bits: the stdlib takes it
+            pass
+        else:
+            if line.isascii():  # else the stdlib's \u escapes (a line safe on any stream encoding)
+                return line.decode()
     return _ENCODER.encode(event)
 
 
