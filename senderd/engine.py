@@ -61,7 +61,7 @@ class Engine:
     listeners: list[SendListener] = field(default_factory=list)
     confirmers: dict[str, MplPoller] = field(default_factory=dict)
     """The Message Processing Log poller of each credentials set of plan `api`, by set name."""
-    _policies: dict[str, tuple[FlowConfig, RetryPolicy]] = field(default_factory=dict)
+    _policies: dict[str, tuple[FlowConfig, RetryPolicy, Sender]] = field(default_factory=dict)
     _stopping: anyio.Event = field(default_factory=anyio.Event)
     _large_warned: set[str] = field(default_factory=set)
 
@@ -176,10 +176,15 @@ class Engine:
 
     def policy(self, flow: FlowConfig) -> RetryPolicy:
         """The flow's retry policy (built once per flow configuration)."""
+        return self._of(flow)[1]
+
+    def _of(self, flow: FlowConfig) -> tuple[FlowConfig, RetryPolicy, Sender]:
+        """The flow's retry policy and sender, found once per flow configuration (finding the set scans the
+        config's flows)."""
         cached = self._policies.get(flow.name)
         if cached is None or cached[0] is not flow:  # a reload brings new flow objects
-            cached = self._policies[flow.name] = (flow, retry_policy(flow))
-        return cached[1]
+            cached = self._policies[flow.name] = (flow, retry_policy(flow), self.sender_for(flow))
+        return cached
 
     async def send(
         self,
@@ -210,8 +215,7 @@ class Engine:
             log.warning("large_body", flow=flow.name, body_mb=round(len(payload) / 2**20),
                         hint="SAP recommends messages of at most 40 MB")  # fmt: skip
         self.metrics.inflight_sends += 1
-        sender = self.sender_for(flow)
-        policy = self.policy(flow)
+        _, policy, sender = self._of(flow)
         if not policy.replay_safe and message_id is not None:  # the id makes a replay recognisable
             policy = dataclasses.replace(policy, replay_safe=True)
         if deadline is not None and deadline < flow.deadline:
