@@ -61,7 +61,7 @@ class Engine:
     listeners: list[SendListener] = field(default_factory=list)
     confirmers: dict[str, MplPoller] = field(default_factory=dict)
     """The Message Processing Log poller of each credentials set of plan `api`, by set name."""
-    _policies: dict[str, tuple[FlowConfig, RetryPolicy]] = field(default_factory=dict)
+    _policies: dict[str, tuple[FlowConfig, RetryPolicy, Sender, bytes | None]] = field(default_factory=dict)
     _stopping: anyio.Event = field(default_factory=anyio.Event)
     _large_warned: set[str] = field(default_factory=set)
 
@@ -176,10 +176,16 @@ class Engine:
 
     def policy(self, flow: FlowConfig) -> RetryPolicy:
         """The flow's retry policy (built once per flow configuration)."""
+        return self._of(flow)[1]
+
+    def _of(self, flow: FlowConfig) -> tuple[FlowConfig, RetryPolicy, Sender, bytes | None]:
+        """The flow's retry policy, sender and body, found once per flow configuration (finding the set scans
+        the config's flows; the body is a pydantic private attribute, slow to read)."""
         cached = self._policies.get(flow.name)
         if cached is None or cached[0] is not flow:  # a reload brings new flow objects
-            cached = self._policies[flow.name] = (flow, retry_policy(flow))
-        return cached[1]
+            cached = (flow, retry_policy(flow), self.sender_for(flow), flow.body_bytes())
+            self._policies[flow.name] = cached
+        return cached
 
     async def send(
         self,
@@ -204,14 +210,13 @@ class Engine:
         ids = flow.message_ids
         if message_id is None and ids is not None:
             message_id = new_message_id() if ids == "auto" else ids
-        payload = body if body is not None else flow.body_bytes()
+        _, policy, sender, configured = self._of(flow)
+        payload = body if body is not None else configured
         if payload is not None and len(payload) > RECOMMENDED_MAX_BODY and flow.name not in self._large_warned:
             self._large_warned.add(flow.name)  # once per flow: the config and the relay warn too
             log.warning("large_body", flow=flow.name, body_mb=round(len(payload) / 2**20),
                         hint="SAP recommends messages of at most 40 MB")  # fmt: skip
         self.metrics.inflight_sends += 1
-        sender = self.sender_for(flow)
-        policy = self.policy(flow)
         if not policy.replay_safe and message_id is not None:  # the id makes a replay recognisable
             policy = dataclasses.replace(policy, replay_safe=True)
         if deadline is not None and deadline < flow.deadline:

@@ -15,11 +15,13 @@ retryable.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import re
 import uuid
-from typing import Literal
+from collections.abc import Awaitable
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -28,7 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from senderd.auth.runtime import Credential, RuntimeAuth
 from senderd.bounded import read_bounded
-from senderd.clock import Clock
+from senderd.clock import Clock, SystemClock
 from senderd.config import DEFAULT_SET, CredentialsConfig, FlowConfig
 from senderd.durations import parse_retry_after
 from senderd.errors import TokenError
@@ -38,6 +40,7 @@ from senderd.result import Attempt
 from senderd.sessions import proxy_for, proxy_problem
 
 log = get_logger("sender")
+T = TypeVar("T")
 CSRF_ANSWER_BYTES = 64 * 1024
 EXPIRY_500_WINDOW = 5.0
 """Seconds before a token's expiry within which a 500 is taken for an expired token (old tenants): refreshed and
@@ -74,6 +77,10 @@ class Sender:
         self._csrf_lock: dict[str, anyio.Lock] = {}
         self._html_warned: set[str] = set()
         self._proxies: dict[str, str | None] = {}
+        self._native_timeout = isinstance(clock, SystemClock)
+        """On the system clock an attempt's deadline rides on the request as aiohttp's own timeout (which it
+        sets anyway), not in a timeout scope of its own around the whole attempt: the waits outside the
+        request (a token, a CSRF token) get one only when they wait."""
 
     def proxy(self, origin: str) -> str | None:
         """The proxy for requests to `origin` (looked up once per origin)."""
@@ -102,8 +109,11 @@ class Sender:
         """One exchange under the flow's timeout (or `timeout`, if shorter: what is left of a deadline)."""
         limit = flow.timeout if timeout is None else max(0.001, min(flow.timeout, timeout))
         try:
+            if self._native_timeout:
+                deadline_at = self.clock.monotonic() + limit
+                return await self._exchange(flow, body, extra_headers or {}, message_id, deadline_at)
             async with self.clock.fail_after(limit):
-                return await self._exchange(flow, body, extra_headers or {}, message_id)
+                return await self._exchange(flow, body, extra_headers or {}, message_id, None)
         except TimeoutError:
             self.metrics.attempt(flow.name, None)
             return Attempt("timeout", error=f"no answer within {limit:g}s")
@@ -123,16 +133,33 @@ class Sender:
             said = proxy_problem(exc, self.credentials) or f"{type(exc).__name__}: {_short(exc)}"
             return Attempt("connection_error", error=said, request_sent=sent)
 
+    async def _within(self, wait: Awaitable[T], deadline_at: float | None) -> T:
+        """A wait outside the request, under what is left of the attempt's deadline (None: the whole attempt
+        is under `clock.fail_after` already)."""
+        if deadline_at is None:
+            return await wait
+        async with asyncio.timeout(deadline_at - self.clock.monotonic()):
+            return await wait
+
+    def _request_timeout(self, deadline_at: float | None) -> aiohttp.ClientTimeout:
+        if deadline_at is None:
+            return self.session.timeout
+        return aiohttp.ClientTimeout(total=max(0.001, deadline_at - self.clock.monotonic()))
+
     async def _exchange(
-        self, flow: FlowConfig, body: bytes | None, extra: dict[str, str], message_id: str | None
-    ) -> Attempt:
+        self, flow: FlowConfig, body: bytes | None, extra: dict[str, str], message_id: str | None,
+        deadline_at: float | None,
+    ) -> Attempt:  # fmt: skip
+        """The attempt; `deadline_at` (system clock): when it must have ended, else it runs under a timeout."""
         url = self.url_of(flow)
         origin = _origin(url)
-        credential = await self.auth.credential()
+        credential = self.auth.ready() if deadline_at is not None else None
+        if credential is None:
+            credential = await self._within(self.auth.credential(), deadline_at)
         token_refreshed = False
         csrf: CsrfNote = None
         if flow.csrf is True and flow.modifying and origin not in self._csrf:
-            await self._fetch_csrf(flow, url, origin, credential)
+            await self._within(self._fetch_csrf(flow, url, origin, credential), deadline_at)
         while True:
             headers = CIMultiDict(flow.headers)
             headers.update(extra)
@@ -153,6 +180,7 @@ class Sender:
                 headers=headers,
                 proxy=self._proxy(origin),
                 allow_redirects=False,
+                timeout=self._request_timeout(deadline_at),
             ) as response:
                 answer_body = await read_bounded(response, flow.max_response_bytes)
                 status, answer = response.status, response.headers
@@ -163,17 +191,19 @@ class Sender:
                 token_refreshed = True
                 self.metrics.runtime_auth_failure(self.name, "unauthorized")  # once per send, whatever comes next
                 if self.auth.refused(credential):
-                    credential = await self.auth.credential()
+                    credential = await self._within(self.auth.credential(), deadline_at)
                     continue
                 return self._classify(flow, status, answer, payload, counted=True, truncated=truncated)
             if status == 500 and not token_refreshed and self._near_expiry(credential):
                 token_refreshed = True  # an old tenant's answer to an expired token: the flow did not run
                 log.info("expired_token_500", flow=flow.name, credentials=self.name, action="refresh and retry once")
                 if self.auth.refused(credential):
-                    credential = await self.auth.credential()
+                    credential = await self._within(self.auth.credential(), deadline_at)
                     continue
             if status == 403 and flow.csrf is not False and flow.modifying and csrf is None:
-                token = await self._fetch_csrf(flow, url, origin, credential, stale=sent_csrf)
+                token = await self._within(
+                    self._fetch_csrf(flow, url, origin, credential, stale=sent_csrf), deadline_at
+                )
                 csrf = "none" if token is None else "fresh"
                 if token is not None and token != sent_csrf:
                     continue  # the same token again: the session was fine, the 403 is not about CSRF

@@ -184,7 +184,7 @@ async def test_daemon_runs_read_only_as_uid_10001_and_answers_healthz(
             assert code != 0 and "Read-only file system" in err, (path, err)
         assert await container.stop() == 0  # SIGTERM to pid 1: a graceful stop
         logs = await container.logs()
-    assert '"event": "stopped"' in logs, logs
+    assert '"event":"stopped"' in logs, logs
 
 
 async def test_once_against_the_emulator_on_the_host_network_exits_0(

@@ -23,6 +23,7 @@ import anyio.lowlevel
 import pytest
 from aiohttp import web
 
+from senderd.clock import SystemClock
 from senderd.emulator.pki import Pki
 from senderd.emulator.runtime import FlowSpec, Runtime
 from senderd.emulator.stack import EmulatorStack
@@ -118,6 +119,20 @@ async def test_answers_slower_than_the_timeout_are_timeouts_retried_and_counted(
     assert len(clock.sleeps) == 2
     assert stack.runtime.stats.by_address["/slow"] == 3  # each attempt reached the flow
     assert_counted(engine, result, {"none": 3})
+
+
+async def test_on_the_system_clock_the_deadline_rides_on_the_request_and_still_ends_it(stack: EmulatorStack) -> None:
+    # the system clock takes the request's own (aiohttp) timeout, not a scope around the attempt: the same verdict
+    stack.runtime.add_flow(FlowSpec("/Slow", latency=2.0, body="late"))
+    flow = {"name": "slow", "path": "/http/Slow", "timeout": "300ms", "retries": 1, "backoff_initial": "10ms"}
+    async with engine_for(stack, flow) as engine:
+        assert isinstance(engine.clock, SystemClock)
+        started = time.monotonic()
+        result = await send(engine, "slow", "answers slower than the timeout, real clock")
+    assert result.outcome == "timeout" and result.attempt_codes == ("none", "none")
+    assert "no answer within 0.3s" in (result.last.error or "")
+    assert 0.6 <= time.monotonic() - started < 1.9  # two attempts cut at 0.3 s each, not the 2 s answers
+    assert_counted(engine, result, {"none": 2})
 
 
 async def test_a_reset_mid_response_is_a_connection_error_and_retried(stack: EmulatorStack) -> None:

@@ -157,7 +157,7 @@ async def test_sighup_keeps_the_command_line_flags(tmp_path: Path) -> None:
                 assert process.stdout is not None
                 seen = ""
                 with anyio.fail_after(20):
-                    while '"event": "started"' not in seen:
+                    while '"event":"started"' not in seen:
                         seen += (await process.stdout.receive()).decode()
                     process.send_signal(signal.SIGHUP)
                     while '"config_reload' not in seen:
@@ -167,4 +167,4 @@ async def test_sighup_keeps_the_command_line_flags(tmp_path: Path) -> None:
             finally:
                 if process.returncode is None:
                     process.kill()
-    assert '"event": "config_reloaded"' in seen and "config_reload_failed" not in seen
+    assert '"event":"config_reloaded"' in seen and "config_reload_failed" not in seen

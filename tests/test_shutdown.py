@@ -58,7 +58,7 @@ async def test_sigterm_while_the_first_token_fetch_hangs_exits_promptly(tmp_path
                 assert process.stdout is not None
                 with anyio.fail_after(20):  # well within Kubernetes' 30 s grace; it took 33 s before
                     seen = ""
-                    while '"event": "started"' not in seen:
+                    while '"event":"started"' not in seen:
                         seen += (await process.stdout.receive()).decode()
                     await stack.token_server.wait_for_requests(1)
                     process.send_signal(signal.SIGTERM)

@@ -28,6 +28,10 @@ class RuntimeAuth(Protocol):
         """What the next request carries; raises TokenError when no token can be had."""
         ...
 
+    def ready(self) -> Credential | None:
+        """What `credential` would give without waiting, if it would not wait (else None)."""
+        ...
+
     def refused(self, credential: Credential) -> bool:
         """The runtime answered 401 to `credential`: whether another one is worth a try."""
         ...
@@ -47,6 +51,10 @@ class BearerAuth:
     async def credential(self) -> Credential:
         token = await self.tokens.get()
         return Credential(f"Bearer {token.value}", token)
+
+    def ready(self) -> Credential | None:
+        token = self.tokens.usable_token()
+        return Credential(f"Bearer {token.value}", token) if token is not None else None
 
     def refused(self, credential: Credential) -> bool:
         return credential.token is not None and self.tokens.invalidate(credential.token)
@@ -68,6 +76,9 @@ class BasicAuth:
         pair = f"{key.client_id}:{key.client_secret.reveal()}".encode()
         return Credential("Basic " + base64.b64encode(pair).decode("ascii"))
 
+    def ready(self) -> Credential | None:
+        return None  # the key is read each time (a rotation replaces it): `credential` does not wait either
+
     def refused(self, credential: Credential) -> bool:
         return False
 
@@ -80,6 +91,9 @@ class CertificateAuth:
     """The client certificate itself, presented in the TLS handshake by the set's runtime session."""
 
     async def credential(self) -> Credential:
+        return Credential(None)
+
+    def ready(self) -> Credential | None:
         return Credential(None)
 
     def refused(self, credential: Credential) -> bool:

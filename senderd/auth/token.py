@@ -270,6 +270,11 @@ class TokenProvider:
         """True while a usable token is cached (what readiness reports)."""
         return self._token is not None and self._token.usable(self._clock.monotonic())
 
+    def usable_token(self) -> Token | None:
+        """The cached token if it is usable now (what `get` returns without waiting), else None."""
+        token = self._token
+        return token if token is not None and token.usable(self._clock.monotonic()) else None
+
     async def get(self) -> Token:
         """A usable token: the cached one, or (only when none is usable) the result of a shared fetch.
 
