@@ -47,7 +47,7 @@ from senderd.logs import get_logger, redact_text
 from senderd.metrics import SPOOL_STATES
 from senderd.metrics import SpoolState as State
 from senderd.relay.incoming import IncomingBody
-from senderd.relay.spool import Message
+from senderd.relay.spool import Message, message_from_row
 
 log = get_logger("pgstore")
 
@@ -149,21 +149,7 @@ _WAITING_COUNTS = " UNION ALL ".join(
 
 
 def _message(row: Sequence[Any]) -> Message:
-    return Message(
-        id=row[0],
-        flow=row[1],
-        state=row[2],
-        attempts=row[3],
-        created_at=row[4],
-        updated_at=row[5],
-        content_type=row[6],
-        body=bytes(row[7]) if row[7] is not None else b"",
-        last_error=row[8],
-        correlation_id=row[9],
-        status=row[10],
-        idempotency_key=row[11],
-        size=len(row[7]) if row[7] is not None else 0,
-    )
+    return message_from_row(row, len(row[7]) if row[7] is not None else 0)  # claims bring every body
 
 
 def describe_dsn(dsn: str) -> str:

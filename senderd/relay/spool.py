@@ -122,6 +122,11 @@ COPY_BYTES = 1 << 20
 
 
 def _message(row: Sequence[Any]) -> Message:
+    return message_from_row(row, row[12])
+
+
+def message_from_row(row: Sequence[Any], size: int) -> Message:
+    """A `Message` from a row of `_COLUMNS` (the PostgreSQL store's too), its body `size` bytes long."""
     return Message(
         id=row[0],
         flow=row[1],
@@ -135,7 +140,7 @@ def _message(row: Sequence[Any]) -> Message:
         correlation_id=row[9],
         status=row[10],
         idempotency_key=row[11],
-        size=row[12],
+        size=size,
     )
 
 
