@@ -33,8 +33,10 @@ RUN groupadd --system --gid 10001 senderd \
     && install -d -o 10001 -g 10001 -m 0750 /var/lib/senderd /var/lib/senderd/spool \
     && install -d -m 0755 /etc/senderd
 # The wheel and psycopg (the `postgresql` extra: gateway mode's shared store), versions from the lock.
-RUN --mount=type=bind,from=builder,source=/dist,target=/dist \
-    pip install --no-cache-dir -c /dist/requirements.lock 'psycopg[binary,pool]' /dist/*.whl
+# Copied, not bind-mounted: a RUN's cache key does not cover a bind mount's content, so podman reused the
+# layer of an older wheel; the copied wheel's checksum invalidates it (the wheel and lock are ~200 KB).
+COPY --from=builder /dist /tmp/dist
+RUN pip install --no-cache-dir -c /tmp/dist/requirements.lock 'psycopg[binary,pool]' /tmp/dist/*.whl
 WORKDIR /var/lib/senderd
 # 9464: /metrics, /healthz, /readyz, /probe; 8787: the relay (sidecar ingest API)
 EXPOSE 9464 8787

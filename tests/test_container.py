@@ -203,7 +203,7 @@ async def test_image_holds_the_locked_dependencies_and_the_wheel(podman: Podman,
     code, out, err = await run_once(podman, image.image, "--entrypoint", "pip", command=["freeze", "--no-cache-dir"])
     assert code == 0, err
     version = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
-    wheel = f"senderd @ file:///dist/senderd-{version}-py3-none-any.whl"  # built from the wheel, not sources
+    wheel = f"senderd @ file:///tmp/dist/senderd-{version}-py3-none-any.whl"  # built from the wheel, not sources
     lock = (ROOT / "requirements.lock").read_text(encoding="utf-8")
     locked = {line for line in lock.splitlines() if line and not line.startswith("#")}
     assert set(out.splitlines()) == locked | {wheel}, out

@@ -966,13 +966,14 @@ def test_dockerfile_builds_a_wheel_and_installs_only_that_as_a_non_root_user() -
     assert any("--uid 10001" in args for args in final.args("RUN")), "a user with uid 10001"
     for copy in final.args("COPY") + final.args("ADD"):
         assert f"--from={builder.name}" in copy, f"sources copied into the final stage: {copy}"
+    assert f"--from={builder.name} /dist /tmp/dist" in final.args("COPY")  # copied: its checksum keys the cache
     installs = [args for args in final.args("RUN") if "pip install" in args]
-    assert installs and all(f"from={builder.name}" in args and args.endswith("/dist/*.whl") for args in installs)
+    assert installs and all(args.endswith(" /tmp/dist/*.whl") for args in installs)
     with (ROOT / "pyproject.toml").open("rb") as file:
         extra = tomllib.load(file)["project"]["optional-dependencies"]["postgresql"]
     carried = {re.split(r"[<>=!~ ]", requirement, maxsplit=1)[0] for requirement in extra}
     assert all(f"'{name}'" in installs[0] for name in carried), "the image carries the postgresql extra"
-    assert all("-c /dist/requirements.lock" in args for args in installs), "dependencies from the lock"
+    assert all("-c /tmp/dist/requirements.lock" in args for args in installs), "dependencies from the lock"
     for args in final.args("RUN"):
         words = set(re.split(r"[\s;&|]+", args))
         assert not words & COMPILERS, f"build tools in the final stage: {args}"
