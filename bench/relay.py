@@ -259,7 +259,7 @@ async def measure(mode: Mode, workdir: Path, *, count: int | None = None, concur
                 open_loop.update(_open_loop_figures(name, rate, offered, fixed))
             wrk_figures = await _with_wrk(mode, workdir, url, concurrency)
         finally:
-            await daemon.stop(15)
+            await daemon.stop(45)  # a stop delivers what is due first (pool.drain_timeout, 30 s)
             log.close()
     latencies_ms = [latency * 1000 for latency in figures["latencies"]]
     return {

@@ -90,7 +90,7 @@ async def measure(mode: Mode, workdir: Path, *, posts: int = POSTS, megabytes: i
             peak = daemon.peak_kb / 1024
             delivered = stack.runtime.stats.requests
         finally:
-            await daemon.stop(15)
+            await daemon.stop(45)  # a stop delivers what is due first (pool.drain_timeout, 30 s)
             log.close()
     return {
         "peak_rss_mb": rounded(peak),

@@ -101,7 +101,7 @@ class _Replicas:
 
     async def stop(self) -> None:
         for child in self.children:
-            await child.stop(15)
+            await child.stop(45)  # a stop delivers what is due first (pool.drain_timeout, 30 s)
 
 
 def _replica_config(base: Path, port: int) -> Path:

@@ -18,12 +18,13 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import anyio
 
 from bench.common import Mode, Section, child_env, flow_toml, percentile, rounded, say
 from bench.proc import Child, python_argv
+from senderd.metrics import SkipReason
 
 TARGET_P99_MS = 10.0
 WORKERS = 32
@@ -93,7 +94,7 @@ async def child(config_path: Path, warmup_s: float, window_s: float, log_path: P
         await daemon.serve()
     start = window["start"]
     lags = [lag for scheduled, lag in records if start <= scheduled < start + window_s]
-    skipped = {reason: 0.0 for reason in ("overlap", "queue_full", "late")}
+    skipped = {reason: 0.0 for reason in get_args(SkipReason)}  # every reason the daemon may count
     for family in metrics.registry.collect():
         if family.name == "senderd_skipped_ticks":
             for sample in family.samples:
