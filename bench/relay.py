@@ -85,17 +85,24 @@ class _Connection:
         return int(lines[0].split()[1])
 
 
+def message_request(url: str) -> bytes:
+    """The raw HTTP/1.1 request that posts one 1 KiB XML message to `url` (sent as is, again and again)."""
+    parts = urlsplit(url)
+    body = (b"<Message>" + b"x" * MESSAGE_BYTES)[: MESSAGE_BYTES - len(b"</Message>")] + b"</Message>"
+    head = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/xml\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 async def loadgen(
     url: str, count: int, warmup: int, concurrency: int, max_s: float, out: Path, rate: float | None = None
 ) -> None:
     """`concurrency` clients post `warmup` then `count` 1 KiB messages (closed-loop), or `count` messages at
     `rate` per second over up to `concurrency` connections (open-loop); latencies of the timed ones to `out`."""
     parts = urlsplit(url)
-    body = (b"<Message>" + b"x" * MESSAGE_BYTES)[: MESSAGE_BYTES - len(b"</Message>")] + b"</Message>"
-    request = (
-        f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/xml\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    request = message_request(url)
     connections = [
         _Connection(await anyio.connect_tcp(parts.hostname or LOOPBACK, parts.port or 80), request)
         for _ in range(concurrency)

@@ -28,7 +28,7 @@ import anyio
 from bench.common import LOOPBACK, Mode, Section, child_env, flow_toml, free_port, percentile, rounded, say
 from bench.pgserver import PostgresServer, find_pg_tool, postgres_server
 from bench.proc import Child, python_argv, senderd_argv
-from bench.relay import CONCURRENCY, MESSAGE_BYTES, _Connection
+from bench.relay import CONCURRENCY, _Connection, message_request
 
 OFFERED_RPS = 400.0
 """The fixed offered load of the latency figure (below what one replica sustains on 2 cores)."""
@@ -42,11 +42,7 @@ async def openloop(url: str, rate: float, seconds: float, connections: int, out:
     (a late answer does not delay the next post); latency counts from the planned time (no coordinated
     omission). Up to `connections` posts are open at once."""
     parts = urlsplit(url)
-    body = (b"<Message>" + b"x" * MESSAGE_BYTES)[: MESSAGE_BYTES - len(b"</Message>")] + b"</Message>"
-    request = (
-        f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/xml\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    request = message_request(url)
     pool = [
         _Connection(await anyio.connect_tcp(parts.hostname or LOOPBACK, parts.port or 80), request)
         for _ in range(connections)
