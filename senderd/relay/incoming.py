@@ -81,10 +81,10 @@ async def receive(content: StreamReader, spool_dir: Path, limit: int) -> Incomin
                 digest.update(chunk)
                 piece += chunk
                 if len(piece) >= PIECE_BYTES:
-                    await anyio.to_thread.run_sync(_write_all, fd, bytes(piece))
+                    await anyio.to_thread.run_sync(_write_all, fd, piece)  # written before it is cleared
                     piece.clear()
             if piece:
-                await anyio.to_thread.run_sync(_write_all, fd, bytes(piece))
+                await anyio.to_thread.run_sync(_write_all, fd, piece)
         finally:
             os.close(fd)
     except BaseException:
@@ -94,7 +94,7 @@ async def receive(content: StreamReader, spool_dir: Path, limit: int) -> Incomin
     return IncomingBody(path, size, digest.hexdigest())
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytearray) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
