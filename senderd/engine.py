@@ -290,11 +290,7 @@ class Engine:
         if probe:
             self.metrics.probes.labels(flow.name, result.outcome).inc()
         else:
-            sends, duration, last_success = self.metrics.flow_series(flow.name)
-            sends[result.outcome].inc()
-            duration.observe(result.duration)
-            if result.ok:
-                last_success.set(self.clock.time())
+            self.metrics.send_finished(flow.name, result.outcome, result.duration, self.clock.time())
         fields: dict[str, object] = {
             "flow": flow.name,
             "method": flow.method,

@@ -7,13 +7,15 @@ scrape, so `rate()` and alerts work before the first failure.
 
 from __future__ import annotations
 
+import bisect
 import platform
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from senderd import __version__
 
@@ -145,26 +147,69 @@ class _SpoolCollector(Collector):
             )
 
 
+class FlowSends:
+    """One flow's send figures as plain numbers, read by `_SendCollector` at scrape time.
+
+    The event loop is their one writer, so an update is an addition, not prometheus-client's lock per
+    counter (four of them a send were a tenth of a send's own cost)."""
+
+    __slots__ = ("attempts", "buckets", "last_success", "outcomes", "seconds")
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self.buckets = [0] * (len(SEND_BUCKETS) + 1)
+        """Sends by duration bucket, not cumulative (the last: beyond the largest bound)."""
+        self.seconds = 0.0
+        self.last_success = 0.0
+        self.attempts: dict[int | None, int] = {}
+        """HTTP attempts by status (None: no answer)."""
+
+
+_SEND_BOUNDS = [*(floatToGoString(bound) for bound in SEND_BUCKETS), "+Inf"]  # type: ignore[no-untyped-call]
+
+
+class _SendCollector(Collector):
+    """`senderd_sends_total`, `senderd_send_duration_seconds`, `senderd_last_success_timestamp_seconds` and
+    `senderd_send_attempts_total`, from each flow's `FlowSends`."""
+
+    def __init__(self, flows: dict[str, FlowSends]) -> None:
+        self.flows = flows
+
+    def collect(self) -> Iterator[Metric]:
+        flows = list(self.flows.items())  # one step under the GIL: a send may add a flow meanwhile
+        sends = CounterMetricFamily("senderd_sends", "Finished sends by outcome.", labels=["flow", "outcome"])
+        duration = HistogramMetricFamily(
+            "senderd_send_duration_seconds", "Time of a whole send, retries included.", labels=["flow"]
+        )
+        last_success = GaugeMetricFamily(
+            "senderd_last_success_timestamp_seconds", "Unix time of the flow's last successful send.", labels=["flow"]
+        )
+        attempts = CounterMetricFamily(
+            "senderd_send_attempts", "HTTP attempts, retries included, by status code.", labels=["flow", "code"]
+        )
+        for flow, figures in flows:
+            for outcome, count in list(figures.outcomes.items()):
+                sends.add_metric([flow, outcome], count)
+            cumulative, total = [], 0
+            for bound, count in zip(_SEND_BOUNDS, list(figures.buckets), strict=True):
+                total += count
+                cumulative.append((bound, float(total)))
+            duration.add_metric([flow], cumulative, figures.seconds)
+            last_success.add_metric([flow], figures.last_success)
+            for status, count in list(figures.attempts.items()):
+                attempts.add_metric([flow, "none" if status is None else str(status)], count)
+        yield from (sends, duration, last_success, attempts)
+
+
 class Metrics:
     """Every senderd metric, registered on `registry`."""
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # `*_created`: a third of the output, unread
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._flow_series: dict[str, tuple[dict[str, Any], Any, Any]] = {}
-        self._attempts: dict[tuple[str, int | None], Any] = {}
+        self._sends: dict[str, FlowSends] = {}
         r = self.registry
-        self.send_duration = Histogram(
-            "senderd_send_duration_seconds",
-            "Time of a whole send, retries included.",
-            ["flow"],
-            buckets=SEND_BUCKETS,
-            registry=r,
-        )
-        self.sends = Counter("senderd_sends", "Finished sends by outcome.", ["flow", "outcome"], registry=r)
-        self.attempts = Counter(
-            "senderd_send_attempts", "HTTP attempts, retries included, by status code.", ["flow", "code"], registry=r
-        )
+        r.register(_SendCollector(self._sends))
         self.auth_failures = Counter(
             "senderd_auth_failures",
             "Authentication failures by credentials set, stage and reason.",
@@ -193,12 +238,6 @@ class Metrics:
             "senderd_client_certificate_expiry_timestamp_seconds",
             "Unix time at which the set's client certificate expires.",
             ["credentials"],
-            registry=r,
-        )
-        self.last_success = Gauge(
-            "senderd_last_success_timestamp_seconds",
-            "Unix time of the flow's last successful send.",
-            ["flow"],
             registry=r,
         )
         self.inflight = Gauge("senderd_inflight_sends", "Sends under way now.", registry=r)
@@ -267,31 +306,31 @@ class Metrics:
 
     # --- sends ------------------------------------------------------------------------------------------
 
+    def flow_sends(self, flow: str) -> FlowSends:
+        """The flow's send figures (made at zero on first use)."""
+        figures = self._sends.get(flow)
+        if figures is None:
+            figures = self._sends[flow] = FlowSends()
+        return figures
+
     def attempt(self, flow: str, status: int | None) -> None:
         """Count one HTTP attempt (`code` = the status, or "none" without an answer)."""
-        child = self._attempts.get((flow, status))
-        if child is None:
-            child = self.attempts.labels(flow, str(status) if status is not None else "none")
-            self._attempts[(flow, status)] = child
-        child.inc()
+        attempts = self.flow_sends(flow).attempts
+        attempts[status] = attempts.get(status, 0) + 1
 
-    def flow_series(self, flow: str) -> tuple[dict[str, Any], Any, Any]:
-        """The flow's sends-by-outcome counters, duration histogram and last-success gauge (cached: the
-        label lookups are a measurable part of a send)."""
-        series = self._flow_series.get(flow)
-        if series is None:
-            series = (
-                {outcome: self.sends.labels(flow, outcome) for outcome in OUTCOMES},
-                self.send_duration.labels(flow),
-                self.last_success.labels(flow),
-            )
-            self._flow_series[flow] = series
-        return series
+    def send_finished(self, flow: str, outcome: Outcome, seconds: float, at: float) -> None:
+        """Count a finished send of `flow`, its duration, and (when it succeeded) its Unix time `at`."""
+        figures = self._sends.get(flow) or self.flow_sends(flow)
+        figures.outcomes[outcome] += 1
+        figures.buckets[bisect.bisect_left(SEND_BUCKETS, seconds)] += 1
+        figures.seconds += seconds
+        if outcome == "success":
+            figures.last_success = at
 
     def declare_flow(self, flow: str, every: float | None, *, confirms: bool = False) -> None:
         """Create the flow's series at zero so that rates and absent() work from the first scrape (with those
         of its confirmations when it `confirms`)."""
-        self.flow_series(flow)
+        self.flow_sends(flow)
         for reason in SKIP_REASONS:
             self.skipped_ticks.labels(flow, reason)
         if every is not None:
