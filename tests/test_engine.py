@@ -6,6 +6,7 @@ import anyio
 import pytest
 
 from senderd.client import Client
+from senderd.config import config_from_dict
 from senderd.emulator.runtime import FlowSpec
 from senderd.emulator.stack import EmulatorStack
 from senderd.engine import Engine
@@ -268,3 +269,22 @@ async def test_client_lets_the_callers_own_errors_through(stack: EmulatorStack) 
     async with Client.connect(stack.service_key_path, ca_file=stack.ca_path) as client:
         with pytest.raises(ConfigError, match=r"Client.send: path: must start with /"):
             await client.send("http/x")
+
+
+async def test_a_reloaded_flow_goes_where_its_new_settings_say(stack: EmulatorStack) -> None:
+    """The sender keeps each flow's URL and fixed headers: a reload that changes them is followed at once."""
+    first = {"name": "f", "path": "/http/GetTimestamp", "headers": {"X-Version": "1"}}
+    async with engine_for(stack, first) as engine:
+        before = await engine.send(engine.config.flow("f"))
+        changed = {"name": "f", "path": "/http/Orders", "method": "POST", "body": "<o/>", "csrf": True,
+                   "headers": {"X-Version": "2"}, "content_type": "application/xml"}  # fmt: skip
+        engine.holder.swap(config_from_dict({**_data_of(stack), "flows": [changed]}, source="test.toml"))
+        after = await engine.send(engine.config.flow("f"))
+    assert before.ok and after.ok, (before.last.error, after.last.error)
+    old, new = stack.runtime.stats.messages[-2:]
+    assert (old.address, old.headers["x-version"]) == ("/gettimestamp", "1")
+    assert (new.address, new.headers["x-version"], new.headers["content-type"]) == ("/orders", "2", "application/xml")
+
+
+def _data_of(stack: EmulatorStack) -> dict[str, object]:
+    return {"credentials": {"service_key": str(stack.service_key_path), "ca_file": str(stack.ca_path)}}
