@@ -57,7 +57,14 @@ async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> BoundedB
     """
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     inflater = _Inflater(encoding) if encoding in ("gzip", "x-gzip", "deflate") else None
-    kept = bytearray()
+    declared = response.content_length if inflater is None else None
+    if declared is not None and declared <= limit:
+        first = await response.content.read(declared)  # usually all of it, in one piece
+        if len(first) == declared:
+            return BoundedBody(first, False, declared)
+        kept = bytearray(first)
+    else:
+        kept = bytearray()
     truncated = False
     while True:
         chunk = await response.content.read(CHUNK)
@@ -67,6 +74,8 @@ async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> BoundedB
         if inflater is None:
             kept += chunk[:room]
             more = len(chunk) > room
+            if not more and len(kept) == declared:  # all there is (aiohttp reads no more than it declares)
+                break
         else:
             try:
                 data, more = inflater.feed(chunk, room)

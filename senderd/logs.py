@@ -114,14 +114,13 @@ _PLAIN = (int, float, bool, type(None))
 
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: scrub every value of the event (but the known-safe fields)."""
-    for key, value in event.items():
+    for key in event.keys() - _SAFE_KEYS:  # in C: most events have no other key
+        value = event[key]
         kind = type(value)
         if kind is str:
-            if key in _SAFE_KEYS:
-                continue
             event[key] = REDACTED if value and _secret_key(key) else redact_text(value)
         elif kind in _PLAIN:
-            if key not in _SAFE_KEYS and value not in (None, 0, False) and _secret_key(key):
+            if value not in (None, 0, False) and _secret_key(key):
                 event[key] = REDACTED
         else:
             event[key] = _redact_value(key, value)

@@ -56,8 +56,8 @@ class WorkerPool:
 
     async def put(self, key: str, job: Job) -> None:
         """Queue `job`, waiting for room (for callers that must not drop, such as `once`); raises
-        `anyio.ClosedResourceError` once the pool is closed."""
-        await checkpoint_if_cancelled()  # a cancelled caller ends here, as at any await
+        `anyio.ClosedResourceError` once the pool is closed. With room it returns at once, without a
+        checkpoint (the caller's loop is bounded by its jobs; a worker checks for cancellation before each)."""
         while True:
             if self._closed:
                 raise anyio.ClosedResourceError
