@@ -1,4 +1,8 @@
-"""What a send gives: one `Attempt` per HTTP exchange, and the `SendResult` of the whole send."""
+"""What a send gives: one `Attempt` per HTTP exchange, and the `SendResult` of the whole send.
+
+Both are values: never changed once made (`dataclasses.replace` makes a changed copy). They are not
+`frozen` dataclasses only because a frozen one takes six times as long to make (2.0 against 0.34 us for an
+Attempt), and a send makes two."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ CORRELATION_HEADERS = (MPL_HEADER, "SAP_MplCorrelationId", "x-correlationid")
 regard to case: SAP's docs also write `SAP_MessageProcessingLogId`)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Attempt:
     """What one HTTP exchange gave: the facts; whether to retry is `retry.RetryPolicy`'s decision."""
 
@@ -50,7 +54,7 @@ class Attempt:
         return found
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendResult:
     """The verdict of a whole send (all attempts)."""
 

@@ -47,14 +47,21 @@ class BearerAuth:
 
     def __init__(self, tokens: TokenProvider) -> None:
         self.tokens = tokens
+        self._last = Credential(None)
+        """The credential of the token last used (made once per token, not once per send)."""
+
+    def _of(self, token: Token) -> Credential:
+        last = self._last
+        if last.token is not token:
+            last = self._last = Credential(f"Bearer {token.value}", token)
+        return last
 
     async def credential(self) -> Credential:
-        token = await self.tokens.get()
-        return Credential(f"Bearer {token.value}", token)
+        return self._of(await self.tokens.get())
 
     def ready(self) -> Credential | None:
         token = self.tokens.usable_token()
-        return Credential(f"Bearer {token.value}", token) if token is not None else None
+        return self._of(token) if token is not None else None
 
     def refused(self, credential: Credential) -> bool:
         return credential.token is not None and self.tokens.invalidate(credential.token)
