@@ -272,22 +272,38 @@ def _render_json(_logger: Any, _method: str, event: MutableMapping[str, Any]) ->
     return _ENCODER.encode(event)
 
 
-def _pipeline(renderer: Processor, *, console: bool) -> list[Processor]:
+def _console_pipeline(renderer: Processor) -> list[Processor]:
     return [
         structlog.processors.add_log_level,
         _Timestamp(),
         redact,
         structlog.processors.format_exc_info,
         _scrub_exception,
-        *([_flow_first] if console else []),
+        _flow_first,
         renderer,
     ]
+
+
+class _JsonLine:
+    """The JSON pipeline in one processor: the same steps as the console one (level, timestamp, redaction,
+    the traceback, redacted too) and the line, without a call per step (a line per send)."""
+
+    def __init__(self) -> None:
+        self._timestamp = _Timestamp()
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        event["level"] = "warning" if method == "warn" else method
+        self._timestamp(logger, method, event)
+        redact(logger, method, event)
+        if "exc_info" in event:
+            event = _scrub_exception(logger, method, structlog.processors.format_exc_info(logger, method, event))
+        return _render_json(logger, method, event)
 
 
 def _library_defaults() -> None:
     _State.level = logging.DEBUG
     _SINK.stream = None
-    _PROCESSORS[:] = _pipeline(_render_json, console=False)
+    _PROCESSORS[:] = [_JsonLine()]
 
 
 _library_defaults()
@@ -299,12 +315,12 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto", stream: Text
     stream = stream or sys.stdout
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
-    renderer: Processor = (
-        structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False) if fmt == "console" else _render_json
-    )
     _State.level = LEVELS[level.upper()]
     _SINK.stream = stream
-    _PROCESSORS[:] = _pipeline(renderer, console=fmt == "console")
+    if fmt == "console":
+        _PROCESSORS[:] = _console_pipeline(structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False))
+    else:
+        _PROCESSORS[:] = [_JsonLine()]
 
 
 class LoopErrors:
