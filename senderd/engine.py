@@ -28,7 +28,7 @@ from senderd.logs import get_logger
 from senderd.metrics import Metrics
 from senderd.pool import WorkerPool
 from senderd.result import Attempt, SendResult
-from senderd.retry import AttemptListener, RetryPolicy, deliver
+from senderd.retry import AttemptListener, RetryPolicy, deliver, first_time
 from senderd.sender import Sender, new_message_id
 
 log = get_logger("sender")
@@ -221,19 +221,25 @@ class Engine:
             policy = dataclasses.replace(policy, replay_safe=True)
         if deadline is not None and deadline < flow.deadline:
             policy = dataclasses.replace(policy, deadline=deadline)
-        deadline_at = clock.monotonic() + policy.deadline
         started = clock.monotonic()
+        deadline_at = started + policy.deadline
         try:
-            result = await deliver(
-                flow.name,
-                lambda: sender.attempt(flow, payload, headers, message_id, timeout=deadline_at - clock.monotonic()),
-                policy,
-                sleep=self._retry_sleep,
-                monotonic=clock.monotonic,
-                message_id=message_id,
-                should_stop=self._stopping.is_set,
-                on_attempt=_log_attempt(flow) if log.is_enabled_for(logging.DEBUG) else None,
-            )
+            first = await sender.attempt(flow, payload, headers, message_id, timeout=policy.deadline)
+            debug = log.is_enabled_for(logging.DEBUG)
+            if first.outcome == "success" and not debug:  # the common case, without the retry loop
+                result = first_time(flow.name, first, clock.monotonic() - started, message_id)
+            else:
+                result = await deliver(
+                    flow.name,
+                    lambda: sender.attempt(flow, payload, headers, message_id, timeout=deadline_at - clock.monotonic()),
+                    policy,
+                    sleep=self._retry_sleep,
+                    monotonic=clock.monotonic,
+                    message_id=message_id,
+                    should_stop=self._stopping.is_set,
+                    on_attempt=_log_attempt(flow) if debug else None,
+                    first=(first, started),
+                )
             if result.ok and flow.confirm == "mpl":
                 limit = flow.confirm_timeout
                 if deadline is not None:

@@ -89,18 +89,22 @@ async def deliver(
     message_id: str | None = None,
     on_attempt: AttemptListener | None = None,
     should_stop: Callable[[], bool] | None = None,
+    first: tuple[Attempt, float] | None = None,
 ) -> SendResult:
     """Run `attempt` until it succeeds, is not retryable, or the policy's bounds are reached.
 
     Gives up when the attempts are used up or when the next wait would end past the deadline.
     `on_attempt` hears of every attempt, with the wait before the next one (None: no next one); once
-    `should_stop()` is true, no further attempt is made (the last one's result is the send's).
+    `should_stop()` is true, no further attempt is made (the last one's result is the send's). `first`: the
+    first attempt, already made by the caller, and the `monotonic()` time it started.
     """
-    started = monotonic()
-    last = await attempt()
-    if last.outcome == "success" and on_attempt is None:  # the common case: no policy, no bookkeeping
-        return SendResult(flow_name, "success", 1, monotonic() - started, last, message_id,
-                          attempt_codes=(str(last.status),))  # fmt: skip
+    if first is None:
+        started = monotonic()
+        last = await attempt()
+        if last.outcome == "success" and on_attempt is None:
+            return first_time(flow_name, last, monotonic() - started, message_id)
+    else:
+        last, started = first
     rng = rng or _RNG
     codes: list[str] = []
     while True:
@@ -128,3 +132,8 @@ async def deliver(
         message_id=message_id,
         attempt_codes=tuple(codes),
     )
+
+
+def first_time(flow_name: str, attempt: Attempt, duration: float, message_id: str | None) -> SendResult:
+    """The result of a send whose first attempt succeeded (the common case: no policy, no bookkeeping)."""
+    return SendResult(flow_name, "success", 1, duration, attempt, message_id, attempt_codes=(str(attempt.status),))
