@@ -28,7 +28,7 @@ from senderd.logs import get_logger
 from senderd.metrics import Metrics
 from senderd.pool import WorkerPool
 from senderd.result import Attempt, SendResult
-from senderd.retry import AttemptListener, RetryPolicy, deliver, first_time
+from senderd.retry import AttemptListener, RetryPolicy, deliver, succeeded_first_time
 from senderd.sender import Sender, new_message_id
 
 log = get_logger("sender")
@@ -227,7 +227,7 @@ class Engine:
             first = await sender.attempt(flow, payload, headers, message_id, timeout=policy.deadline)
             debug = log.is_enabled_for(logging.DEBUG)
             if first.outcome == "success" and not debug:  # the common case, without the retry loop
-                result = first_time(flow.name, first, clock.monotonic() - started, message_id)
+                result = succeeded_first_time(flow.name, first, clock.monotonic() - started, message_id)
             else:
                 result = await deliver(
                     flow.name,

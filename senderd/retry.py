@@ -102,7 +102,7 @@ async def deliver(
         started = monotonic()
         last = await attempt()
         if last.outcome == "success" and on_attempt is None:
-            return first_time(flow_name, last, monotonic() - started, message_id)
+            return succeeded_first_time(flow_name, last, monotonic() - started, message_id)
     else:
         last, started = first
     rng = rng or _RNG
@@ -134,6 +134,6 @@ async def deliver(
     )
 
 
-def first_time(flow_name: str, attempt: Attempt, duration: float, message_id: str | None) -> SendResult:
+def succeeded_first_time(flow_name: str, attempt: Attempt, duration: float, message_id: str | None) -> SendResult:
     """The result of a send whose first attempt succeeded (the common case: no policy, no bookkeeping)."""
     return SendResult(flow_name, "success", 1, duration, attempt, message_id, attempt_codes=(str(attempt.status),))
