@@ -153,6 +153,9 @@ class ByteBudget:
         """Reserve `size` bytes, waiting up to `timeout` seconds for others to release theirs; False if
         they did not."""
         size = min(size, self.limit)
+        if self.held + size <= self.limit:  # room now: no deadline to arm (the common case)
+            self.held += size
+            return True
         self.waiting += 1
         try:
             async with asyncio.timeout(timeout):

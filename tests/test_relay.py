@@ -417,10 +417,13 @@ async def test_the_requeued_count_at_a_stop_is_the_rows_left_in_flight(tmp_path:
         stack.runtime.flows["/down"].latency = 30.0  # every delivery hangs: claimed ones run or wait for a worker
         for _ in range(24):
             await post(f"{url}/v1/flows/down/messages")
+        await stack.runtime.wait_for_requests(8)  # each of the 8 workers is held by a delivery
         with anyio.fail_after(10):
-            while daemon.relay.spool.counts["in_flight"] < 16:  # 8 workers, twice as many claimed
-                await stack.runtime.wait_for_requests(len(stack.runtime.stats.messages) + 1)
+            while daemon.relay.spool.counts["in_flight"] <= 8:  # more claimed, waiting for a worker
+                await all_blocked()
+        await all_blocked()
         claimed = daemon.relay.spool.counts["in_flight"]
+        assert 8 < claimed <= 16  # no more claimed than twice the workers, nor while every worker is busy
         daemon.stop()
         daemon.stop()  # cut the drain short
     lines = [json.loads(line) for line in logs.text.splitlines() if '"relay_requeued"' in line]

@@ -109,6 +109,159 @@ async def test_a_full_disk_refuses_the_batch_and_the_writer_lives_on(tmp_path: P
     await spool.close()
 
 
+async def test_ends_of_deliveries_share_the_posts_transactions(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        for _ in range(100):
+            await spool.add("f", b"x" * 100, "text/plain")
+        claimed = await spool.due(spool.clock.time(), 100)
+        db, transactions = spool.db, []
+
+        def on_statement(sql: str) -> None:  # a COMMIT, or a change outside a transaction (its own one)
+            if sql == "COMMIT" or (not db.in_transaction and sql.startswith(("INSERT", "UPDATE", "DELETE"))):
+                transactions.append(sql)
+
+        db.set_trace_callback(on_statement)
+        async with anyio.create_task_group() as work:  # 100 ends and 50 posts at once, as under load
+            for message in claimed:
+                work.start_soon(functools.partial(spool.finish, message, "delivered", correlation_id="mpl"))
+            for _ in range(50):
+                work.start_soon(spool.add, "f", b"y" * 100, "text/plain")
+        db.set_trace_callback(None)
+        commits = len(transactions)
+        counts, size = dict(spool.counts), spool.bytes
+        group.cancel_scope.cancel()
+    await spool.close()
+    assert commits < 20, commits  # 150 durable writes, a few transactions
+    assert counts == {"queued": 50, "in_flight": 0, "delivered": 100, "dead": 0}
+    assert size == 50 * 100  # delivered bodies no longer count
+    reopened = Spool(tmp_path / "spool")
+    await reopened.open()
+    rows = reopened.db.execute(
+        "SELECT state, correlation_id, LENGTH(body), COUNT(*) FROM messages GROUP BY state, correlation_id"
+    ).fetchall()
+    assert (reopened.counts, reopened.bytes) == (counts, size)
+    await reopened.close()
+    assert sorted(rows) == [("delivered", "mpl", 0, 100), ("queued", None, 100, 50)]
+
+
+async def test_a_full_disk_refuses_the_posts_but_records_the_ends_written_with_them(tmp_path: Path) -> None:
+    from senderd.errors import SpoolError
+
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        await spool.add("f", b"small", "text/plain")
+        (message,) = await spool.due(spool.clock.time(), 1)
+        pages = spool.db.execute("PRAGMA page_count").fetchone()[0]
+        spool.db.execute(f"PRAGMA max_page_count = {pages + 1}")  # the disk is full now
+        refused: list[BaseException] = []
+
+        async def post() -> None:
+            try:
+                await spool.add("f", b"x" * 200_000, "text/plain")
+            except SpoolError as exc:
+                refused.append(exc)
+
+        async with anyio.create_task_group() as work:  # both wait for the same round of the writer
+            work.start_soon(post)
+            work.start_soon(spool.finish, message, "delivered")
+        group.cancel_scope.cancel()
+    state = spool.db.execute("SELECT state FROM messages WHERE id=?", (message.id,)).fetchone()[0]
+    await spool.close()
+    assert len(refused) == 1 and "spool unavailable" in str(refused[0])
+    assert state == "delivered"
+    assert spool.counts == {"queued": 0, "in_flight": 0, "delivered": 1, "dead": 0}
+
+
+async def test_an_end_the_stopping_writer_did_not_write_is_written_by_its_caller(tmp_path: Path) -> None:
+    from tests.tools import all_blocked
+
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        await spool.add("f", b"x", "text/plain")
+        (message,) = await spool.due(spool.clock.time(), 1)
+        writer = anyio.CancelScope()
+
+        async def write() -> None:
+            with writer:
+                await spool.run_writer()
+
+        group.start_soon(write)
+        await all_blocked()
+        finished = anyio.Event()
+
+        async def finish() -> None:
+            with anyio.CancelScope(shield=True):  # as the dispatcher records an end
+                await spool.finish(message, "delivered")
+            finished.set()
+
+        async with spool._thread:  # the spool's thread is busy: the writer's round waits for it
+            group.start_soon(finish)
+            await all_blocked()
+            writer.cancel()  # the stop: the writer goes before it could write the end
+            await all_blocked()
+            assert not finished.is_set()
+        await finished.wait()
+        group.cancel_scope.cancel()
+    state = spool.db.execute("SELECT state FROM messages WHERE id=?", (message.id,)).fetchone()[0]
+    await spool.close()
+    assert state == "delivered"
+
+
+async def test_a_claim_leaves_every_other_commit_durable(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        for _ in range(3):
+            await spool.add("f", b"x", "text/plain")
+        group.cancel_scope.cancel()
+    claimed = await spool.due(spool.clock.time(), 2)
+    synchronous = spool.db.execute("PRAGMA synchronous").fetchone()[0]
+    states = [row[0] for row in spool.db.execute("SELECT state FROM messages ORDER BY seq")]
+    await spool.close()
+    assert len(claimed) == 2
+    assert synchronous == 2  # FULL again after the claim's own commit
+    assert states == ["in_flight", "in_flight", "queued"]
+
+
+async def test_the_oldest_waiting_message_and_the_messages_of_other_flows(tmp_path: Path) -> None:
+    from senderd.testing import FakeClock
+
+    clock = FakeClock()
+    spool = Spool(tmp_path / "spool", clock=clock)
+    await spool.open()
+    async with anyio.create_task_group() as group:
+        await group.start(spool.run_writer)
+        assert await spool.oldest_queued_at() is None
+        created = []
+        for flow in ("a", "a", "b"):
+            created.append(clock.time())
+            await spool.add(flow, b"x", "text/plain")
+            clock.advance(10)
+        first, second = await spool.due(clock.time(), 2, only_flows=["a"])
+        assert await spool.oldest_queued_at() == created[0]  # in flight still waits
+        await spool.finish(first, "delivered")
+        assert await spool.oldest_queued_at() == created[1]
+        await spool.finish(second, "queued", retry_at=clock.time() + 60)  # due again later: still waiting
+        assert await spool.oldest_queued_at() == created[1]
+        assert await spool.queued_outside(["a", "b"]) == 0
+        assert await spool.queued_outside(["a"]) == 1
+        group.cancel_scope.cancel()
+    await spool.close()
+    reopened = Spool(tmp_path / "spool", clock=clock)
+    await reopened.open()
+    assert await reopened.queued_outside(["a"]) == 1  # known from the rows found at open
+    assert await reopened.queued_outside(["b", "a"]) == 0
+    await reopened.close()
+
+
 async def test_a_file_that_is_not_a_database_is_quarantined_and_a_fresh_spool_starts(tmp_path: Path) -> None:
     (tmp_path / "spool").mkdir()
     (tmp_path / "spool" / "spool.db").write_bytes(b"this is not a database" * 100)

@@ -141,8 +141,11 @@ class RelayApi:
     async def _spool_inline(self, request: web.Request, name: str, content_type: str, key: str | None) -> web.Response:
         """A small body: read into memory, then stored."""
         body: bytes | None = None
-        with anyio.move_on_after(self.config.read_timeout):
+        if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
             body = await request.read()
+        else:
+            with anyio.move_on_after(self.config.read_timeout):
+                body = await request.read()
         if body is None:
             return _late_body(self.config.read_timeout)
         return await self._store(name, body, content_type, key)

@@ -120,8 +120,8 @@ class Dispatcher:
                 self.spool.on_change = self._wake.set
                 ordered = [flow.name for flow in self.engine.config.flows if flow.ordered]  # a reload may change it
                 free = workers * 2 - len(self._inflight)
-                if len(self._unrecorded) >= _MAX_UNRECORDED:
-                    free = 0
+                if len(self._inflight) > workers or len(self._unrecorded) >= _MAX_UNRECORDED:
+                    free = 0  # all workers busy with jobs queued behind them: claim once half the window is free
                 claimed: list[Message] = []
                 try:
                     await self._record_again()

@@ -1,8 +1,9 @@
 """The durable outbox: SQLite in WAL mode, with group commit.
 
 `add` returns only after the message is on disk (a committed transaction with `synchronous=FULL`);
-concurrent `add`s are gathered into one transaction, so many posts share one fsync. All SQLite work runs
-in one dedicated thread, one statement batch at a time. States: `queued` → `in_flight` → `delivered`, or
+whatever waits when the writer is free (posts, and the ends of deliveries: `finish`) goes into one
+transaction, so many share one fsync, with no timer: a lone post is committed at once. All SQLite work
+runs in one dedicated thread, one statement batch at a time. States: `queued` → `in_flight` → `delivered`, or
 back to `queued` (retry later), or `dead` (kept for re-drive). After a crash, `in_flight` rows are queued
 again: delivery is at least once.
 
@@ -11,11 +12,14 @@ The connection holds its locks (`locking_mode=EXCLUSIVE`: one daemon per spool a
 lives in memory and the spool opens and is read even on a disk without a free byte. A claim whose
 bookkeeping cannot be written is still handed out (in memory: `in_flight` exists only to be queued again
 after a crash, and an unwritten claim leaves the row queued, which is the same); a `finish` that cannot be
-written raises, and the dispatcher writes it again later.
+written raises, and the dispatcher writes it again later. For the same reason a claim is committed without
+an fsync of its own (`synchronous=NORMAL` for that one transaction): lost only with the machine's power, it
+leaves the rows queued, and the next durable commit writes it to disk with its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import sqlite3
@@ -117,6 +121,17 @@ _INSERT = (
 )
 _INSERT_STAGED = _INSERT.replace("?, ?, 'queued'", "zeroblob(?), ?, 'queued'")
 """A staged body's row is inserted with a zero-filled blob of its size, which `_copy_into` then fills."""
+_OLDEST_WAITING = (
+    "SELECT MIN(created_at) FROM (SELECT created_at FROM messages WHERE seq=(SELECT MIN(seq) FROM messages "
+    "INDEXED BY messages_queued WHERE state='queued') UNION ALL SELECT created_at FROM messages "
+    "INDEXED BY messages_due WHERE state='in_flight')"
+)
+_END = (
+    "UPDATE messages SET state=?, attempts=attempts+?, last_error=?, correlation_id=?, status=?, updated_at=?, "
+    "next_attempt_at=? WHERE id=?"
+)
+_END_DELIVERED = _END.replace(" WHERE", ", body=x'' WHERE")
+"""A delivered message's body is emptied in the same statement: it is never sent again."""
 COPY_BYTES = 1 << 20
 """A staged body is copied into the database in pieces of this size."""
 
@@ -150,9 +165,27 @@ class _Pending:
     body: bytes | IncomingBody
     content_type: str | None
     idempotency_key: str | None
-    done: anyio.Event
+    done: asyncio.Event
+    """asyncio's own (as the aiohttp handler that waits on it): cheaper than anyio's, per post."""
     result: tuple[str, bool] | None = None
     error: BaseException | None = None
+
+
+@dataclass
+class _Finish:
+    """The end of a delivery, waiting for the writer's next transaction."""
+
+    message: Message
+    state: State
+    error: str | None
+    correlation_id: str | None
+    status: int | None
+    retry_at: float
+    counted: bool
+    done: asyncio.Event
+    failure: BaseException | None = None
+    alone: bool = False
+    """The writer stopped before writing it: the caller writes it in a transaction of its own."""
 
 
 class Spool:
@@ -178,6 +211,9 @@ class Spool:
         self._db: sqlite3.Connection | None = None
         self._thread = CapacityLimiter(1)  # one thread owns the connection's work at a time
         self._pending: list[_Pending] = []
+        self._finishes: list[_Finish] = []
+        self._writing = False
+        """Whether `run_writer` runs: a `finish` waits for its next transaction (else it writes its own)."""
         self._closed = False
         self._wake = anyio.Event()
         self.counts: dict[State, int] = dict.fromkeys(SPOOL_STATES, 0)
@@ -188,6 +224,9 @@ class Spool:
         """The `in_flight` rows of the last run could not be queued again at open (a full disk): retried
         before each claim, and claimed as they are meanwhile."""
         self._claims_unwritten = False
+        self._flows: set[str] = set()
+        """Every flow that may have a message waiting (queued, in flight or dead): those of the rows found at
+        open and of every post since; `queued_outside` needs no query when they are all configured."""
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -233,8 +272,9 @@ class Spool:
             # carry none), so that the cost of a start does not grow with the history kept.
             rows = db.execute("SELECT state, COUNT(*) FROM messages INDEXED BY messages_due GROUP BY state").fetchall()
             waiting = db.execute(
-                "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM messages WHERE state IN ('queued', 'in_flight', 'dead')"
-            ).fetchone()[0]
+                "SELECT flow, SUM(LENGTH(body)) FROM messages WHERE state IN ('queued', 'in_flight', 'dead') "
+                "GROUP BY flow"
+            ).fetchall()
         except sqlite3.Error as exc:
             if db is not None:
                 db.close()
@@ -246,7 +286,8 @@ class Spool:
             ) from None
         for state, count in rows:
             self.counts[state] = count
-        self.bytes = int(waiting)
+        self.bytes = sum(int(size) for _, size in waiting)
+        self._flows = {flow for flow, _ in waiting}
         self._db = db
 
     def _start_afresh(self, damaged_copy: Path) -> None:
@@ -307,7 +348,7 @@ class Spool:
         A staged body (`IncomingBody`) is copied into the database in pieces; its file stays the caller's."""
         if self._closed:
             raise SpoolError("spool closed: senderd is stopping")
-        pending = _Pending(flow, body, content_type, idempotency_key, anyio.Event())
+        pending = _Pending(flow, body, content_type, idempotency_key, asyncio.Event())
         self._pending.append(pending)
         self._wake.set()
         await pending.done.wait()
@@ -318,54 +359,99 @@ class Spool:
 
     async def run_writer(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Commit pending adds in batches until cancelled: everything waiting shares one transaction."""
+        self._writing = True
         task_status.started()
         try:
             while True:
                 await self._wake.wait()
                 self._wake = anyio.Event()
                 batch, self._pending = self._pending, []
-                if batch:
-                    await self._commit(batch)
+                ends, self._finishes = self._finishes, []
+                if batch or ends:
+                    await self._commit(batch, ends)
         finally:  # stopping: whoever still waits gets an answer (503), nobody waits forever
             self._closed = True
+            self._writing = False
             batch, self._pending = self._pending, []
             for pending in batch:
                 if not pending.done.is_set():
                     pending.error = SpoolError("spool closed: senderd is stopping")
                     pending.done.set()
+            ends, self._finishes = self._finishes, []
+            for end in ends:  # the dispatcher still records them as it puts the rest back
+                end.alone = True
+                end.done.set()
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _commit(self, batch: list[_Pending], ends: list[_Finish]) -> None:
+        finish_failure: BaseException | None = None
         try:
-            results: list[tuple[str, bool] | BaseException] = await self._call(
-                functools.partial(self._insert_sync, batch)
-            )
-        except sqlite3.Error as exc:  # a full disk, an I/O error: refuse this batch, keep running
-            log.error("spool_write_failed", error=str(exc), messages=len(batch))
-            results = [SpoolError(f"spool unavailable ({exc})") for _ in batch]
-        except Exception:  # a bug: this batch is refused (503), the writer and the daemon go on
-            log.exception("spool_write_crashed", messages=len(batch))
-            results = [SpoolError("spool could not store the message") for _ in batch]
-        except BaseException:
+            written, finish_failure = await self._call(functools.partial(self._write_sync, batch, ends))
+        except Exception as exc:  # a bug: this batch is refused (503), the writer and the daemon go on
+            log.exception("spool_write_crashed", messages=len(batch), ends=len(ends))
+            written = [SpoolError("spool could not store the message") for _ in batch]
+            finish_failure = exc
+        except BaseException:  # cancelled waiting for the thread: nothing of it was written
             for pending in batch:
                 pending.error = SpoolError("spool closed: senderd is stopping")
                 pending.done.set()
+            for end in ends:  # the dispatcher records them itself, shielded, as it puts the rest back
+                end.alone = True
+                end.done.set()
             raise
+        if isinstance(written, sqlite3.Error):  # a full disk, an I/O error: refuse this batch, keep running
+            log.error("spool_write_failed", error=str(written), messages=len(batch))
+            written = [SpoolError(f"spool unavailable ({written})") for _ in batch]
+        results: list[tuple[str, bool] | BaseException] = written
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
                 pending.error = result
             else:
                 pending.result = result
             pending.done.set()
+        for end in ends:
+            end.failure = finish_failure
+            end.done.set()
         if self.on_change is not None:
             self.on_change()
 
-    def _insert_sync(self, batch: list[_Pending]) -> list[tuple[str, bool] | BaseException]:
+    def _write_sync(
+        self, batch: list[_Pending], ends: list[_Finish]
+    ) -> tuple[list[tuple[str, bool] | BaseException] | sqlite3.Error, sqlite3.Error | None]:
+        """One transaction for the posts and the ends that wait: the posts' results (or the error that
+        refused them all) and the error that refused the ends, if any."""
+        if batch and ends:
+            try:
+                return self._transaction(batch, ends), None
+            except sqlite3.Error:  # a full disk may refuse the posts yet take the ends (which free bytes)
+                pass
+        finish_failure: sqlite3.Error | None = None
+        if ends:
+            try:
+                self._transaction([], ends)
+            except sqlite3.Error as exc:
+                finish_failure = exc
+        if not batch:
+            return [], finish_failure
+        try:
+            return self._transaction(batch, []), finish_failure
+        except sqlite3.Error as exc:
+            return exc, finish_failure
+
+    def _transaction(self, batch: list[_Pending], ends: list[_Finish]) -> list[tuple[str, bool] | BaseException]:
+        """Write `ends`, then insert `batch`, in one committed transaction; the counters move after it."""
         db = self.db
         now = self.clock.time()
         results: list[tuple[str, bool] | BaseException] = []
         added_count = added_bytes = 0
+        moves: list[tuple[State, State, int]] = []
         db.execute("BEGIN IMMEDIATE")
         try:
+            for end in ends:
+                move = _write_end(db, end, now)
+                if move is not None:
+                    moves.append(move)
+            freed = sum(size for _, _, size in moves)
+            left = sum(1 for _, state, _ in moves if state == "delivered")
             for item in batch:
                 staged, inline = (item.body, b"") if isinstance(item.body, IncomingBody) else (None, item.body)
                 size = staged.size if staged is not None else len(inline)
@@ -389,8 +475,8 @@ class Spool:
                         else:
                             results.append((row[0], False))
                         continue
-                live = self.counts["queued"] + self.counts["in_flight"] + self.counts["dead"] + added_count
-                if live >= self.max_messages or self.bytes + added_bytes + size > self.max_bytes:
+                live = self.counts["queued"] + self.counts["in_flight"] + self.counts["dead"] + added_count - left
+                if live >= self.max_messages or self.bytes - freed + added_bytes + size > self.max_bytes:
                     results.append(SpoolFull("spool full"))
                     continue
                 message_id = uuid.uuid4().hex
@@ -410,6 +496,7 @@ class Spool:
                 if staged is not None and size:
                     _copy_into(db, staged, row_id)
                 results.append((message_id, True))
+                self._flows.add(item.flow)
                 added_count += 1
                 added_bytes += size
             db.execute("COMMIT")
@@ -418,6 +505,10 @@ class Spool:
                 db.execute("ROLLBACK")
             raise
         self.commits += 1
+        for old, new, size in moves:
+            self.counts[old] -= 1
+            self.counts[new] += 1
+            self.bytes -= size
         self.counts["queued"] += added_count
         self.bytes += added_bytes
         return results
@@ -502,6 +593,9 @@ class Spool:
                 stale = _SELECT + " WHERE state='in_flight'" + (f" AND id NOT IN ({marks})" if skipped else "")
                 chosen += [_message(r) for r in db.execute(stale + " ORDER BY seq LIMIT ?", (*skipped, limit))]
             queued = [m for m in chosen if m.state == "queued"]
+            if not queued:
+                return chosen
+            db.execute("PRAGMA synchronous=NORMAL")  # no fsync of its own: see the module's note
             try:
                 db.execute("BEGIN IMMEDIATE")
                 db.executemany(
@@ -515,6 +609,8 @@ class Spool:
                     log.error("spool_claims_unwritten", error=str(exc))
                 self._claims_unwritten = True
                 return chosen
+            finally:
+                db.execute("PRAGMA synchronous=FULL")  # every other commit is on disk when it returns
             self._claims_unwritten = False
             self.counts["queued"] -= len(queued)
             self.counts["in_flight"] += len(queued)
@@ -549,27 +645,17 @@ class Spool:
         Raises sqlite3.Error when it cannot be written (a full disk): the caller tries again later. The
         error is stored redacted as the logs are (it may quote the runtime's answer)."""
         stored_error = redact_text(error) if error else error
-
-        def update() -> None:
-            db = self.db
-            row = db.execute("SELECT state FROM messages WHERE id=?", (message.id,)).fetchone()
-            if row is None or row[0] not in ("in_flight", "queued"):  # a claim unwritten leaves it queued
-                return
-            if state == "delivered":  # never sent again: its body is dead weight
-                db.execute("UPDATE messages SET body=x'' WHERE id=?", (message.id,))
-            db.execute(
-                "UPDATE messages SET state=?, attempts=attempts+?, last_error=?, correlation_id=?, status=?, "
-                "updated_at=?, next_attempt_at=? WHERE id=?",
-                (state, int(counted), stored_error, correlation_id, status, self.clock.time(), retry_at, message.id),
-            )
-            self.counts[row[0]] -= 1
-            self.counts[state] += 1
-            if state == "delivered":
-                self.bytes -= message.size
-
-        await self._call(update)
-        if self.on_change is not None:
-            self.on_change()
+        end = _Finish(message, state, stored_error, correlation_id, status, retry_at, counted, asyncio.Event())
+        if self._writing:  # group-committed with whatever else waits for the writer
+            self._finishes.append(end)
+            self._wake.set()
+            await end.done.wait()
+            if end.failure is not None:
+                raise end.failure
+        if not self._writing or end.alone:
+            await self._call(functools.partial(self._transaction, [], [end]))
+            if self.on_change is not None:
+                self.on_change()
 
     async def requeue(self, message: Message) -> None:
         """Put an in-flight message back (a stop interrupted it), without counting an attempt."""
@@ -657,18 +743,17 @@ class Spool:
 
     async def queued_outside(self, flows: Sequence[str]) -> int:
         """Queued messages whose flow is not one of `flows`."""
+        if self._flows.issubset(flows):  # no message of another flow was ever here (the common case)
+            return 0
         marks = ",".join("?" * len(flows))
         outside = f" AND flow NOT IN ({marks})" if flows else ""
         sql = "SELECT COUNT(*) FROM messages WHERE state='queued'" + outside  # noqa: S608 - only '?' marks
         return int(await self._call(lambda: self.db.execute(sql, tuple(flows)).fetchone()[0]))
 
     async def oldest_queued_at(self) -> float | None:
-        """Creation time of the oldest message not yet delivered or dead."""
-        row = await self._call(
-            lambda: self.db.execute(
-                "SELECT MIN(created_at) FROM messages WHERE state IN ('queued', 'in_flight')"
-            ).fetchone()
-        )
+        """Creation time of the oldest message not yet delivered or dead: the first one queued (by order of
+        acceptance) or one in flight, found through the indexes without a scan of what waits."""
+        row = await self._call(lambda: self.db.execute(_OLDEST_WAITING).fetchone())
         return float(row[0]) if row and row[0] is not None else None
 
     async def next_due_at(self, after: float) -> float | None:
@@ -679,6 +764,21 @@ class Spool:
             ).fetchone()
         )
         return float(row[0]) if row and row[0] is not None else None
+
+
+def _write_end(db: sqlite3.Connection, end: _Finish, now: float) -> tuple[State, State, int] | None:
+    """Record the end of a delivery in the open transaction; the state it leaves and enters, and the body
+    bytes freed (None if the row is gone or no longer claimable, as after a re-drive race)."""
+    message = end.message
+    row = db.execute("SELECT state FROM messages WHERE id=?", (message.id,)).fetchone()
+    if row is None or row[0] not in ("in_flight", "queued"):  # a claim unwritten leaves it queued
+        return None
+    delivered = end.state == "delivered"
+    db.execute(
+        _END_DELIVERED if delivered else _END,
+        (end.state, int(end.counted), end.error, end.correlation_id, end.status, now, end.retry_at, message.id),
+    )
+    return row[0], end.state, message.size if delivered else 0
 
 
 def _copy_into(db: sqlite3.Connection, staged: IncomingBody, row_id: int | None) -> None:
