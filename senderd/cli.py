@@ -345,11 +345,16 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _once(args: argparse.Namespace) -> int:
-    from senderd.engine import Engine
-    from senderd.metrics import Metrics
+    from senderd.auth.tls import prepare_trust
 
     config = _config(args, flows_needed=True)
     flows = [config.flow(name) for name in args.flow] if args.flow else list(config.flows)
+    # each set's runtime context, and its token server's for OAuth: the system store loads while the engine imports
+    prepare_trust(sum(1 + (creds.auth == "oauth") for creds in config.credentials.values()))
+
+    from senderd.engine import Engine
+    from senderd.metrics import Metrics
+
     metrics = Metrics()
     for flow in flows:
         metrics.declare_flow(flow.name, flow.every, confirms=flow.confirm == "mpl")
