@@ -3,10 +3,53 @@
 from __future__ import annotations
 
 import gc
+import json
+import subprocess
+import sys
 
+import anyio.to_thread
 import pytest
 
 from senderd.cli import StartupCollection
+from senderd.emulator.stack import EmulatorStack
+
+# What `senderd once` has no use for: the relay and its stores, the forwarder, the daemon and its HTTP server,
+# schedules' cron maths, the emulator, JWT decoding (`token` only) and the Pushgateway client (`--push-gateway`).
+NOT_FOR_ONCE = (
+    "sqlite3",
+    "psycopg",
+    "psycopg_pool",
+    "croniter",
+    "jwt",
+    "aiohttp.web",
+    "senderd.relay",
+    "senderd.forward",
+    "senderd.daemon",
+    "senderd.server",
+    "senderd.scheduler",
+    "senderd.cluster",
+    "senderd.emulator",
+    "senderd.demo",
+    "senderd.push",
+)
+_LOADED_BY = """
+import json, sys
+from senderd.cli import main
+loaded = set(sys.modules)
+code = main(sys.argv[1:]) if sys.argv[1:] else 0
+print(json.dumps({"code": code, "cli": sorted(loaded), "all": sorted(sys.modules)}), file=sys.__stderr__)
+"""
+
+
+def _loaded_by(*args: str) -> tuple[int, set[str], set[str]]:
+    """Exit code, modules loaded by importing senderd.cli, and modules loaded once `senderd ARGS` is done."""
+    result = subprocess.run([sys.executable, "-c", _LOADED_BY, *args], capture_output=True, text=True, timeout=60)
+    found = json.loads(result.stderr.strip().splitlines()[-1])
+    return found["code"], set(found["cli"]), set(found["all"])
+
+
+def _of(names: set[str], packages: tuple[str, ...]) -> list[str]:
+    return sorted(name for name in names if any(name == p or name.startswith(f"{p}.") for p in packages))
 
 
 @pytest.mark.parametrize("started", [False, True])
@@ -56,3 +99,16 @@ def test_an_error_during_the_start_puts_the_collector_back() -> None:
     with pytest.raises(RuntimeError):
         failing_start()
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_importing_the_cli_loads_neither_config_nor_logging() -> None:
+    """They load inside `main`, after the collector is paused for `once`."""
+    _, cli, _ = _loaded_by()
+    assert _of(cli, ("pydantic", "structlog", "aiohttp", "cryptography", "senderd.config", "senderd.logs")) == []
+
+
+@pytest.mark.anyio
+async def test_once_loads_nothing_it_does_not_use(stack: EmulatorStack) -> None:
+    code, _, loaded = await anyio.to_thread.run_sync(_loaded_by, "once", "-c", str(stack.config_path))
+    assert code == 0
+    assert _of(loaded, NOT_FOR_ONCE) == []
