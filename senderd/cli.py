@@ -345,12 +345,9 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 async def _once(args: argparse.Namespace) -> int:
-    from senderd.auth.tls import prepare_trust
-
     config = _config(args, flows_needed=True)
     flows = [config.flow(name) for name in args.flow] if args.flow else list(config.flows)
-    # each set's runtime context, and its token server's for OAuth: the system store loads while the engine imports
-    prepare_trust(sum(1 + (creds.auth == "oauth") for creds in config.credentials.values()))
+    _start_ahead(config)
 
     from senderd.engine import Engine
     from senderd.metrics import Metrics
@@ -381,6 +378,19 @@ async def _once(args: argparse.Namespace) -> int:
     if failed:
         return EXIT_FAILED  # the flows' verdict first: with the push lost, the exit code is its only record
     return EXIT_PUSH_FAILED if push_failed else EXIT_OK
+
+
+def _start_ahead(config: Config) -> None:
+    """Start, in threads, what opening the engine will need (taken there as if done there): each set's key,
+    whose parsing holds the GIL, and the system trust store of each set's runtime context and, for OAuth, of
+    its token server's, which OpenSSL loads without it. Both then overlap the import of aiohttp and the engine,
+    whose own trust stores load without the GIL as well."""
+    from senderd.auth.servicekey import load_set_ahead
+    from senderd.auth.tls import prepare_trust
+
+    for name, creds in config.credentials.items():
+        load_set_ahead(creds, source=config.source, where=_set_where(config, name), purpose=config.purpose(name))
+    prepare_trust(sum(1 + (creds.auth == "oauth") for creds in config.credentials.values()))
 
 
 def _print_summary(results: Sequence[SendResult]) -> None:
