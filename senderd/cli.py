@@ -511,13 +511,13 @@ class StartupCollection:
     collector, woken by every 700 new ones, scans them again and again (~130 passes, one of them full: ~50M
     instructions, 1.5-2% of `once`'s start on the critical path, measured with callgrind). `paused()`
     stops it for the start; `started()` moves what there is to the permanent generation (`gc.freeze`: never
-    scanned again) and lets it collect what comes next; leaving `paused()` puts things back as they were
-    (for a `main` called inside a longer-lived process, as the tests do).
+    scanned again, as `Daemon` does after its start) and lets it collect what comes next; leaving `paused()`
+    without `started()` (a start that failed) just lets it run again (for a `main` called inside a
+    longer-lived process, as the tests do).
     """
 
     def __init__(self) -> None:
         self._paused = False
-        self._frozen = False
 
     @contextlib.contextmanager
     def paused(self, pause: bool = True) -> Iterator[None]:
@@ -528,18 +528,16 @@ class StartupCollection:
         try:
             yield
         finally:
-            if self._frozen:
-                gc.unfreeze()
-            if self._paused or self._frozen:
+            if self._paused:
                 gc.enable()
-            self._paused = self._frozen = False
+            self._paused = False
 
     def started(self) -> None:
         """The start is over: its objects go to the permanent generation and the collector runs again."""
-        if self._paused and not self._frozen:
+        if self._paused:
             gc.freeze()
             gc.enable()
-            self._frozen = True
+            self._paused = False
 
 
 STARTUP = StartupCollection()
