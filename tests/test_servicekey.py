@@ -14,7 +14,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from senderd.auth.servicekey import ServiceKey, load_service_key, parse_service_key
+from senderd.auth import servicekey
+from senderd.auth.servicekey import ServiceKey, load_service_key, load_set, load_set_ahead, parse_service_key
+from senderd.config import CredentialsConfig
 from senderd.emulator.pki import IssuedCert, Pki
 from senderd.emulator.servicekey import service_key_dict
 from senderd.errors import CredentialsError
@@ -359,3 +361,40 @@ def test_an_external_certificate_key_of_one_certificate_without_its_chain(pki: P
     assert key.key_type == "external-certificate"
     assert key.chain == (client.cert,)
     assert key.notes == ()
+
+
+def test_a_key_loaded_ahead_is_what_the_next_load_of_the_same_set_gives(
+    pki: Pki, client: IssuedCert, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "key.json"
+    path.write_text(json.dumps(key_dict(pki, client)))
+    creds = CredentialsConfig(service_key=path)
+    loads: list[str] = []
+    real_load = servicekey._load_set
+
+    def counted(config: CredentialsConfig, **kw: Any) -> Any:
+        loads.append(kw["where"])
+        return real_load(config, **kw)
+
+    monkeypatch.setattr(servicekey, "_load_set", counted)
+    load_set_ahead(creds, source="senderd.toml", where="credentials.a", purpose="send")
+    key, source = load_set(creds, source="senderd.toml", where="credentials.a", purpose="send")
+    assert key.client_id == CLIENT_ID and source.source == str(path)
+    assert loads == ["credentials.a"]  # done once, in the thread
+    load_set(creds, source="senderd.toml", where="credentials.a", purpose="send")  # taken once: loaded again
+    load_set_ahead(creds, source="senderd.toml", where="credentials.b", purpose="send")
+    load_set(CredentialsConfig(service_key=path), source="senderd.toml", where="credentials.b", purpose="send")
+    load_set(creds, source="senderd.toml", where="credentials.b", purpose="send")
+    assert loads == ["credentials.a"] * 2 + ["credentials.b"] * 2  # another config object is another set
+
+
+def test_the_error_of_a_load_ahead_is_raised_by_the_load_that_takes_it(tmp_path: Path) -> None:
+    path = tmp_path / "key.json"
+    path.write_text("not json")
+    creds = CredentialsConfig(service_key=path)
+    with pytest.raises(CredentialsError) as direct:
+        load_set(creds, where="credentials")
+    load_set_ahead(creds, where="credentials")
+    with pytest.raises(CredentialsError) as ahead:
+        load_set(creds, where="credentials")
+    assert str(ahead.value) == str(direct.value)

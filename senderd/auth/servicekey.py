@@ -13,7 +13,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -145,6 +146,20 @@ def load_set(
     purpose: Purpose | None = None,
 ) -> tuple[ServiceKey, KeySource]:
     """`load_credentials`, and the source the key came from (what a watcher fingerprints)."""
+    ahead = _AHEAD.take(config, (source, where, purpose)) if now is None else None
+    if ahead is not None:
+        return ahead()
+    return _load_set(config, now=now, source=source, where=where, purpose=purpose)
+
+
+def _load_set(
+    config: CredentialsConfig,
+    *,
+    now: dt.datetime | None,
+    source: str | None,
+    where: str,
+    purpose: Purpose | None,
+) -> tuple[ServiceKey, KeySource]:
     prefix = f"{source}: " if source and source != "<defaults>" else ""
     try:
         passphrase = config.key_passphrase()
@@ -155,6 +170,63 @@ def load_set(
     if key.client_secret is not None:
         register_secret(key.client_secret.reveal())
     return key, key_source
+
+
+Loaded = tuple[ServiceKey, KeySource]
+
+
+class _Ahead:
+    """Keys loaded ahead in threads (`load_set_ahead`), each taken by the first `load_set` of the same
+    arguments: with its result, or raising its error there, as if that call had done the work."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loads: list[tuple[CredentialsConfig, tuple[object, ...], threading.Thread, list[Any]]] = []
+
+    def start(self, config: CredentialsConfig, args: tuple[str | None, str, Purpose | None]) -> None:
+        outcome: list[Any] = []
+
+        def load() -> None:
+            source, where, purpose = args
+            try:
+                outcome.append(_load_set(config, now=None, source=source, where=where, purpose=purpose))
+            except Exception as exc:  # raised again by the call that takes it
+                outcome.append(exc)
+
+        thread = threading.Thread(target=load, name="senderd-key", daemon=True)
+        with self._lock:
+            self._loads.append((config, args, thread, outcome))
+        thread.start()
+
+    def take(self, config: CredentialsConfig, args: tuple[object, ...]) -> Callable[[], Loaded] | None:
+        """The result of the load ahead for these arguments, if one was started (waiting for it)."""
+        with self._lock:
+            found = next((load for load in self._loads if load[0] is config and load[1] == args), None)
+            if found is None:
+                return None
+            self._loads.remove(found)
+        _, _, thread, outcome = found
+
+        def result() -> Loaded:
+            thread.join()
+            if isinstance(outcome[0], Exception):
+                raise outcome[0]
+            loaded: Loaded = outcome[0]
+            return loaded
+
+        return result
+
+
+_AHEAD = _Ahead()
+
+
+def load_set_ahead(
+    config: CredentialsConfig, *, source: str | None = None, where: str = "credentials", purpose: Purpose | None = None
+) -> None:
+    """Start `load_set(config, ...)` in a thread, for the next call with the same arguments (the very same
+    `config` object) to take: `senderd once` overlaps the key's parsing (an RSA key's check is a tenth of its
+    start, holding the GIL) with the TLS trust stores that its imports load without the GIL."""
+    _AHEAD.start(config, (source, where, purpose))
 
 
 def load_service_key(

@@ -12,16 +12,68 @@ import contextlib
 import os
 import ssl
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from senderd.auth.servicekey import ServiceKey
 from senderd.errors import CredentialsError
+
+if TYPE_CHECKING:  # the module stays light: `once` starts `prepare_trust` before the heavy imports
+    from senderd.auth.servicekey import ServiceKey
+
+
+class _Prepared:
+    """System-trust contexts loaded ahead in a thread: OpenSSL parses the system store (~150 certificates, tens
+    of milliseconds each time) without holding the GIL, so the load overlaps imports that run meanwhile."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._ready: list[ssl.SSLContext] = []
+
+    def start(self, count: int) -> None:
+        with self._lock:
+            if self._thread is not None or count < 1:
+                return
+            self._thread = threading.Thread(target=self._load, args=(count,), name="senderd-trust", daemon=True)
+            self._thread.start()
+
+    def _load(self, count: int) -> None:
+        for _ in range(count):
+            try:
+                context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+            except Exception:  # the caller builds its own and meets the error itself
+                return
+            with self._lock:
+                self._ready.append(context)
+
+    def take(self) -> ssl.SSLContext | None:
+        """A prepared context (waiting for the one being loaded), or None when none was asked for or all are gone."""
+        with self._lock:
+            thread = self._thread
+        if thread is None:
+            return None
+        thread.join()
+        with self._lock:
+            if not self._ready:
+                self._thread = None
+                return None
+            return self._ready.pop(0)
+
+
+_PREPARED = _Prepared()
+
+
+def prepare_trust(count: int) -> None:
+    """Start loading the system trust store for the next `count` calls of `trust_context` in the background
+    (for `senderd once`, whose start is what a CronJob waits for); those calls then only add `ca_file`."""
+    _PREPARED.start(count)
 
 
 def trust_context(ca_file: Path | None = None) -> ssl.SSLContext:
     """A client context that verifies servers against the system store plus `ca_file`."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context = _PREPARED.take() or ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if ca_file is not None:
         try:
