@@ -106,11 +106,9 @@ class Sender:
         if route is None or route.flow is not flow:  # a reload brings new flow objects
             url = self.url_of(flow)
             origin = _origin(url)
-            headers = CIMultiDict(flow.headers)
-            if flow.content_type and "Content-Type" not in headers:
-                headers["Content-Type"] = flow.content_type
             whole = aiohttp.ClientTimeout(total=flow.timeout)
-            route = self._routes[flow.name] = _Route(flow, url, origin, self._proxy(origin), headers, whole)
+            route = _Route(flow, url, origin, self._proxy(origin), _flow_headers(flow, {}), whole)
+            self._routes[flow.name] = route
         return route
 
     async def attempt(
@@ -383,13 +381,17 @@ class _Route:
 
     def headers_with(self, extra: dict[str, str]) -> CIMultiDict[str]:
         """A fresh copy of the fixed headers with a caller's `extra` ones (which may bring a Content-Type)."""
-        if not extra:
-            return self.headers.copy()
-        headers = CIMultiDict(self.flow.headers)
-        headers.update(extra)
-        if self.flow.content_type and "Content-Type" not in headers:
-            headers["Content-Type"] = self.flow.content_type
-        return headers
+        return self.headers.copy() if not extra else _flow_headers(self.flow, extra)
+
+
+def _flow_headers(flow: FlowConfig, extra: dict[str, str]) -> CIMultiDict[str]:
+    """The flow's own headers, a caller's `extra` over them, and the flow's `content_type` unless one of them
+    names a Content-Type."""
+    headers = CIMultiDict(flow.headers)
+    headers.update(extra)
+    if flow.content_type and "Content-Type" not in headers:
+        headers["Content-Type"] = flow.content_type
+    return headers
 
 
 CsrfNote = Literal["fresh", "none"] | None
