@@ -83,28 +83,23 @@ async def deliver(
     attempt: Callable[[], Awaitable[Attempt]],
     policy: RetryPolicy,
     *,
+    first: tuple[Attempt, float],
     sleep: Callable[[float], Awaitable[None]],
     monotonic: Callable[[], float],
     rng: random.Random | None = None,
     message_id: str | None = None,
     on_attempt: AttemptListener | None = None,
     should_stop: Callable[[], bool] | None = None,
-    first: tuple[Attempt, float] | None = None,
 ) -> SendResult:
-    """Run `attempt` until it succeeds, is not retryable, or the policy's bounds are reached.
+    """After the `first` attempt (made by the caller, with the `monotonic()` time it started), run `attempt`
+    until it succeeds, is not retryable, or the policy's bounds are reached.
 
     Gives up when the attempts are used up or when the next wait would end past the deadline.
     `on_attempt` hears of every attempt, with the wait before the next one (None: no next one); once
-    `should_stop()` is true, no further attempt is made (the last one's result is the send's). `first`: the
-    first attempt, already made by the caller, and the `monotonic()` time it started.
+    `should_stop()` is true, no further attempt is made (the last one's result is the send's). A caller
+    whose first attempt succeeded and who wants no `on_attempt` needs none of this: `succeeded_first_time`.
     """
-    if first is None:
-        started = monotonic()
-        last = await attempt()
-        if last.outcome == "success" and on_attempt is None:
-            return succeeded_first_time(flow_name, last, monotonic() - started, message_id)
-    else:
-        last, started = first
+    last, started = first
     rng = rng or _RNG
     codes: list[str] = []
     while True:
