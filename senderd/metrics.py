@@ -320,7 +320,7 @@ class Metrics:
 
     def send_finished(self, flow: str, outcome: Outcome, seconds: float, at: float) -> None:
         """Count a finished send of `flow`, its duration, and (when it succeeded) its Unix time `at`."""
-        figures = self._sends.get(flow) or self.flow_sends(flow)
+        figures = self.flow_sends(flow)
         figures.outcomes[outcome] += 1
         figures.buckets[bisect.bisect_left(SEND_BUCKETS, seconds)] += 1
         figures.seconds += seconds

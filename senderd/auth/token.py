@@ -268,7 +268,7 @@ class TokenProvider:
 
     def has_valid_token(self) -> bool:
         """True while a usable token is cached (what readiness reports)."""
-        return self._token is not None and self._token.usable(self._clock.monotonic())
+        return self.usable_token() is not None
 
     def usable_token(self) -> Token | None:
         """The cached token if it is usable now (what `get` returns without waiting), else None."""
