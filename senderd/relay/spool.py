@@ -652,10 +652,11 @@ class Spool:
             await end.done.wait()
             if end.failure is not None:
                 raise end.failure
-        if not self._writing or end.alone:
-            await self._call(functools.partial(self._transaction, [], [end]))
-            if self.on_change is not None:
-                self.on_change()
+            if not end.alone:
+                return
+        await self._call(functools.partial(self._transaction, [], [end]))  # no writer (now): its own transaction
+        if self.on_change is not None:
+            self.on_change()
 
     async def requeue(self, message: Message) -> None:
         """Put an in-flight message back (a stop interrupted it), without counting an attempt."""
